@@ -322,7 +322,8 @@ class _EncoderWriter:
             var = self.fresh("n")
             src.line(f"{var} = {n}")
             n = var
-        self.check(f"{n} > {fs.max_len}")
+        # The table holds prefixes for 0..max_len only: a longer value misses it (IndexError)
+        # and takes the exact path, which raises pyiso8583's error.
         self.parts.append((prefix_text, f"{src.name('LEN', table)}[{n}]"))
         self.parts.append(data)
 
