@@ -345,3 +345,21 @@ def test_length_one_past_the_maximum_is_refused_on_the_fast_path(
     assert str(ours.value) == str(_ref_error(data, spec))
     with pytest.raises(CodecError, match=r"larger than maximum 19: field 2$"):
         codec.encode({"t": "0200", "2": "1" * (20 if nibbles else 40)})
+
+
+def test_alternating_layouts_and_key_orders_encode_exactly() -> None:
+    """The last specialised encoder is tried on every dict first: it must refuse dicts of
+    other layouts, also ones of the same size."""
+    spec = specs.load("acq87")
+    codec = compile_spec(spec, specialize_after=1)
+    response = {"t": "0210", "3": "000000", "11": "000001", "39": "00", "64": "00" * 8}
+    same_size = {"t": "0210", "3": "000000", "11": "000001", "38": "123456", "64": "00" * 8}
+    reordered = dict(reversed(list(response.items())))
+    with_p = dict(response, p="ignored")
+    without_t = {k: v for k, v in with_p.items() if k != "t"}
+    for _ in range(3):
+        for msg in (SALE, response, same_size, reordered, with_p, SALE, same_size):
+            assert codec.encode(msg) == bytes(iso8583.encode(dict(msg), spec)[0])
+        with pytest.raises(CodecError, match="Field data is required: field t"):
+            codec.encode(without_t)
+    assert codec.encode(reordered) == codec.encode(response)

@@ -159,10 +159,18 @@ def test_vector_is_sensible(vector):
         assert f60[:2] == "22"  # purchase (消费)
 
     if mti.endswith("10"):
-        assert d["39"] == "00"
         assert valid_hhmmss(d["12"])
         assert valid_mmdd(d["13"])
         assert is_digits(d["37"], 12)
+    if mti == "0510":
+        # the published 0510 carries its verdict in 48 (a reconciliation code per block,
+        # 1 = balanced) and no 39; 15 is the settlement date
+        assert "39" not in d
+        assert valid_mmdd(d["15"])
+        assert [d["48"][30], d["48"][61]] == ["1", "1"]
+    elif mti.endswith("10"):
+        assert d["39"] == "00"
+    if mti in ("0210", "0810"):
         assert is_digits(d["32"]) and len(d["32"]) <= 11
         if mti == "0810":
             # working keys (PIN key, MAC key and their check values) in field 62
@@ -171,7 +179,7 @@ def test_vector_is_sensible(vector):
     if mti == "0800":
         assert d["63"].isdigit()  # operator number
 
-    if mti == "0500":
+    if mti in ("0500", "0510"):
         assert d["49"] == "156"
         f48 = d["48"]
         assert is_digits(f48, 62)
@@ -184,7 +192,8 @@ def test_vector_is_sensible(vector):
             assert block[30] in "0123"
             assert (debit_amount == 0) == (debit_count == 0)
             assert (credit_amount == 0) == (credit_count == 0)
-        assert d["63"].strip().isdigit()  # operator number, space padded
+        if mti == "0500":
+            assert d["63"].strip().isdigit()  # operator number, space padded
 
     if mti == "0200":
         assert d["3"] == "000000"  # purchase processing code

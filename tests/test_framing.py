@@ -416,7 +416,9 @@ def test_reply_frame_round_trips_through_decoder_with_swapped_tpdu() -> None:
 # --- sans-I/O -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("module", ["acqhost.framing", "acqhost.tlv"])
+@pytest.mark.parametrize(
+    "module", ["acqhost.framing", "acqhost.tlv", "acqhost.codec", "acqhost.specs"]
+)
 def test_module_imports_no_io_library(module: str) -> None:
     code = (
         f"import sys, {module}\n"

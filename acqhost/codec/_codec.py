@@ -97,6 +97,7 @@ class Codec:
         self._dec_seen: dict[bytes, int] = {}
         self._enc_cache: dict[tuple[Any, ...], SpecialEncoder] = {}
         self._enc_seen: dict[tuple[Any, ...], int] = {}
+        self._enc_last: list[SpecialEncoder] = [_no_layout_yet]
         self._bitmap_start = self._fixed_bitmap_start()
         self.decode: Callable[[bytes | bytearray], dict[str, str]] = self._build_dispatch()
         """Decode one message; the same dict ``iso8583.decode(data, spec)[0]`` gives."""
@@ -269,16 +270,27 @@ class Codec:
         src = Source()
         general = src.name("general", self._encode_general)
         cache = src.name("cache", self._enc_cache)
+        # The specialised encoder used last is tried first, before the key tuple is even
+        # built: it checks for itself that the dict has its keys and refuses any other.
+        last = src.name("last", self._enc_last)
         src.line("def encode(fields):")
         src.indent()
-        src.line("if fields.__class__ is not dict and not isinstance(fields, dict):")
-        src.line("    raise TypeError(f'Decoded ISO8583 data must be dict, not "
+        src.line("if fields.__class__ is not dict:")
+        src.line("    if not isinstance(fields, dict):")
+        src.line("        raise TypeError(f'Decoded ISO8583 data must be dict, not "
                  "{fields.__class__.__name__}')")  # fmt: skip
+        src.line("else:")
+        src.line("    try:")
+        src.line(f"        return {last}[0](fields)")
+        src.line("    except Exception:")
+        src.line("        pass")
         src.line("key = tuple(fields)")
         src.line(f"f = {cache}.get(key)")
         src.line("if f is not None:")
         src.line("    try:")
-        src.line("        return f(fields)")
+        src.line("        out = f(fields)")
+        src.line(f"        {last}[0] = f")
+        src.line("        return out")
         src.line("    except Exception:")
         src.line("        pass")
         src.line(f"return {general}(fields, key)")
@@ -386,7 +398,12 @@ class Codec:
             mti=(self._mti, self._mti_enc),
             bitmap=bitmap,
             fields=[(self._specs[n], self._enc[n]) for n in order],
+            keys=key,
         )
+
+
+def _no_layout_yet(fields: dict[Any, Any]) -> bytes:
+    raise LookupError("no specialised encoder yet")
 
 
 def _coerce_bytes(s: object) -> bytes:

@@ -334,12 +334,23 @@ def build_encoder(
     mti: tuple[FieldSpec, FieldEncoder],
     bitmap: bytes,
     fields: Sequence[tuple[FieldSpec, FieldEncoder]],
+    keys: Sequence[str],
 ) -> SpecialEncoder:
-    """An encoder for dicts with exactly these data fields; ``bitmap`` is their encoded bitmaps."""
+    """An encoder for dicts whose keys are exactly ``keys`` (in any order: the output does not
+    depend on it); ``fields`` are the data fields among them, ``bitmap`` their bitmaps.
+
+    It checks that it was given such a dict (same size, every key there) so that a caller may
+    try it on any dict and fall back when it raises.
+    """
     w = _EncoderWriter()
     src = w.src
     src.line("def encode(d):")
     src.indent()
+    w.check(f"len(d) != {len(keys)}")
+    used = {fs.key for fs, _ in fields} | {"t"} | ({"h"} if header is not None else set())
+    for key in keys:
+        if key not in used:
+            w.check(f"{key!r} not in d")
     if header is not None:
         src.line("h = d['h']")
         w.field(header[0], "h", header[1])
