@@ -363,3 +363,14 @@ def test_alternating_layouts_and_key_orders_encode_exactly() -> None:
         with pytest.raises(CodecError, match="Field data is required: field t"):
             codec.encode(without_t)
     assert codec.encode(reordered) == codec.encode(response)
+
+
+def test_text_bitmaps_with_spaces_decode_as_pyiso8583_and_are_never_specialised() -> None:
+    """bytes.fromhex skips spaces, so pyiso8583 reads "40 00 0000000000" as a 7-byte
+    bitmap. Such bitmaps are not keys a specialised decoder could trust."""
+    codec = compile_spec(DEFAULT_ASCII, specialize_after=1)
+    clean = b"0200" + b"4000000000000000" + b"03123"
+    spaced = b"0200" + b"40 00 0000000000" + b"03123"
+    for data in (clean, spaced, spaced, clean):
+        assert codec.decode(data) == iso8583.decode(data, DEFAULT_ASCII)[0]
+    assert list(codec._dec_cache) == [b"4000000000000000"]

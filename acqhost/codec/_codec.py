@@ -29,8 +29,12 @@ __all__ = ("Codec", "compile_spec")
 
 # bit positions (1..8, most significant first) set in each byte value
 _BITS = tuple(tuple(bit for bit in range(1, 9) if byte >> (8 - bit) & 1) for byte in range(256))
-_HEX16 = re.compile(rb"[0-9A-Fa-f]{16}")
+_HEX_TEXT = re.compile(r"(?:[0-9A-Fa-f]{16}){1,2}")
 _HEX_HIGH = frozenset(b"89ABCDEFabcdef")
+_ALL_FIELDS = frozenset(range(1, 193))
+_PRIMARY = frozenset(range(1, 65))
+_SECONDARY = frozenset(range(65, 129))
+_TERTIARY = frozenset(range(129, 193))
 
 
 class _Bitmap:
@@ -239,10 +243,6 @@ class Codec:
         key = s[start:end]
         if key in self._dec_cache or len(self._dec_cache) >= self.max_layouts:
             return
-        # Only layouts whose bitmap bytes alone decide them: binary, or 16 plain hex digits.
-        for k, bm in self._bitmaps.items():
-            if k in d and not bm.binary and not _HEX16.fullmatch(d[k].encode("latin-1")):
-                return
         seen = self._dec_seen.get(key, 0) + 1
         if seen < self.specialize_after:
             if len(self._dec_seen) > 8 * self.max_layouts:
@@ -250,6 +250,11 @@ class Codec:
             self._dec_seen[key] = seen
             return
         self._dec_seen.pop(key, None)
+        # Only layouts whose bitmap bytes alone decide them: binary, or plain hex digits
+        # (bytes.fromhex also skips spaces, which would make the key ambiguous).
+        for k, bm in self._bitmaps.items():
+            if k in d and not bm.binary and not _HEX_TEXT.fullmatch(d[k]):
+                return
         bitmaps = []
         for k in ("p", "1"):
             if k in d:
@@ -340,18 +345,18 @@ class Codec:
                 bad = [k for k in keys if not isinstance(k, str)]
                 raise CodecError(f"Dictionary contains invalid fields {bad}", "p", len(out),
                                  decoding=False) from None  # fmt: skip
-            if not numbers.issubset(range(1, 193)):
-                outside = sorted(numbers.difference(range(1, 193)))
+            if not numbers <= _ALL_FIELDS:
+                outside = sorted(numbers - _ALL_FIELDS)
                 raise CodecError(f"Dictionary contains fields outside of 1-192 range {outside}",
                                  "p", len(out), decoding=False)  # fmt: skip
-            tertiary = numbers.intersection(range(129, 193))
+            tertiary = numbers & _TERTIARY
             if tertiary:
                 numbers.add(65)
-            secondary = numbers.intersection(range(65, 129))
+            secondary = numbers & _SECONDARY
             if secondary:
                 numbers.add(1)
             bitmap_start = len(out)
-            out += self._bitmap_bytes("p", numbers.intersection(range(1, 65)), 0, len(out))
+            out += self._bitmap_bytes("p", numbers & _PRIMARY, 0, len(out))
             if 1 in numbers:
                 field = "1"
                 out += self._bitmap_bytes("1", secondary, 64, len(out))
@@ -380,9 +385,6 @@ class Codec:
     ) -> None:
         if key in self._enc_cache or len(self._enc_cache) >= self.max_layouts:
             return
-        # Only plain layouts: every numeric key written the one way str(int) writes it.
-        if any(k.isnumeric() and str(int(k)) != k for k in keys):
-            return
         seen = self._enc_seen.get(key, 0) + 1
         if seen < self.specialize_after:
             if len(self._enc_seen) > 8 * self.max_layouts:
@@ -390,6 +392,9 @@ class Codec:
             self._enc_seen[key] = seen
             return
         self._enc_seen.pop(key, None)
+        # Only plain layouts: every numeric key written the one way str(int) writes it.
+        if any(k.isnumeric() and str(int(k)) != k for k in keys):
+            return
         header = None
         if self._header is not None and self._header_enc is not None:
             header = (self._header, self._header_enc)
