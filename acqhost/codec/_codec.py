@@ -269,6 +269,18 @@ class Codec:
             header=header, mti=self._mti, bitmaps=bitmaps, fields=fields
         )
 
+    def peek_mti(self, data: bytes) -> str | None:
+        """The MTI of a message that may not decode as a whole, or None when even the
+        header and MTI do not (a host answers the former with a format error)."""
+        try:
+            i = 0
+            if self._header_dec is not None:
+                _, i = self._header_dec(data, 0)
+            mti, _ = self._mti_dec(data, i)
+        except Exception:
+            return None
+        return mti if len(mti) == 4 and mti.isdigit() else None
+
     # -- encoding ---------------------------------------------------------------------------
 
     def _build_encode_dispatch(self) -> Callable[[dict[str, str]], bytes]:

@@ -1,0 +1,3 @@
+from acqhost.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,126 @@
+"""The ledger writer: every durable write of the running host, with group commit.
+
+Sales approved by concurrent connections are queued here and made durable together: one
+worker-thread call, one transaction and one fsync for everything queued meanwhile. A caller
+gets its result (the sale's RRN, or "duplicate") only after that commit, so a 0210 never
+leaves before its sale is on disk. Other writes (sessions, reversals) travel through the same
+queue, in order, each in its own transaction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import anyio.abc
+import anyio.to_thread
+
+from acqhost.store.base import SaleRecord, SaleResult, Store
+
+__all__ = ("Ledger", "Write")
+
+
+@dataclass(slots=True)
+class Write:
+    """One queued write: a sale (grouped with its neighbours) or any other store call."""
+
+    sale: SaleRecord | None = None
+    call: Callable[[Store], Any] | None = None
+    result: Any = None
+    error: BaseException | None = None
+    done: anyio.Event = field(default_factory=anyio.Event)
+
+
+def apply_writes(store: Store, writes: Sequence[Write], batch: int) -> None:
+    """Run ``writes`` in order against ``store``; consecutive sales go in one transaction."""
+    i = 0
+    while i < len(writes):
+        w = writes[i]
+        if w.sale is None:
+            assert w.call is not None
+            try:
+                w.result = w.call(store)
+            except Exception as e:  # handed to the waiting caller, who decides
+                w.error = e
+            i += 1
+            continue
+        j = i
+        while j < len(writes) and writes[j].sale is not None and j - i < batch:
+            j += 1
+        group = writes[i:j]
+        try:
+            results: list[SaleResult] = store.record_sales([g.sale for g in group])  # type: ignore[misc]
+            for g, r in zip(group, results, strict=True):
+                g.result = r
+        except Exception as e:
+            for g in group:
+                g.error = e
+        i = j
+
+
+class Ledger:
+    """Queues writes and applies them in a worker thread with its own store connection.
+
+    ``inline=True`` applies each write at once in the caller's thread (the in-memory store of
+    the pipeline benchmark and unit tests, where there is no fsync to share).
+    """
+
+    def __init__(self, store: Store, *, batch: int = 512, inline: bool = False) -> None:
+        self.store = store
+        self._batch = batch
+        self._inline = inline
+        self._queue: list[Write] = []
+        self._wakeup = anyio.Event()
+        self._closed = False
+        self.flushes = 0  # worker-thread calls (each one fsync per group of sales)
+        self.written = 0
+
+    async def record_sale(self, sale: SaleRecord) -> SaleResult:
+        result: SaleResult = await self._submit(Write(sale=sale))
+        return result
+
+    async def call(self, fn: Callable[[Store], Any]) -> Any:
+        return await self._submit(Write(call=fn))
+
+    async def _submit(self, w: Write) -> Any:
+        if self._inline:
+            apply_writes(self.store, [w], self._batch)
+            self.flushes += 1
+            self.written += 1
+        else:
+            if self._closed:
+                raise RuntimeError("ledger is closed")
+            self._queue.append(w)
+            self._wakeup.set()
+            await w.done.wait()
+        if w.error is not None:
+            raise w.error
+        return w.result
+
+    async def run(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """The writer task: drain the queue until :meth:`close` and the queue is empty."""
+        task_status.started()
+        while True:
+            if not self._queue:
+                if self._closed:
+                    return
+                await self._wakeup.wait()
+                self._wakeup = anyio.Event()
+                continue
+            writes, self._queue = self._queue, []
+            # Shielded: a cancelled host still finishes (and reports) what it started writing.
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(apply_writes, self.store, writes, self._batch)
+            self.flushes += 1
+            self.written += len(writes)
+            for w in writes:
+                w.done.set()
+
+    def close(self) -> None:
+        """Stop after the writes already queued; later submissions fail."""
+        self._closed = True
+        self._wakeup.set()

@@ -1,0 +1,297 @@
+"""The compiled pipeline: route table built once, stages run per message, effects awaited.
+
+``Pipeline.handle(frame) -> bytes | None`` is the whole host apart from sockets: decode, pick
+the route by (MTI, processing code or network code), run its stages, make the route's effect
+durable (group commit through the :class:`~acqhost.ledger.Ledger`), then build, MAC and
+encode the response. Only an undecodable frame gets no answer.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import NamedTuple
+
+import structlog
+
+from acqhost import crypto
+from acqhost.codec import Codec, CodecError
+from acqhost.config import Config
+from acqhost.crypto import HostKeys, SessionKeys
+from acqhost.errors import Decline
+from acqhost.ledger import Ledger
+from acqhost.pipeline import network, reversal, sale
+from acqhost.pipeline.context import Context, Effect
+from acqhost.pipeline.stages import (
+    Stage,
+    active,
+    digits,
+    echo,
+    known_terminal,
+    parse_tlv,
+    require,
+    signed_on,
+    verify_mac,
+)
+from acqhost.store.base import AccountVersion, Store, Terminal
+from acqhost.tlv import encode_tlv
+
+__all__ = ("Pipeline", "Route", "build_routes")
+
+# How long cached terminals and accounts are trusted before the store is asked again, so a
+# change made by the CLI reaches a running host within this many seconds.
+CACHE_SECONDS = 1.0
+
+
+class Route(NamedTuple):
+    name: str
+    stages: tuple[Stage, ...]
+    echo: tuple[str, ...]
+
+
+def build_routes() -> dict[tuple[str, str], Route]:
+    """The route table, keyed by (MTI, field 3) or, for 0800, (MTI, field 70)."""
+    mac_checked: tuple[Stage, ...] = (known_terminal, signed_on, verify_mac)
+    network_head: tuple[Stage, ...] = (
+        known_terminal,
+        active,
+        require(*network.NETWORK_FIELDS),
+        parse_tlv,
+    )
+    return {
+        ("0800", "001"): Route(
+            "sign_on", (*network_head, require("48"), network.sign_on), network.NETWORK_ECHO
+        ),
+        ("0800", "002"): Route("sign_off", (*network_head, network.sign_off), network.NETWORK_ECHO),
+        ("0800", "301"): Route("echo", (*network_head, network.echo_test), network.NETWORK_ECHO),
+        ("0200", "000000"): Route(
+            "sale",
+            (
+                *mac_checked,
+                require(*sale.SALE_FIELDS),
+                digits("3", "4", "7", "11", "12", "13", "22", "25", "49"),
+                parse_tlv,
+                sale.card,
+                sale.duplicate,
+                sale.authorise,
+            ),
+            sale.SALE_ECHO,
+        ),
+        ("0400", "000000"): Route(
+            "reversal",
+            (
+                *mac_checked,
+                require(*reversal.REVERSAL_FIELDS),
+                digits("3", "4", "7", "11", "49"),
+                reversal.reverse,
+            ),
+            reversal.REVERSAL_ECHO,
+        ),
+    }
+
+
+def _unknown_route(host: Pipeline, ctx: Context) -> None:
+    """Anything without a route: 12, after the checks that decide whether we may MAC it."""
+    known_terminal(host, ctx)
+    if "64" in ctx.req or "128" in ctx.req:
+        signed_on(host, ctx)
+        verify_mac(host, ctx)
+    raise Decline("12", "NO_ROUTE")
+
+
+UNKNOWN = Route("unknown", (_unknown_route,), ("3", "4", "7", "11", "41", "42", "70"))
+
+
+def response_mti(mti: str) -> str:
+    """0200 -> 0210, 0800 -> 0810; a response MTI stays as it is."""
+    return mti[:2] + str(int(mti[2]) | 1) + mti[3] if mti[2].isdigit() else mti
+
+
+class Pipeline:
+    """Everything that happens to a message between the framing and the socket."""
+
+    def __init__(
+        self,
+        *,
+        codec: Codec,
+        store: Store,
+        ledger: Ledger,
+        host_keys: HostKeys,
+        config: Config,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.codec = codec
+        self.store = store
+        self.ledger = ledger
+        self.host_keys = host_keys
+        self.config = config
+        self.clock = clock
+        self.routes = build_routes()
+        self.log = structlog.get_logger("acqhost.message")
+        self._terminals: dict[str, tuple[float, Terminal | None]] = {}
+        self._sessions: dict[str, SessionKeys] = {}
+        self._accounts: dict[str, tuple[float, AccountVersion | None]] = {}
+        self._batches: dict[str, int] = {}
+
+    # -- host state the stages read (cached) -------------------------------------------------
+
+    def terminal(self, tid: str) -> Terminal | None:
+        now = self.clock()
+        hit = self._terminals.get(tid)
+        if hit is not None and now - hit[0] < CACHE_SECONDS:
+            return hit[1]
+        terminal = self.store.get_terminal(tid)
+        self._terminals[tid] = (now, terminal)
+        if len(self._terminals) > 100_000:
+            self._terminals.clear()
+        return terminal
+
+    def session_keys(self, tid: str, *, reload: bool = False) -> SessionKeys | None:
+        if not reload:
+            keys = self._sessions.get(tid)
+            if keys is not None:
+                return keys
+        session = self.store.get_session(tid)
+        if session is None:
+            self._sessions.pop(tid, None)
+            return None
+        data_key = self.host_keys.data_key
+        keys = SessionKeys.from_kx(
+            crypto.unseal(data_key, session.sealed_rx), crypto.unseal(data_key, session.sealed_tx)
+        )
+        self._sessions[tid] = keys
+        return keys
+
+    def account(self, tid: str, now: float) -> AccountVersion | None:
+        hit = self._accounts.get(tid)
+        if hit is not None and now - hit[0] < CACHE_SECONDS:
+            return hit[1]
+        account = self.store.current_account(tid, now)
+        self._accounts[tid] = (now, account)
+        return account
+
+    def batch(self, tid: str) -> int:
+        number = self._batches.get(tid)
+        if number is None:
+            number = self._batches[tid] = self.store.open_batch(tid)
+        return number
+
+    def sale_seen(self, tid: str, stan: str, local_date: str) -> bool:
+        return self.store.sale_exists(tid, stan, local_date)
+
+    # -- one message ---------------------------------------------------------------------------
+
+    async def handle(self, frame: bytes) -> bytes | None:
+        """Answer one request frame; None when it cannot be decoded far enough for a reply."""
+        ctx = self.prepare(frame)
+        if ctx is None:
+            return None
+        if ctx.effect is None:
+            return self.finish_and_log(ctx)
+        return await self.complete(ctx)
+
+    async def complete(self, ctx: Context) -> bytes:
+        """Make the route's effect durable, then answer. A failed write answers 96: the
+        request is then not approved, so nothing approved can be lost."""
+        assert ctx.effect is not None
+        try:
+            await self._apply(ctx, ctx.effect)
+        except Exception:
+            self.log.exception("write failed", route=ctx.route, tid=ctx.req.get("41"))
+            self._decline(ctx, Decline("96", "SYSTEM_MALFUNCTION"))
+        return self.finish_and_log(ctx)
+
+    def finish_and_log(self, ctx: Context) -> bytes:
+        out = self.finish(ctx)
+        self.log.info(
+            "message",
+            route=ctx.route,
+            tid=ctx.req.get("41"),
+            mti=ctx.req.get("t"),
+            stan=ctx.req.get("11"),
+            rc=ctx.resp.get("39"),
+            reason=ctx.reason or None,
+            latency_ms=round((time.perf_counter() - ctx.started) * 1000, 3),
+            **ctx.log,
+        )
+        return out
+
+    def prepare(self, frame: bytes) -> Context | None:
+        """Decode and run the route's stages: the response is built but not encoded."""
+        started = time.perf_counter()
+        try:
+            req = self.codec.decode(frame)
+        except CodecError as e:
+            mti = self.codec.peek_mti(frame)
+            self.log.warning("undecodable", error=str(e), mti=mti, size=len(frame))
+            if mti is None:
+                return None
+            ctx = Context(raw=frame, req={"t": mti}, resp={"t": response_mti(mti)})
+            ctx.started = started
+            ctx.route, ctx.reason = "undecodable", "FORMAT"
+            ctx.resp["39"] = "30"
+            return ctx
+        mti = req["t"]
+        route = self.routes.get((mti, req.get("70" if mti == "0800" else "3", "")), UNKNOWN)
+        ctx = Context(raw=frame, req=req, resp={"t": response_mti(mti)}, now=self.clock())
+        ctx.started = started
+        ctx.route = route.name
+        echo(ctx, route.echo)
+        try:
+            for stage in route.stages:
+                stage(self, ctx)
+        except Decline as d:
+            self._decline(ctx, d)
+            return ctx
+        except Exception:  # our bug, not the peer's: logged, answered 96
+            self.log.exception("stage failed", route=route.name, tid=req.get("41"))
+            self._decline(ctx, Decline("96", "SYSTEM_MALFUNCTION"))
+            return ctx
+        ctx.resp["39"] = "00"
+        return ctx
+
+    def _decline(self, ctx: Context, d: Decline) -> None:
+        ctx.resp["39"] = d.code
+        ctx.reason = d.reason
+        ctx.effect = None
+        if d.code == "05" and d.reason:
+            ctx.resp["48"] = encode_tlv({"RS": d.reason})
+        else:
+            ctx.resp.pop("48", None)
+
+    async def _apply(self, ctx: Context, effect: Effect) -> None:
+        if effect.sale is not None:
+            result = await self.ledger.record_sale(effect.sale)
+            if result.duplicate:
+                self._decline(ctx, Decline("94", "DUPLICATE"))
+                return
+            account = ctx.account
+            assert account is not None
+            ctx.resp["37"] = result.rrn
+            ctx.resp["38"] = effect.sale.auth_code
+            ctx.resp["48"] = encode_tlv(
+                {"SA": account.account_masked, "SV": str(account.version), "BK": account.bank_code}
+            )
+        elif effect.session is not None:
+            session = effect.session
+            await self.ledger.call(lambda store: store.save_session(session))
+            self.session_keys(session.tid, reload=True)
+        elif effect.drop_session is not None:
+            tid = effect.drop_session
+            await self.ledger.call(lambda store: store.drop_session(tid))
+            self._sessions.pop(tid, None)
+        elif effect.reverse_rrn is not None:
+            rrn = effect.reverse_rrn
+            await self.ledger.call(lambda store: store.reverse_sale(rrn))
+
+    def finish(self, ctx: Context) -> bytes:
+        """Encode the response; MAC it when the request's MAC was verified."""
+        resp = ctx.resp
+        if not ctx.mac_response:
+            return self.codec.encode(resp)
+        assert ctx.keys is not None
+        # The MAC is the last field: 64, or 128 when the response needs a secondary bitmap.
+        secondary = any(k.isdigit() and int(k) > 64 for k in resp)
+        resp["128" if secondary else "64"] = "0000000000000000"
+        body = self.codec.encode(resp)[:-8]
+        return body + crypto.mac(ctx.keys.tx_mac, body)

@@ -1,0 +1,102 @@
+"""Sale and test sale, 0200 -> 0210 (PROTOCOL.md 5.1): stand-in authorisation by the host."""
+
+from __future__ import annotations
+
+import datetime
+import secrets
+from typing import TYPE_CHECKING
+
+from acqhost import crypto
+from acqhost.errors import Decline
+from acqhost.pipeline.context import Context, Effect
+from acqhost.store.base import SaleRecord
+
+if TYPE_CHECKING:
+    from acqhost.pipeline.host import Pipeline
+
+__all__ = ("SALE_ECHO", "SALE_FIELDS", "authorise", "card", "duplicate")
+
+SALE_FIELDS = ("3", "4", "7", "11", "12", "13", "22", "41", "42", "49")
+SALE_ECHO = ("3", "4", "7", "11", "12", "13", "41", "42", "49")
+
+
+def card(host: Pipeline, ctx: Context) -> None:
+    """The card comes as track 2 (35) or as PAN (2) + expiry (14): 30 when neither is whole."""
+    req = ctx.req
+    track2 = req.get("35")
+    if track2 is not None:
+        sep = track2.find("=")
+        if sep < 0:
+            sep = track2.find("D")
+        pan, expiry = track2[:sep], track2[sep + 1 : sep + 5]
+        if sep < 0 or len(expiry) != 4:
+            raise Decline("30", "FORMAT_35")
+    elif "2" in req and "14" in req:
+        pan, expiry = req["2"], req["14"]
+    else:
+        raise Decline("30", "MISSING_CARD")
+    if not (pan.isdigit() and pan.isascii() and expiry.isdigit() and expiry.isascii()):
+        raise Decline("30", "FORMAT_CARD")
+    ctx.card = (pan, expiry)
+
+
+def duplicate(host: Pipeline, ctx: Context) -> None:
+    """94 when this terminal's (STAN, local date) already made a sale (also across restarts:
+    the ledger is asked; the insert itself is the final word)."""
+    req = ctx.req
+    if host.sale_seen(req["41"], req["11"], req["13"]):
+        raise Decline("94", "DUPLICATE")
+
+
+def authorise(host: Pipeline, ctx: Context) -> None:
+    """The business checks, in PROTOCOL.md's order, then the approval to be made durable."""
+    req, terminal = ctx.req, ctx.terminal
+    assert terminal is not None
+    assert ctx.card is not None
+    pan, expiry = ctx.card
+    if not 12 <= len(pan) <= 19 or not crypto.luhn_ok(pan):
+        raise Decline("14", "BAD_PAN")
+    if _expired(expiry, ctx.now):
+        raise Decline("54", "EXPIRED")
+    amount = int(req["4"])
+    if amount <= 0:
+        raise Decline("13", "ZERO_AMOUNT")
+    if amount > terminal.sale_limit:
+        raise Decline("61", "OVER_LIMIT")
+    test = ctx.tlv.get("TS") == "1"
+    if test and amount > terminal.test_limit:
+        raise Decline("13", "OVER_TEST_LIMIT")
+    account = host.account(terminal.tid, ctx.now)
+    if account is None:  # every terminal is registered with version 1: our fault
+        raise RuntimeError(f"terminal {terminal.tid} has no settlement account in force")
+    ctx.account = account
+    auth_code = f"{secrets.randbelow(1_000_000):06d}"
+    ctx.effect = Effect(
+        sale=SaleRecord(
+            tid=terminal.tid,
+            mid=terminal.mid,
+            stan=req["11"],
+            local_date=req["13"],
+            local_time=req["12"],
+            transmission=req["7"],
+            amount=amount,
+            currency=req["49"],
+            pan_masked=crypto.mask_pan(pan),
+            auth_code=auth_code,
+            test=test,
+            account_version=account.version,
+            batch_no=host.batch(terminal.tid),
+            received_at=ctx.now,
+        )
+    )
+    ctx.log["amount"] = amount
+    if test:
+        ctx.log["test"] = True
+
+
+def _expired(yymm: str, now: float) -> bool:
+    month = int(yymm[2:])
+    if not 1 <= month <= 12:
+        return True
+    today = datetime.datetime.fromtimestamp(now, datetime.UTC)
+    return (2000 + int(yymm[:2]), month) < (today.year, today.month)

@@ -1,0 +1,117 @@
+"""Stages shared by every route, in the order PROTOCOL.md section 3 fixes: known terminal and
+matching merchant (03), active and signed on (58), MAC (63), mandatory fields (30)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
+
+from acqhost import crypto
+from acqhost.errors import Decline, TLVError
+from acqhost.pipeline.context import Context
+from acqhost.tlv import decode_tlv
+
+if TYPE_CHECKING:
+    from acqhost.pipeline.host import Pipeline
+
+__all__ = (
+    "Stage",
+    "active",
+    "digits",
+    "known_terminal",
+    "parse_tlv",
+    "require",
+    "signed_on",
+    "verify_mac",
+)
+
+Stage = Callable[["Pipeline", Context], None]
+
+
+def known_terminal(host: Pipeline, ctx: Context) -> None:
+    """03 unless field 41 names a registered terminal and field 42 is its merchant."""
+    tid = ctx.req.get("41")
+    terminal = host.terminal(tid) if tid else None
+    if terminal is None or terminal.mid != ctx.req.get("42"):
+        raise Decline("03", "UNKNOWN_TERMINAL" if terminal is None else "MERCHANT_MISMATCH")
+    ctx.terminal = terminal
+
+
+def active(host: Pipeline, ctx: Context) -> None:
+    """58 for a disabled terminal."""
+    assert ctx.terminal is not None
+    if ctx.terminal.status != "active":
+        raise Decline("58", "TERMINAL_DISABLED")
+
+
+def signed_on(host: Pipeline, ctx: Context) -> None:
+    """58 for a disabled terminal or one without session keys."""
+    active(host, ctx)
+    assert ctx.terminal is not None
+    keys = host.session_keys(ctx.terminal.tid)
+    if keys is None:
+        raise Decline("58", "NOT_SIGNED_ON")
+    ctx.keys = keys
+
+
+def verify_mac(host: Pipeline, ctx: Context) -> None:
+    """63 for a missing or wrong MAC. The MAC field (64, or 128 with a secondary bitmap) is the
+    last field of the message, so it covers every byte before the last eight."""
+    assert ctx.keys is not None and ctx.terminal is not None
+    if ctx.req.get("128" if "1" in ctx.req else "64") is None:
+        raise Decline("63", "MAC_MISSING")
+    raw = ctx.raw
+    if not crypto.mac_ok(ctx.keys.rx_mac, raw[:-8], raw[-8:]):
+        # Another host process may have taken a newer sign-on: reload the keys once.
+        fresh = host.session_keys(ctx.terminal.tid, reload=True)
+        if fresh is None or not crypto.mac_ok(fresh.rx_mac, raw[:-8], raw[-8:]):
+            raise Decline("63", "BAD_MAC")
+        ctx.keys = fresh
+    ctx.mac_response = True
+
+
+def require(*names: str) -> Stage:
+    """30 unless every named field is present."""
+    wanted = tuple(names)
+
+    def stage(host: Pipeline, ctx: Context) -> None:
+        req = ctx.req
+        for name in wanted:
+            if name not in req:
+                raise Decline("30", f"MISSING_{name}")
+
+    stage.__name__ = f"require_{'_'.join(wanted)}"
+    return stage
+
+
+def digits(*names: str) -> Stage:
+    """30 unless every named field present is all ASCII digits (the codec has fixed lengths)."""
+    wanted = tuple(names)
+
+    def stage(host: Pipeline, ctx: Context) -> None:
+        req = ctx.req
+        for name in wanted:
+            value = req.get(name)
+            if value is not None and not (value.isdigit() and value.isascii()):
+                raise Decline("30", f"FORMAT_{name}")
+
+    stage.__name__ = f"digits_{'_'.join(wanted)}"
+    return stage
+
+
+def parse_tlv(host: Pipeline, ctx: Context) -> None:
+    """Field 48 into ``ctx.tlv``; a malformed TLV is a format error (30)."""
+    raw = ctx.req.get("48")
+    if raw:
+        try:
+            ctx.tlv = decode_tlv(raw)
+        except TLVError:
+            raise Decline("30", "BAD_TLV") from None
+
+
+def echo(ctx: Context, names: Iterable[str]) -> None:
+    req, resp = ctx.req, ctx.resp
+    for name in names:
+        value = req.get(name)
+        if value is not None:
+            resp[name] = value

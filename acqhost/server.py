@@ -1,0 +1,240 @@
+"""The TCP server: the only module where bytes meet sockets.
+
+Shaped like trio's ``serve_listeners``: one task per connection, the stream closed in a
+``finally``, a timeout around every read, and a graceful drain on shutdown (stop accepting,
+stop reading, answer what was already read, flush the ledger, return). Runs on anyio, so on
+asyncio (with uvloop when installed) and on trio alike.
+
+Pipelined requests on one connection are worked on concurrently, so their sales share a group
+commit, and answered strictly in the order they arrived.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import signal
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import anyio.abc
+import structlog
+
+from acqhost.config import Config
+from acqhost.errors import FramingError
+from acqhost.framing import Frame, FrameDecoder, FrameEncoder, reply_tpdu
+from acqhost.ledger import Ledger
+from acqhost.pipeline.host import Pipeline
+
+__all__ = ("Server", "run_backend")
+
+log = structlog.get_logger("acqhost.server")
+
+# Requests one connection may have in flight before we stop reading from it.
+MAX_IN_FLIGHT = 256
+READ_SIZE = 65536
+
+
+@dataclass(slots=True)
+class _Slot:
+    """One answer to send, in arrival order."""
+
+    out: bytes | None = None
+    tpdu: bytes = b""
+    done: anyio.Event = field(default_factory=anyio.Event)
+
+
+@dataclass(slots=True, eq=False)
+class _Connection:
+    reading: anyio.CancelScope = field(default_factory=anyio.CancelScope)
+
+
+class Server:
+    """Serves one pipeline on one listener until :meth:`shutdown`."""
+
+    def __init__(self, config: Config, pipeline: Pipeline, ledger: Ledger) -> None:
+        self.config = config
+        self.pipeline = pipeline
+        self.ledger = ledger
+        self.encoder = FrameEncoder(config.framing, config.max_frame)
+        self.port: int | None = None
+        self._connections: set[_Connection] = set()
+        self._accepting: anyio.CancelScope | None = None  # made inside the event loop
+        self._stopping = False
+
+    def shutdown(self) -> None:
+        """Stop accepting and reading; answer what was read; then :meth:`run` returns."""
+        if self._stopping:
+            return
+        self._stopping = True
+        if self._accepting is not None:
+            self._accepting.cancel()
+        for conn in self._connections:
+            conn.reading.cancel()
+
+    async def run(
+        self,
+        *,
+        listener: anyio.abc.Listener[anyio.abc.SocketStream] | None = None,
+        handle_signals: bool = True,
+        task_status: anyio.abc.TaskStatus[int] = anyio.TASK_STATUS_IGNORED,
+    ) -> None:
+        cfg = self.config
+        if listener is None:
+            listener = await anyio.create_tcp_listener(
+                local_host=cfg.host, local_port=cfg.port, reuse_port=cfg.workers > 1
+            )
+        sockname = listener.extra(anyio.abc.SocketAttribute.local_address)
+        self.port = int(sockname[1])
+        async with anyio.create_task_group() as writer_group:
+            await writer_group.start(self.ledger.run)
+            try:
+                async with anyio.create_task_group() as tg:
+                    if handle_signals:
+                        tg.start_soon(self._watch_signals, tg.cancel_scope)
+                    log.info("listening", host=cfg.host, port=self.port, framing=cfg.framing)
+                    task_status.started(self.port)
+                    self._accepting = anyio.CancelScope()
+                    if self._stopping:
+                        self._accepting.cancel()
+                    with self._accepting:
+                        await self._accept_loop(listener, tg)
+                    await listener.aclose()
+                    log.info("draining", connections=len(self._connections))
+                    # The connection tasks end by themselves once their answers are sent;
+                    # the signal watcher is the only thing left to stop.
+                    while self._connections:
+                        await anyio.sleep(0.01)
+                    tg.cancel_scope.cancel()
+            finally:
+                self.ledger.close()
+        log.info("stopped", written=self.ledger.written, flushes=self.ledger.flushes)
+
+    async def _watch_signals(self, scope: anyio.CancelScope) -> None:
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                log.info("signal", signal=signal.Signals(signum).name)
+                self.shutdown()
+                return
+
+    async def _accept_loop(
+        self, listener: anyio.abc.Listener[anyio.abc.SocketStream], tg: anyio.abc.TaskGroup
+    ) -> None:
+        # anyio's Listener.serve spawns handlers in a task group of its own; ours lets the
+        # drain wait for them after the accept loop is cancelled.
+        async with anyio.create_task_group() as accepts:
+            for sub in getattr(listener, "listeners", [listener]):
+                accepts.start_soon(self._accept_one, sub, tg)
+
+    async def _accept_one(self, listener: Any, tg: anyio.abc.TaskGroup) -> None:
+        while True:
+            stream = await listener.accept()
+            if len(self._connections) >= self.config.max_connections:
+                log.warning("connection refused", reason="max_connections")
+                await stream.aclose()
+                continue
+            conn = _Connection()
+            self._connections.add(conn)
+            tg.start_soon(self._serve_connection, stream, conn)
+
+    async def _serve_connection(self, stream: anyio.abc.SocketStream, conn: _Connection) -> None:
+        peer = _peer(stream)
+        log.info("connected", peer=peer)
+        send, receive = anyio.create_memory_object_stream[_Slot](MAX_IN_FLIGHT)
+        reason = "closed by peer"
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._send_answers, stream, receive)
+                async with send:
+                    with conn.reading:
+                        reason = await self._read_requests(stream, send, tg)
+                    if conn.reading.cancelled_caught:
+                        reason = "host shutting down"
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as e:
+            reason = f"connection lost: {type(e).__name__}"
+        finally:
+            self._connections.discard(conn)
+            with anyio.CancelScope(shield=True):
+                await stream.aclose()
+            log.info("disconnected", peer=peer, reason=reason)
+
+    async def _read_requests(
+        self,
+        stream: anyio.abc.SocketStream,
+        send: anyio.abc.ObjectSendStream[_Slot],
+        tg: anyio.abc.TaskGroup,
+    ) -> str:
+        cfg = self.config
+        decoder = FrameDecoder(cfg.framing, cfg.max_frame)
+        tpdu_framing = cfg.framing == "len2-tpdu"
+        while True:
+            try:
+                with anyio.fail_after(cfg.read_timeout):
+                    data = await stream.receive(READ_SIZE)
+            except TimeoutError:
+                what = "stalled inside a frame" if decoder.buffered else "idle"
+                log.warning("read timeout", peer=_peer(stream), state=what)
+                return f"read timeout ({what})"
+            except anyio.EndOfStream:
+                try:
+                    decoder.end_of_stream()
+                except FramingError as e:
+                    log.warning("framing error", peer=_peer(stream), error=str(e))
+                    return "partial frame at end of stream"
+                return "closed by peer"
+            try:
+                frames = decoder.feed(data)
+            except FramingError as e:
+                log.warning("framing error", peer=_peer(stream), error=str(e))
+                return "framing error"
+            for frame in frames:
+                await send.send(self._start(frame, tpdu_framing, tg))
+            if decoder.error is not None:  # good frames came before the bad header
+                log.warning("framing error", peer=_peer(stream), error=str(decoder.error))
+                return "framing error"
+
+    def _start(self, frame: Frame, tpdu_framing: bool, tg: anyio.abc.TaskGroup) -> _Slot:
+        slot = _Slot(tpdu=reply_tpdu(frame.tpdu) if tpdu_framing else b"")
+        ctx = self.pipeline.prepare(frame.message)
+        if ctx is None:
+            slot.done.set()
+        elif ctx.effect is None:
+            slot.out = self.pipeline.finish_and_log(ctx)
+            slot.done.set()
+        else:
+            tg.start_soon(self._complete, ctx, slot)
+        return slot
+
+    async def _complete(self, ctx: Any, slot: _Slot) -> None:
+        try:
+            slot.out = await self.pipeline.complete(ctx)
+        finally:
+            slot.done.set()
+
+    async def _send_answers(
+        self, stream: anyio.abc.SocketStream, receive: anyio.abc.ObjectReceiveStream[_Slot]
+    ) -> None:
+        encode = self.encoder.encode
+        async with receive:
+            async for slot in receive:
+                await slot.done.wait()
+                if slot.out is not None:
+                    await stream.send(encode(slot.out, slot.tpdu))
+
+
+def _peer(stream: anyio.abc.SocketStream) -> str:
+    try:
+        address = stream.extra(anyio.abc.SocketAttribute.remote_address)
+    except Exception:
+        return "?"
+    if isinstance(address, tuple):
+        return f"{address[0]}:{address[1]}"
+    return str(address)
+
+
+def run_backend(main: Any, backend: str) -> Any:
+    """Run ``main()`` on ``backend``: asyncio gets uvloop when it is installed."""
+    options: dict[str, Any] = {}
+    if backend == "asyncio" and importlib.util.find_spec("uvloop") is not None:
+        options["use_uvloop"] = True
+    return anyio.run(main, backend=backend, backend_options=options)

@@ -1,0 +1,377 @@
+"""The default store: one SQLite file, shared by every host process on the machine.
+
+WAL lets readers run beside the one writer; ``synchronous=FULL`` makes every COMMIT durable (an
+approved sale must survive a power cut before its 0210 leaves); ``busy_timeout`` lets processes
+queue for the write lock instead of failing. The connection runs in autocommit mode and each
+write method is exactly one explicit ``BEGIN IMMEDIATE`` ... ``COMMIT`` transaction: taking the
+write lock up front means a transaction never has to upgrade a read lock and fail half-way.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+from acqhost.store import migrations
+from acqhost.store.base import (
+    IN_FORCE_STATES,
+    TERMINAL_STATUSES,
+    AccountVersion,
+    NewAccount,
+    Operator,
+    SaleRecord,
+    SaleResult,
+    SchemaVersionError,
+    Session,
+    StoredSale,
+    Terminal,
+    format_rrn,
+)
+
+__all__ = ("SQLiteStore",)
+
+_TERMINAL_COLUMNS = (
+    "tid, mid, merchant_name, status, identity_public_key, sale_limit, test_limit, created_at"
+)
+_ACCOUNT_COLUMNS = (
+    "tid, version, sealed_account, account_hash, account_masked, holder, bank_code, branch, "
+    "state, effective_from, created_by, reason, created_at"
+)
+_SALE_SELECT = (
+    "SELECT s.rrn, s.tid, s.stan, s.local_date, s.transmission, s.amount, s.currency, "
+    "s.auth_code, s.test, s.account_version, s.batch_no, s.status, b.status = 'closed' "
+    "FROM sales AS s JOIN batches AS b ON b.tid = s.tid AND b.batch_no = s.batch_no "
+)
+_INSERT_SALE = (
+    "INSERT INTO sales (tid, mid, stan, local_date, local_time, transmission, amount, currency, "
+    "pan_masked, auth_code, test, account_version, batch_no, received_at) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+    "ON CONFLICT (tid, stan, local_date) DO NOTHING"
+)
+
+_SaleRow = tuple[int, str, str, str, str, int, str, str, int, int, int, str, int]
+
+
+def _stored_sale(row: _SaleRow) -> StoredSale:
+    return StoredSale(
+        rrn=format_rrn(row[0]),
+        tid=row[1],
+        stan=row[2],
+        local_date=row[3],
+        transmission=row[4],
+        amount=row[5],
+        currency=row[6],
+        auth_code=row[7],
+        test=bool(row[8]),
+        account_version=row[9],
+        batch_no=row[10],
+        status=row[11],
+        batch_settled=bool(row[12]),
+    )
+
+
+class SQLiteStore:
+    """``Store`` on one SQLite file (created, or upgraded to the latest schema, on open).
+
+    Use one instance per thread at a time; every process or worker thread that writes opens its
+    own instance on the same file.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        # check_same_thread=False: an instance may be created in one thread and then used
+        # (one thread at a time) by a worker thread, such as the group committer.
+        conn = sqlite3.connect(
+            str(path), isolation_level=None, check_same_thread=False, timeout=5.0
+        )
+        try:
+            conn.execute("PRAGMA busy_timeout = 5000")
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = FULL")
+            conn.execute("PRAGMA foreign_keys = ON")
+            _migrate(conn)
+        except BaseException:
+            conn.close()
+            raise
+        self._conn = conn
+        self.path = str(path)
+
+    # -- host ------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Close the connection (idempotent)."""
+        self._conn.close()
+
+    def schema_version(self) -> int:
+        """The database's schema version (``PRAGMA user_version``)."""
+        return int(self._conn.execute("PRAGMA user_version").fetchone()[0])
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction; a constraint violation becomes ValueError (caller's input)."""
+        conn = self._conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+            conn.execute("COMMIT")
+        except sqlite3.IntegrityError as error:
+            self._rollback()
+            raise ValueError(f"rejected by the store: {error}") from error
+        except BaseException:
+            self._rollback()
+            raise
+
+    def _rollback(self) -> None:
+        # SQLite may already have rolled back on its own (e.g. a full disk).
+        if self._conn.in_transaction:
+            self._conn.execute("ROLLBACK")
+
+    # -- terminals -------------------------------------------------------------------------
+    def add_terminal(
+        self,
+        terminal: Terminal,
+        account: NewAccount,
+        operator: Operator | None,
+    ) -> None:
+        """Register a terminal with settlement account version 1 (ACTIVE, effective from
+        ``terminal.created_at``), batch 1 open and the optional operator, in one transaction.
+        ValueError if the tid exists (or a value breaks a constraint)."""
+        if terminal.status not in TERMINAL_STATUSES:
+            raise ValueError(f"terminal status must be active or disabled: {terminal.status!r}")
+        if operator is not None and operator.tid != terminal.tid:
+            raise ValueError("the operator belongs to another terminal")
+        now = terminal.created_at
+        with self._write() as conn:
+            if conn.execute("SELECT 1 FROM terminals WHERE tid = ?", (terminal.tid,)).fetchone():
+                raise ValueError(f"terminal {terminal.tid!r} already exists")
+            conn.execute(
+                f"INSERT INTO terminals ({_TERMINAL_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    terminal.tid,
+                    terminal.mid,
+                    terminal.merchant_name,
+                    terminal.status,
+                    terminal.identity_public_key,
+                    terminal.sale_limit,
+                    terminal.test_limit,
+                    terminal.created_at,
+                ),
+            )
+            conn.execute(
+                f"INSERT INTO settlement_accounts ({_ACCOUNT_COLUMNS}) "
+                "VALUES (?, 1, ?, ?, ?, ?, ?, ?, 'ACTIVE', ?, ?, ?, ?)",
+                (
+                    terminal.tid,
+                    account.sealed_account,
+                    account.account_hash,
+                    account.account_masked,
+                    account.holder,
+                    account.bank_code,
+                    account.branch,
+                    now,
+                    account.created_by,
+                    account.reason,
+                    now,
+                ),
+            )
+            conn.execute(
+                "INSERT INTO batches (tid, batch_no, status, opened_at) VALUES (?, 1, 'open', ?)",
+                (terminal.tid, now),
+            )
+            if operator is not None:
+                conn.execute(
+                    "INSERT INTO operators (tid, operator_id, password_hash, failures) "
+                    "VALUES (?, ?, ?, ?)",
+                    (operator.tid, operator.operator_id, operator.password_hash, operator.failures),
+                )
+
+    def get_terminal(self, tid: str) -> Terminal | None:
+        """The terminal, or None."""
+        row = self._conn.execute(
+            f"SELECT {_TERMINAL_COLUMNS} FROM terminals WHERE tid = ?", (tid,)
+        ).fetchone()
+        return None if row is None else Terminal(*row)
+
+    def list_terminals(self) -> list[Terminal]:
+        """Every terminal, by tid."""
+        rows = self._conn.execute(f"SELECT {_TERMINAL_COLUMNS} FROM terminals ORDER BY tid")
+        return [Terminal(*row) for row in rows]
+
+    def set_terminal_status(self, tid: str, status: str) -> bool:
+        """Set "active" or "disabled"; False if there is no such terminal."""
+        if status not in TERMINAL_STATUSES:
+            raise ValueError(f"terminal status must be active or disabled: {status!r}")
+        with self._write() as conn:
+            cursor = conn.execute("UPDATE terminals SET status = ? WHERE tid = ?", (status, tid))
+        return cursor.rowcount == 1
+
+    # -- sessions --------------------------------------------------------------------------
+    def save_session(self, session: Session) -> None:
+        """Insert or replace the terminal's session (a new sign-on replaces the old keys)."""
+        with self._write() as conn:
+            conn.execute(
+                "INSERT INTO sessions (tid, sealed_rx, sealed_tx, signed_on_at) "
+                "VALUES (?, ?, ?, ?) ON CONFLICT (tid) DO UPDATE SET "
+                "sealed_rx = excluded.sealed_rx, sealed_tx = excluded.sealed_tx, "
+                "signed_on_at = excluded.signed_on_at",
+                (session.tid, session.sealed_rx, session.sealed_tx, session.signed_on_at),
+            )
+
+    def get_session(self, tid: str) -> Session | None:
+        """The terminal's session, or None when it is not signed on."""
+        row = self._conn.execute(
+            "SELECT tid, sealed_rx, sealed_tx, signed_on_at FROM sessions WHERE tid = ?", (tid,)
+        ).fetchone()
+        return None if row is None else Session(*row)
+
+    def drop_session(self, tid: str) -> None:
+        """Forget the terminal's session keys (sign-off); no error if there are none."""
+        with self._write() as conn:
+            conn.execute("DELETE FROM sessions WHERE tid = ?", (tid,))
+
+    # -- settlement accounts ---------------------------------------------------------------
+    def current_account(self, tid: str, now: float) -> AccountVersion | None:
+        """The version in force: the latest ACTIVE (or VERIFIED) version whose
+        effective_from <= now."""
+        row = self._conn.execute(
+            f"SELECT {_ACCOUNT_COLUMNS} FROM settlement_accounts "
+            "WHERE tid = ? AND state IN (?, ?) AND effective_from <= ? "
+            "ORDER BY version DESC LIMIT 1",
+            (tid, *IN_FORCE_STATES, now),
+        ).fetchone()
+        return None if row is None else AccountVersion(*row)
+
+    def account_history(self, tid: str) -> list[AccountVersion]:
+        """Every version of the terminal's settlement account, oldest first."""
+        rows = self._conn.execute(
+            f"SELECT {_ACCOUNT_COLUMNS} FROM settlement_accounts WHERE tid = ? ORDER BY version",
+            (tid,),
+        )
+        return [AccountVersion(*row) for row in rows]
+
+    # -- ledger ----------------------------------------------------------------------------
+    def open_batch(self, tid: str) -> int:
+        """The terminal's open batch number; KeyError if the terminal has none."""
+        row = self._conn.execute(
+            "SELECT batch_no FROM batches WHERE tid = ? AND status = 'open'", (tid,)
+        ).fetchone()
+        if row is None:
+            raise KeyError(tid)
+        return int(row[0])
+
+    def record_sales(self, sales: Sequence[SaleRecord]) -> list[SaleResult]:
+        """Insert many approved sales in ONE transaction (one fsync), in order.
+
+        A sale whose (tid, stan, local_date) is already stored, or repeated earlier in
+        ``sales``, is not inserted: it gets duplicate=True and the RRN of the sale stored under
+        that key. Others get their new RRN. ValueError (and nothing inserted) if a sale names an
+        unknown terminal, batch or account version.
+        """
+        if not sales:
+            return []
+        results: list[SaleResult] = []
+        append = results.append
+        with self._write() as conn:
+            execute = conn.execute
+            for sale in sales:
+                cursor = execute(
+                    _INSERT_SALE,
+                    (
+                        sale.tid,
+                        sale.mid,
+                        sale.stan,
+                        sale.local_date,
+                        sale.local_time,
+                        sale.transmission,
+                        sale.amount,
+                        sale.currency,
+                        sale.pan_masked,
+                        sale.auth_code,
+                        1 if sale.test else 0,
+                        sale.account_version,
+                        sale.batch_no,
+                        sale.received_at,
+                    ),
+                )
+                if cursor.rowcount == 1:
+                    append(SaleResult(format_rrn(cursor.lastrowid or 0), False))
+                else:
+                    row = execute(
+                        "SELECT rrn FROM sales WHERE tid = ? AND stan = ? AND local_date = ?",
+                        (sale.tid, sale.stan, sale.local_date),
+                    ).fetchone()
+                    append(SaleResult(format_rrn(row[0]), True))
+        return results
+
+    def sale_exists(self, tid: str, stan: str, local_date: str) -> bool:
+        """Whether the duplicate key (tid, stan, local_date) already has a sale."""
+        row = self._conn.execute(
+            "SELECT 1 FROM sales WHERE tid = ? AND stan = ? AND local_date = ?",
+            (tid, stan, local_date),
+        ).fetchone()
+        return row is not None
+
+    def find_sale(self, tid: str, stan: str, transmission: str) -> StoredSale | None:
+        """The sale a reversal names: same terminal, original STAN and original field 7 (the
+        latest such sale, should a STAN and field 7 ever repeat a year later)."""
+        row = self._conn.execute(
+            _SALE_SELECT + "WHERE s.tid = ? AND s.stan = ? AND s.transmission = ? "
+            "ORDER BY s.rrn DESC LIMIT 1",
+            (tid, stan, transmission),
+        ).fetchone()
+        return None if row is None else _stored_sale(row)
+
+    def reverse_sale(self, rrn: str) -> bool:
+        """Mark the sale reversed; False if it was already reversed or does not exist
+        (idempotent)."""
+        if not (rrn.isdigit() and rrn.isascii()):
+            return False
+        with self._write() as conn:
+            cursor = conn.execute(
+                "UPDATE sales SET status = 'reversed', reversed_at = ? "
+                "WHERE rrn = ? AND status = 'approved'",
+                (time.time(), int(rrn)),
+            )
+        return cursor.rowcount == 1
+
+    def sales(self, tid: str) -> list[StoredSale]:
+        """Every sale of the terminal, in RRN order."""
+        rows = self._conn.execute(_SALE_SELECT + "WHERE s.tid = ? ORDER BY s.rrn", (tid,))
+        return [_stored_sale(row) for row in rows]
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    """Bring the database up to the latest schema, one transaction per migration.
+
+    The version is re-read under the write lock, so processes opening a new file together
+    apply each migration exactly once.
+    """
+    latest = migrations.latest_version()
+    found = _user_version(conn)
+    if found > latest:
+        raise SchemaVersionError(found, latest)
+    if found == latest:
+        return
+    for version, script in migrations.MIGRATIONS:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            current = _user_version(conn)
+            if current > latest:
+                raise SchemaVersionError(current, latest)
+            if current < version:
+                if current != version - 1:
+                    raise RuntimeError(f"migration {version} found schema version {current}")
+                for statement in migrations.statements(script):
+                    conn.execute(statement)
+                # PRAGMA takes no parameters; version is an int from our own list.
+                conn.execute(f"PRAGMA user_version = {int(version)}")
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+
+
+def _user_version(conn: sqlite3.Connection) -> int:
+    return int(conn.execute("PRAGMA user_version").fetchone()[0])

@@ -1,0 +1,339 @@
+"""POS terminal simulator: signs on, echoes, sells, test-sells and reverses against a host.
+
+``TerminalClient`` is the terminal side of PROTOCOL.md (sign-on with Ed25519 and crypto_kx,
+MAC'd requests, verified responses) over anyio, so tests drive it on asyncio and trio alike;
+``acqhost-terminal`` is its command line, printing each exchange readably.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import itertools
+import json
+import secrets
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.abc
+
+from acqhost import crypto, specs
+from acqhost.codec import compile_spec
+from acqhost.framing import FrameDecoder, FrameEncoder
+from acqhost.tlv import decode_tlv, encode_tlv
+
+__all__ = ("Exchange", "TerminalClient", "TerminalError", "main")
+
+TEST_PAN = "6222021234567890128"  # Luhn-valid, for the simulator's sales
+TPDU = bytes.fromhex("6000010000")
+
+
+class TerminalError(Exception):
+    """The host's answer could not be trusted (bad signature or MAC) or did not come."""
+
+
+@dataclass(frozen=True, slots=True)
+class Exchange:
+    request: dict[str, str]
+    response: dict[str, str]
+
+    @property
+    def rc(self) -> str:
+        return self.response.get("39", "")
+
+    @property
+    def tlv(self) -> dict[str, str]:
+        return decode_tlv(self.response.get("48", ""))
+
+
+class TerminalClient:
+    """One terminal: its identity key, its session keys once signed on, one connection."""
+
+    def __init__(
+        self,
+        key_file: dict[str, Any],
+        *,
+        host: str | None = None,
+        port: int | None = None,
+        timeout: float = 10.0,
+    ) -> None:
+        self.tid: str = key_file["tid"]
+        self.mid: str = key_file["mid"]
+        self.seed = bytes.fromhex(key_file["terminal_signing_key"])
+        self.host_public_key = bytes.fromhex(key_file["host_public_key"])
+        self.address = (host or key_file.get("host", "127.0.0.1"), port or key_file["port"])
+        self.framing: str = key_file.get("framing", "len2")
+        self.codec = compile_spec(specs.load(key_file.get("spec", "acq87")))
+        self.timeout = timeout
+        self.keys: crypto.SessionKeys | None = None
+        self._stan = itertools.count(secrets.randbelow(900_000) + 1)
+        self._stream: anyio.abc.SocketStream | None = None
+        self._decoder = FrameDecoder(self.framing)
+        self._encoder = FrameEncoder(self.framing)
+        self._pending: list[bytes] = []
+
+    @classmethod
+    def from_file(cls, path: str | Path, **kwargs: Any) -> TerminalClient:
+        return cls(json.loads(Path(path).read_text()), **kwargs)
+
+    # -- connection ------------------------------------------------------------------------
+
+    async def connect(self) -> None:
+        self._stream = await anyio.connect_tcp(*self.address)
+        self._decoder = FrameDecoder(self.framing)
+        self._pending = []
+
+    async def close(self) -> None:
+        if self._stream is not None:
+            await self._stream.aclose()
+            self._stream = None
+
+    async def __aenter__(self) -> TerminalClient:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def send_raw(self, message: bytes) -> None:
+        assert self._stream is not None, "not connected"
+        tpdu = TPDU if self.framing == "len2-tpdu" else b""
+        await self._stream.send(self._encoder.encode(message, tpdu))
+
+    async def receive_raw(self) -> bytes:
+        """The next frame from the host (pipelined answers are kept in arrival order)."""
+        assert self._stream is not None, "not connected"
+        with anyio.fail_after(self.timeout):
+            while not self._pending:
+                try:
+                    data = await self._stream.receive(65536)
+                except anyio.EndOfStream:
+                    raise TerminalError("the host closed the connection") from None
+                self._pending.extend(frame.message for frame in self._decoder.feed(data))
+        return self._pending.pop(0)
+
+    async def exchange_raw(self, message: bytes) -> bytes:
+        await self.send_raw(message)
+        return await self.receive_raw()
+
+    # -- messages --------------------------------------------------------------------------
+
+    def stan(self) -> str:
+        return f"{next(self._stan) % 1_000_000:06d}"
+
+    @staticmethod
+    def now_fields() -> dict[str, str]:
+        now = datetime.datetime.now(datetime.UTC)
+        return {
+            "7": now.strftime("%m%d%H%M%S"),
+            "12": now.strftime("%H%M%S"),
+            "13": now.strftime("%m%d"),
+        }
+
+    def encode(self, fields: dict[str, str], *, mac: bool) -> bytes:
+        if not mac:
+            return self.codec.encode(fields)
+        if self.keys is None:
+            raise TerminalError("not signed on")
+        secondary = any(k.isdigit() and int(k) > 64 for k in fields)
+        fields = dict(fields, **{"128" if secondary else "64": "0" * 16})
+        body = self.codec.encode(fields)[:-8]
+        return body + crypto.mac(self.keys.tx_mac, body)
+
+    async def request(self, fields: dict[str, str], *, mac: bool = True) -> Exchange:
+        """Send one request and return the decoded response (its MAC checked when it has one)."""
+        raw = await self.exchange_raw(self.encode(fields, mac=mac))
+        response = self.codec.decode(raw)
+        mac_field = "128" if "1" in response else "64"
+        if mac_field in response and (
+            self.keys is None or not crypto.mac_ok(self.keys.rx_mac, raw[:-8], raw[-8:])
+        ):
+            raise TerminalError("response MAC does not verify")
+        return Exchange(fields, response)
+
+    async def sign_on(self) -> Exchange:
+        kx_pk, kx_sk = crypto.kx_keypair()
+        stan, t = self.stan(), self.now_fields()
+        transcript = crypto.signon_request_transcript(self.tid, stan, t["7"], kx_pk)
+        tlv = encode_tlv({"KX": kx_pk.hex(), "SG": crypto.sign(self.seed, transcript).hex()})
+        ex = await self.request(
+            {
+                "t": "0800",
+                "7": t["7"],
+                "11": stan,
+                "41": self.tid,
+                "42": self.mid,
+                "48": tlv,
+                "70": "001",
+            },
+            mac=False,
+        )
+        if ex.rc != "00":
+            return ex
+        reply = ex.tlv
+        kx_host = bytes.fromhex(reply["KX"])
+        signed = crypto.signon_response_transcript(self.tid, stan, kx_host, kx_pk)
+        if not crypto.verify(self.host_public_key, signed, bytes.fromhex(reply["SG"])):
+            raise TerminalError("host signature on the sign-on response does not verify")
+        rx, tx = crypto.terminal_session(kx_pk, kx_sk, kx_host)
+        self.keys = crypto.SessionKeys.from_kx(rx, tx)
+        return ex
+
+    async def network(self, code: str) -> Exchange:
+        t = self.now_fields()
+        return await self.request(
+            {
+                "t": "0800",
+                "7": t["7"],
+                "11": self.stan(),
+                "41": self.tid,
+                "42": self.mid,
+                "70": code,
+            },
+            mac=False,
+        )
+
+    async def echo(self) -> Exchange:
+        return await self.network("301")
+
+    async def sign_off(self) -> Exchange:
+        ex = await self.network("002")
+        self.keys = None
+        return ex
+
+    def sale_fields(
+        self,
+        amount: int,
+        *,
+        test: bool = False,
+        pan: str = TEST_PAN,
+        expiry: str = "3012",
+        stan: str | None = None,
+    ) -> dict[str, str]:
+        t = self.now_fields()
+        fields = {
+            "t": "0200",
+            "2": pan,
+            "3": "000000",
+            "4": f"{amount:012d}",
+            "7": t["7"],
+            "11": stan or self.stan(),
+            "12": t["12"],
+            "13": t["13"],
+            "14": expiry,
+            "22": "051",
+            "25": "00",
+            "41": self.tid,
+            "42": self.mid,
+            "49": "156",
+        }
+        if test:
+            fields["48"] = encode_tlv({"TS": "1"})
+        return fields
+
+    async def sale(self, amount: int, **kwargs: Any) -> Exchange:
+        return await self.request(self.sale_fields(amount, **kwargs))
+
+    async def reverse(self, original: Exchange) -> Exchange:
+        o = original.request
+        t = self.now_fields()
+        return await self.request(
+            {
+                "t": "0400",
+                "3": o["3"],
+                "4": o["4"],
+                "7": t["7"],
+                "11": self.stan(),
+                "41": self.tid,
+                "42": self.mid,
+                "49": o["49"],
+                "90": "0200" + o["11"] + o["7"] + "0" * 22,
+            }
+        )
+
+
+# -- command line ----------------------------------------------------------------------------
+
+
+def describe(title: str, ex: Exchange) -> str:
+    r = ex.response
+    parts = [f"{title}: {ex.request['t']} -> {r.get('t')} rc={ex.rc}"]
+    for name, label in (("37", "rrn"), ("38", "auth")):
+        if name in r:
+            parts.append(f"{label}={r[name]}")
+    tlv = ex.tlv if "48" in r else {}
+    if "SA" in tlv:
+        parts.append(f"settles to {tlv['SA']} (version {tlv.get('SV')}, bank {tlv.get('BK')})")
+    if "RS" in tlv:
+        parts.append(f"reason={tlv['RS']}")
+    return "  ".join(parts)
+
+
+async def run_demo(client: TerminalClient, amount: int) -> list[Exchange]:
+    out = []
+    async with client:
+        steps: tuple[tuple[str, Callable[[], Awaitable[Exchange]]], ...] = (
+            ("sign-on", client.sign_on),
+            ("echo", client.echo),
+            ("sale", lambda: client.sale(amount)),
+            ("test sale", lambda: client.sale(1, test=True)),
+        )
+        for title, step in steps:
+            ex = await step()
+            print(describe(title, ex), flush=True)
+            out.append(ex)
+        ex = await client.reverse(out[2])
+        print(describe("reversal of the sale", ex), flush=True)
+        out.append(ex)
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="acqhost-terminal", description="POS terminal simulator for acqhost (ACQ1)."
+    )
+    parser.add_argument("--key-file", required=True, help="written by `acqhost terminal add`")
+    parser.add_argument("--host", help="host address (default: from the key file)")
+    parser.add_argument("--port", type=int, help="host port (default: from the key file)")
+    parser.add_argument("--backend", default="asyncio", choices=("asyncio", "trio"))
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("demo", help="sign on, echo, sale, test sale, reversal")
+    p.add_argument("--amount", type=int, default=1234, help="sale amount in minor units")
+    p = sub.add_parser("sale", help="sign on, then one sale")
+    p.add_argument("amount", type=int)
+    p.add_argument("--test", action="store_true", help="a test sale (48 TS=1)")
+    sub.add_parser("echo", help="an echo test")
+    args = parser.parse_args(argv)
+    client = TerminalClient.from_file(args.key_file, host=args.host, port=args.port)
+
+    async def go() -> int:
+        if args.command == "demo":
+            exchanges = await run_demo(client, args.amount)
+            return 0 if all(ex.rc == "00" for ex in exchanges) else 1
+        async with client:
+            if args.command == "echo":
+                ex = await client.echo()
+                print(describe("echo", ex))
+                return 0 if ex.rc == "00" else 1
+            ex = await client.sign_on()
+            print(describe("sign-on", ex))
+            if ex.rc != "00":
+                return 1
+            ex = await client.sale(args.amount, test=args.test)
+            print(describe("test sale" if args.test else "sale", ex))
+            return 0 if ex.rc == "00" else 1
+
+    try:
+        result: int = anyio.run(go, backend=args.backend)
+    except (OSError, TerminalError) as e:
+        print(f"acqhost-terminal: {e}", file=sys.stderr)
+        return 2
+    return result
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

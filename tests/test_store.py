@@ -1,0 +1,631 @@
+"""The store: both backends give the same answers; SQLite adds durability, migrations, several
+processes on one file, one transaction per sale batch, and no secret in clear on disk."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import TypeVar
+
+import nacl.encoding
+import nacl.hash
+import nacl.secret
+import nacl.utils
+import pytest
+
+from acqhost.store import (
+    MemoryStore,
+    NewAccount,
+    Operator,
+    SaleRecord,
+    SchemaVersionError,
+    Session,
+    SQLiteStore,
+    Store,
+    Terminal,
+    migrations,
+    open_store,
+)
+
+TID = "T0000001"
+MID = "M00000000000001"
+CREATED = 1_700_000_000.0
+
+S = TypeVar("S", bound=Store)
+
+
+def make_terminal(tid: str = TID, **changes: object) -> Terminal:
+    terminal = Terminal(
+        tid=tid,
+        mid=MID,
+        merchant_name="Noodle House",
+        status="active",
+        identity_public_key=bytes(range(32)),
+        sale_limit=500_000,
+        test_limit=100,
+        created_at=CREATED,
+    )
+    return replace(terminal, **changes)  # type: ignore[arg-type]
+
+
+def make_account(**changes: object) -> NewAccount:
+    account = NewAccount(
+        sealed_account=b"\x01sealed-account-bytes",
+        account_hash=b"\x02" * 32,
+        account_masked="6222********1234",
+        holder="ZHANG SAN",
+        bank_code="102100099996",
+        branch="Haidian",
+        created_by="admin",
+        reason="registration",
+    )
+    return replace(account, **changes)  # type: ignore[arg-type]
+
+
+def make_sale(stan: str = "000001", tid: str = TID, **changes: object) -> SaleRecord:
+    sale = SaleRecord(
+        tid=tid,
+        mid=MID,
+        stan=stan,
+        local_date="0314",
+        local_time="101500",
+        transmission="0314101500",
+        amount=1234,
+        currency="156",
+        pan_masked="622202******1234",
+        auth_code="A1B2C3",
+        test=False,
+        account_version=1,
+        batch_no=1,
+        received_at=CREATED + 60,
+    )
+    return replace(sale, **changes)  # type: ignore[arg-type]
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+    opened: Store = MemoryStore() if request.param == "memory" else SQLiteStore(tmp_path / "a.db")
+    try:
+        yield opened
+    finally:
+        opened.close()
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "acqhost.db"
+
+
+def with_terminal(store: S, tid: str = TID) -> S:
+    store.add_terminal(make_terminal(tid), make_account(), None)
+    return store
+
+
+# --- terminals --------------------------------------------------------------------------------
+
+
+def test_added_terminal_is_returned_and_listed_by_tid(store: Store) -> None:
+    store.add_terminal(make_terminal("T0000002"), make_account(), None)
+    store.add_terminal(make_terminal("T0000001"), make_account(), None)
+    assert store.get_terminal("T0000002") == make_terminal("T0000002")
+    assert store.get_terminal("NOSUCH00") is None
+    assert [t.tid for t in store.list_terminals()] == ["T0000001", "T0000002"]
+
+
+def test_a_second_terminal_with_the_same_tid_is_refused_and_the_first_kept(store: Store) -> None:
+    with_terminal(store)
+    with pytest.raises(ValueError, match="already exists"):
+        store.add_terminal(make_terminal(merchant_name="Impostor"), make_account(), None)
+    assert store.get_terminal(TID) == make_terminal()
+    assert len(store.account_history(TID)) == 1
+
+
+def test_terminal_with_an_operator_is_added(store: Store) -> None:
+    operator = Operator(tid=TID, operator_id="01", password_hash=b"$argon2id$...", failures=0)
+    store.add_terminal(make_terminal(), make_account(), operator)
+    assert store.get_terminal(TID) is not None
+
+
+def test_operator_of_another_terminal_is_refused(store: Store) -> None:
+    operator = Operator(tid="OTHER001", operator_id="01", password_hash=b"h", failures=0)
+    with pytest.raises(ValueError):
+        store.add_terminal(make_terminal(), make_account(), operator)
+    assert store.get_terminal(TID) is None
+
+
+def test_terminal_is_disabled_and_enabled_again(store: Store) -> None:
+    with_terminal(store)
+    assert store.set_terminal_status(TID, "disabled") is True
+    terminal = store.get_terminal(TID)
+    assert terminal is not None and terminal.status == "disabled"
+    assert store.set_terminal_status(TID, "active") is True
+    terminal = store.get_terminal(TID)
+    assert terminal is not None and terminal.status == "active"
+
+
+def test_status_of_an_unknown_terminal_is_not_set(store: Store) -> None:
+    assert store.set_terminal_status("NOSUCH00", "disabled") is False
+
+
+def test_unknown_terminal_status_is_refused(store: Store) -> None:
+    with_terminal(store)
+    with pytest.raises(ValueError):
+        store.set_terminal_status(TID, "paused")
+    with pytest.raises(ValueError):
+        store.add_terminal(make_terminal("T0000009", status="paused"), make_account(), None)
+
+
+# --- sessions ---------------------------------------------------------------------------------
+
+
+def test_session_is_saved_replaced_and_dropped(store: Store) -> None:
+    with_terminal(store)
+    assert store.get_session(TID) is None
+    first = Session(tid=TID, sealed_rx=b"rx1", sealed_tx=b"tx1", signed_on_at=CREATED + 1)
+    store.save_session(first)
+    assert store.get_session(TID) == first
+    second = Session(tid=TID, sealed_rx=b"rx2", sealed_tx=b"tx2", signed_on_at=CREATED + 2)
+    store.save_session(second)
+    assert store.get_session(TID) == second
+    store.drop_session(TID)
+    assert store.get_session(TID) is None
+    store.drop_session(TID)  # signing off twice is harmless
+
+
+def test_session_of_an_unknown_terminal_is_refused(store: Store) -> None:
+    with pytest.raises(ValueError):
+        store.save_session(Session(tid="NOSUCH00", sealed_rx=b"r", sealed_tx=b"t", signed_on_at=1))
+
+
+# --- settlement accounts ----------------------------------------------------------------------
+
+
+def test_new_terminal_settles_to_account_version_1(store: Store) -> None:
+    with_terminal(store)
+    current = store.current_account(TID, CREATED + 10)
+    assert current is not None
+    assert (current.tid, current.version, current.state) == (TID, 1, "ACTIVE")
+    assert current.effective_from == CREATED
+    assert current.sealed_account == make_account().sealed_account
+    assert current.account_hash == make_account().account_hash
+    assert current.account_masked == "6222********1234"
+    assert (current.holder, current.bank_code, current.branch) == (
+        "ZHANG SAN",
+        "102100099996",
+        "Haidian",
+    )
+    assert store.account_history(TID) == [current]
+
+
+def test_no_account_is_in_force_before_it_is_effective_or_for_unknown_terminal(
+    store: Store,
+) -> None:
+    with_terminal(store)
+    assert store.current_account(TID, CREATED - 1) is None
+    assert store.current_account("NOSUCH00", CREATED + 10) is None
+    assert store.account_history("NOSUCH00") == []
+
+
+# --- ledger -----------------------------------------------------------------------------------
+
+
+def test_new_terminal_has_batch_1_open(store: Store) -> None:
+    with_terminal(store)
+    assert store.open_batch(TID) == 1
+    with pytest.raises(KeyError):
+        store.open_batch("NOSUCH00")
+
+
+def test_recorded_sales_get_unique_12_digit_rrns(store: Store) -> None:
+    with_terminal(store)
+    results = store.record_sales([make_sale(f"{n:06d}") for n in range(1, 21)])
+    assert [r.duplicate for r in results] == [False] * 20
+    rrns = [r.rrn for r in results]
+    assert all(len(rrn) == 12 and rrn.isdigit() for rrn in rrns)
+    assert len(set(rrns)) == 20
+    assert rrns == sorted(rrns)
+    more = store.record_sales([make_sale("000099")])
+    assert more[0].rrn > rrns[-1]
+
+
+def test_recording_no_sales_records_nothing(store: Store) -> None:
+    with_terminal(store)
+    assert store.record_sales([]) == []
+    assert store.sales(TID) == []
+
+
+def test_sale_repeated_within_one_batch_is_a_duplicate(store: Store) -> None:
+    with_terminal(store)
+    first, other, again = store.record_sales(
+        [make_sale("000001"), make_sale("000002"), make_sale("000001", amount=999)]
+    )
+    assert (first.duplicate, other.duplicate, again.duplicate) == (False, False, True)
+    assert again.rrn == first.rrn  # names the sale already stored under that key
+    stored = store.sales(TID)
+    assert [s.stan for s in stored] == ["000001", "000002"]
+    assert stored[0].amount == 1234
+
+
+def test_sale_repeated_in_a_later_call_is_a_duplicate(store: Store) -> None:
+    with_terminal(store)
+    (first,) = store.record_sales([make_sale("000001")])
+    again, new = store.record_sales([make_sale("000001"), make_sale("000003")])
+    assert again.duplicate and again.rrn == first.rrn
+    assert not new.duplicate and new.rrn != first.rrn
+    assert len(store.sales(TID)) == 2
+
+
+def test_same_stan_on_another_day_or_terminal_is_not_a_duplicate(store: Store) -> None:
+    with_terminal(store)
+    with_terminal(store, "T0000002")
+    results = store.record_sales(
+        [
+            make_sale("000001"),
+            make_sale("000001", local_date="0315"),
+            make_sale("000001", "T0000002"),
+        ]
+    )
+    assert [r.duplicate for r in results] == [False, False, False]
+    assert len({r.rrn for r in results}) == 3
+
+
+def test_sales_naming_an_unknown_batch_are_refused_all_or_nothing(store: Store) -> None:
+    with_terminal(store)
+    with pytest.raises(ValueError):
+        store.record_sales([make_sale("000001"), make_sale("000002", batch_no=7)])
+    with pytest.raises(ValueError):
+        store.record_sales([make_sale("000001"), make_sale("000002", account_version=2)])
+    with pytest.raises(ValueError):
+        store.record_sales([make_sale("000001"), make_sale("000002", tid="NOSUCH00")])
+    assert store.sales(TID) == []
+    assert store.record_sales([make_sale("000001")])[0].duplicate is False
+
+
+def test_stored_sale_keeps_what_was_recorded(store: Store) -> None:
+    with_terminal(store)
+    (result,) = store.record_sales([make_sale("000007", test=True, amount=50)])
+    (stored,) = store.sales(TID)
+    assert stored.rrn == result.rrn
+    assert (stored.tid, stored.stan, stored.local_date, stored.transmission) == (
+        TID,
+        "000007",
+        "0314",
+        "0314101500",
+    )
+    assert (stored.amount, stored.currency, stored.auth_code, stored.test) == (
+        50,
+        "156",
+        "A1B2C3",
+        True,
+    )
+    assert (stored.account_version, stored.batch_no) == (1, 1)
+    assert (stored.status, stored.batch_settled) == ("approved", False)
+    assert store.sales("NOSUCH00") == []
+
+
+def test_reversal_finds_the_original_and_reversing_is_idempotent(store: Store) -> None:
+    with_terminal(store)
+    (result,) = store.record_sales([make_sale("000005", transmission="0314101505")])
+    found = store.find_sale(TID, "000005", "0314101505")
+    assert found is not None and found.rrn == result.rrn and found.status == "approved"
+    assert store.find_sale(TID, "000005", "0314101506") is None
+    assert store.find_sale(TID, "000006", "0314101505") is None
+    assert store.find_sale("T0000002", "000005", "0314101505") is None
+
+    assert store.reverse_sale(result.rrn) is True
+    assert store.reverse_sale(result.rrn) is False
+    reversed_sale = store.find_sale(TID, "000005", "0314101505")
+    assert reversed_sale is not None and reversed_sale.status == "reversed"
+    assert store.sales(TID)[0].status == "reversed"
+
+
+def test_reversing_an_unknown_rrn_changes_nothing(store: Store) -> None:
+    with_terminal(store)
+    store.record_sales([make_sale()])
+    assert store.reverse_sale("999999999999") is False
+    assert store.reverse_sale("not-an-rrn") is False
+    assert store.reverse_sale("") is False
+    assert [s.status for s in store.sales(TID)] == ["approved"]
+
+
+# --- open_store -------------------------------------------------------------------------------
+
+
+def test_open_store_picks_the_backend_from_the_name(tmp_path: Path) -> None:
+    memory = open_store(":memory:")
+    assert isinstance(memory, MemoryStore)
+    for name in (str(tmp_path / "plain.db"), f"sqlite:///{tmp_path / 'url.db'}"):
+        opened = open_store(name)
+        try:
+            assert isinstance(opened, SQLiteStore)
+        finally:
+            opened.close()
+    assert (tmp_path / "plain.db").exists() and (tmp_path / "url.db").exists()
+    with pytest.raises(NotImplementedError, match="PostgreSQL"):
+        open_store("postgresql://acq@localhost/acq")
+    for bad in ("mysql://x/y", "", "sqlite:///"):
+        with pytest.raises(ValueError):
+            open_store(bad)
+
+
+# --- SQLite: durability and several processes --------------------------------------------------
+
+
+def test_sqlite_pragmas_for_a_shared_durable_file(db_path: Path) -> None:
+    store = SQLiteStore(db_path)
+    try:
+        conn = store._conn
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+        assert conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
+        assert conn.execute("PRAGMA busy_timeout").fetchone()[0] == 5000
+    finally:
+        store.close()
+
+
+def test_sales_and_the_duplicate_rule_survive_a_reopen(db_path: Path) -> None:
+    store = with_terminal(SQLiteStore(db_path))
+    first = store.record_sales([make_sale("000001"), make_sale("000002")])
+    store.save_session(Session(tid=TID, sealed_rx=b"rx", sealed_tx=b"tx", signed_on_at=5.0))
+    store.close()
+
+    store = SQLiteStore(db_path)
+    try:
+        assert [s.rrn for s in store.sales(TID)] == [r.rrn for r in first]
+        assert store.get_terminal(TID) == make_terminal()
+        assert store.get_session(TID) is not None
+        again, new = store.record_sales([make_sale("000002"), make_sale("000003")])
+        assert again.duplicate and again.rrn == first[1].rrn
+        assert not new.duplicate and new.rrn > first[1].rrn
+    finally:
+        store.close()
+
+
+def test_a_second_instance_on_the_same_file_sees_committed_rows(db_path: Path) -> None:
+    one = with_terminal(SQLiteStore(db_path))
+    two = SQLiteStore(db_path)
+    try:
+        assert two.get_terminal(TID) == make_terminal()
+        (sale,) = one.record_sales([make_sale("000001")])
+        assert [s.rrn for s in two.sales(TID)] == [sale.rrn]
+        (dup,) = two.record_sales([make_sale("000001")])
+        assert dup.duplicate and dup.rrn == sale.rrn
+        assert two.reverse_sale(sale.rrn) is True
+        assert one.reverse_sale(sale.rrn) is False
+        two.set_terminal_status(TID, "disabled")
+        terminal = one.get_terminal(TID)
+        assert terminal is not None and terminal.status == "disabled"
+    finally:
+        one.close()
+        two.close()
+
+
+def test_writers_on_one_file_get_distinct_rrns_and_one_wins_each_duplicate(db_path: Path) -> None:
+    with_terminal(SQLiteStore(db_path)).close()
+    results: list[list[str]] = []
+    errors: list[BaseException] = []
+
+    def writer() -> None:
+        store = SQLiteStore(db_path)
+        mine: list[str] = []
+        try:
+            for n in range(40):
+                # Every writer records the same 40 keys: exactly one insert may win each.
+                result = store.record_sales([make_sale(f"{n:06d}")])
+                mine.extend(r.rrn for r in result if not r.duplicate)
+        except BaseException as error:  # pragma: no cover - reported below
+            errors.append(error)
+        finally:
+            store.close()
+            results.append(mine)
+
+    threads = [threading.Thread(target=writer) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    inserted = [rrn for mine in results for rrn in mine]
+    assert len(inserted) == len(set(inserted)) == 40
+    check = SQLiteStore(db_path)
+    try:
+        assert sorted(s.rrn for s in check.sales(TID)) == sorted(inserted)
+    finally:
+        check.close()
+
+
+def test_record_sales_of_500_is_one_transaction(db_path: Path) -> None:
+    store = with_terminal(SQLiteStore(db_path))
+    statements: list[str] = []
+    store._conn.set_trace_callback(statements.append)
+    try:
+        before = store._conn.total_changes
+        results = store.record_sales([make_sale(f"{n:06d}") for n in range(500)])
+        assert store._conn.total_changes - before == 500
+    finally:
+        store._conn.set_trace_callback(None)
+        store.close()
+    assert len(results) == 500 and not any(r.duplicate for r in results)
+    verbs = [s.split(None, 1)[0].upper() for s in statements]
+    assert verbs.count("BEGIN") == 1
+    assert verbs.count("COMMIT") == 1
+    assert verbs.count("INSERT") == 500
+    assert verbs[0] == "BEGIN" and verbs[-1] == "COMMIT"
+
+
+def test_batch_settled_follows_the_batch_status(db_path: Path) -> None:
+    store = with_terminal(SQLiteStore(db_path))
+    try:
+        store.record_sales([make_sale()])
+        # Closing batches arrives with 0500 support; close this one by hand.
+        store._conn.execute(
+            "UPDATE batches SET status = 'closed', closed_at = 1 WHERE tid = ?", (TID,)
+        )
+        found = store.find_sale(TID, "000001", "0314101500")
+        assert found is not None and found.batch_settled is True
+        assert store.sales(TID)[0].batch_settled is True
+    finally:
+        store.close()
+
+
+def test_history_and_ledger_cannot_be_rewritten_in_place(db_path: Path) -> None:
+    store = with_terminal(SQLiteStore(db_path))
+    try:
+        store.record_sales([make_sale()])
+        conn = store._conn
+        with pytest.raises(sqlite3.IntegrityError, match="never rewritten"):
+            conn.execute("UPDATE settlement_accounts SET holder = 'MALLORY'")
+        with pytest.raises(sqlite3.IntegrityError, match="never deleted"):
+            conn.execute("DELETE FROM settlement_accounts")
+        with pytest.raises(sqlite3.IntegrityError, match="never rewritten"):
+            conn.execute("UPDATE sales SET amount = 1")
+        with pytest.raises(sqlite3.IntegrityError, match="never deleted"):
+            conn.execute("DELETE FROM sales")
+        conn.execute("UPDATE settlement_accounts SET state = 'VERIFIED'")  # a state transition
+        current = store.current_account(TID, CREATED + 1)
+        assert current is not None and current.state == "VERIFIED"
+    finally:
+        store.close()
+
+
+# --- SQLite: no secret in clear on disk ----------------------------------------------------------
+
+
+def test_no_account_number_or_pan_in_clear_in_the_database_files(db_path: Path) -> None:
+    account_number = "6222021234567890128"
+    pan = "6217009876543210987"
+    data_key = nacl.utils.random(nacl.secret.SecretBox.KEY_SIZE)
+    sealed = bytes(nacl.secret.SecretBox(data_key).encrypt(account_number.encode()))
+    account_hash = nacl.hash.blake2b(
+        account_number.encode(), key=b"k" * 32, encoder=nacl.encoding.RawEncoder
+    )
+    account = make_account(
+        sealed_account=sealed, account_hash=account_hash, account_masked="6222***********0128"
+    )
+    store = SQLiteStore(db_path)
+    store.add_terminal(make_terminal(), account, None)
+    store.record_sales([make_sale(pan_masked=pan[:6] + "*" * 9 + pan[-4:])])
+
+    secrets = [account_number.encode(), pan.encode(), account_number[6:-4].encode()]
+    secrets.append(pan[6:-4].encode())
+    wal = Path(f"{db_path}-wal")
+    assert wal.exists()
+    while_open = db_path.read_bytes() + wal.read_bytes()
+    assert sealed in while_open  # the grep does see what the store wrote
+    store.close()
+    after_close = db_path.read_bytes() + (wal.read_bytes() if wal.exists() else b"")
+    assert sealed in after_close
+    for blob in (while_open, after_close):
+        for secret in secrets:
+            assert secret not in blob
+            assert secret.decode().encode("utf-16-le") not in blob
+
+    # No column could hold them in clear either: secrets are sealed_*, *_hash or *_masked.
+    conn = sqlite3.connect(db_path)
+    try:
+        tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")]
+        columns = {c[1] for t in tables for c in conn.execute(f"PRAGMA table_info({t})")}
+    finally:
+        conn.close()
+    suspicious = {c for c in columns if "pan" in c or "account" in c or c.endswith("_key")}
+    assert suspicious == {
+        "pan_masked",
+        "sealed_account",
+        "account_hash",
+        "account_masked",
+        "account_version",
+        "identity_public_key",
+    }
+
+
+# --- SQLite: migrations -------------------------------------------------------------------------
+
+
+def test_migration_versions_start_at_1_and_increase_by_one() -> None:
+    versions = [version for version, _ in migrations.MIGRATIONS]
+    assert versions == list(range(1, len(versions) + 1))
+    assert migrations.latest_version() == versions[-1]
+
+
+def test_migration_scripts_split_into_whole_statements() -> None:
+    script = "CREATE TABLE a (x TEXT DEFAULT ';');\n-- a comment; with a semicolon\n" + (
+        "CREATE TRIGGER t BEFORE DELETE ON a BEGIN SELECT RAISE(ABORT, 'no'); END;\n"
+    )
+    parts = migrations.statements(script)
+    assert len(parts) == 2
+    assert parts[1].startswith("-- a comment") and parts[1].endswith("END;")
+    with pytest.raises(ValueError, match="incomplete"):
+        migrations.statements("CREATE TRIGGER t BEFORE DELETE ON a BEGIN SELECT 1;")
+
+
+def test_fresh_database_ends_at_the_latest_schema_version(db_path: Path) -> None:
+    store = SQLiteStore(db_path)
+    try:
+        assert store.schema_version() == migrations.latest_version()
+    finally:
+        store.close()
+    conn = sqlite3.connect(db_path)
+    try:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == migrations.latest_version()
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    finally:
+        conn.close()
+    assert {"terminals", "operators", "sessions", "settlement_accounts", "batches", "sales"} <= (
+        tables
+    )
+
+
+def test_database_from_a_newer_version_is_refused_untouched(db_path: Path) -> None:
+    SQLiteStore(db_path).close()
+    newer = migrations.latest_version() + 1
+    conn = sqlite3.connect(db_path)
+    conn.execute(f"PRAGMA user_version = {newer}")
+    conn.close()
+    with pytest.raises(SchemaVersionError, match="newer") as info:
+        SQLiteStore(db_path)
+    assert (info.value.found, info.value.latest) == (newer, migrations.latest_version())
+    conn = sqlite3.connect(db_path)
+    try:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == newer
+    finally:
+        conn.close()
+
+
+def test_older_database_is_upgraded_and_keeps_its_rows(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = with_terminal(SQLiteStore(db_path))
+    (sale,) = store.record_sales([make_sale()])
+    store.close()
+    latest = migrations.latest_version()
+    upgrade = "CREATE TABLE probe (x INTEGER);\nINSERT INTO probe VALUES (42);"
+    monkeypatch.setattr(migrations, "MIGRATIONS", [*migrations.MIGRATIONS, (latest + 1, upgrade)])
+
+    store = SQLiteStore(db_path)
+    try:
+        assert store.schema_version() == latest + 1
+        assert store._conn.execute("SELECT x FROM probe").fetchall() == [(42,)]
+        assert [s.rrn for s in store.sales(TID)] == [sale.rrn]
+    finally:
+        store.close()
+    SQLiteStore(db_path).close()  # already current: the migration is not applied twice
+
+
+def test_failed_migration_leaves_the_database_as_it_was(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    SQLiteStore(db_path).close()
+    latest = migrations.latest_version()
+    broken = "CREATE TABLE half (x INTEGER);\nTHIS IS NOT SQL;"
+    monkeypatch.setattr(migrations, "MIGRATIONS", [*migrations.MIGRATIONS, (latest + 1, broken)])
+    with pytest.raises(sqlite3.OperationalError):
+        SQLiteStore(db_path)
+    conn = sqlite3.connect(db_path)
+    try:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == latest
+        assert conn.execute("SELECT name FROM sqlite_master WHERE name = 'half'").fetchone() is None
+    finally:
+        conn.close()
