@@ -54,12 +54,12 @@ class Config:
             raise ConfigError(f"framing must be one of {', '.join(FRAMINGS)}: {self.framing!r}")
         if self.backend not in BACKENDS:
             raise ConfigError(f"backend must be asyncio or trio: {self.backend!r}")
-        for name in ("port", "max_frame", "max_connections", "workers", "write_batch"):
+        for name in ("max_frame", "max_connections", "workers", "write_batch"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1")
         if not self.read_timeout > 0:
             raise ConfigError("read_timeout must be positive")
-        if self.port > 65535:
+        if not 0 <= self.port <= 65535:  # 0: any free port (tests)
             raise ConfigError(f"port out of range: {self.port}")
         return self
 

@@ -43,11 +43,12 @@ The rules never mutate the caller's objects: nested containers are copied when t
 
 from __future__ import annotations
 
+import json
 import logging as _stdlib_logging
 import re
 import sys
 from collections.abc import Callable
-from typing import Any, Final, TextIO
+from typing import Any, Final, TextIO, cast
 
 import structlog
 from structlog.typing import EventDict, FilteringBoundLogger, Processor, WrappedLogger
@@ -225,7 +226,7 @@ def _clean(value: Any, rule: int, depth: int) -> Any:
         elif kind is int and 0 <= value < 10**rule:
             return value
     elif rule == _SECRET:
-        return value if value is None or value == "" else "***"
+        return value if value is None or (kind is str and not value) else "***"
     elif rule in (_PAN, _ACCOUNT):
         return _mask_number(value, mask_pan if rule == _PAN else mask_account, depth)
     elif rule == _KEEP and kind is str:
@@ -253,10 +254,10 @@ def _clean(value: Any, rule: int, depth: int) -> Any:
 
 
 def _mask_number(value: Any, masker: Callable[[str], str], depth: int) -> Any:
-    if value is None or value == "":
+    if value is None:
         return value
     if isinstance(value, str):
-        return masker(value)
+        return masker(value) if value else value
     if isinstance(value, int) and not isinstance(value, bool):
         return masker(str(value))
     if isinstance(value, bytes | bytearray):
@@ -333,6 +334,15 @@ def mask_sensitive(logger: WrappedLogger, method_name: str, event_dict: EventDic
 # --- set-up ----------------------------------------------------------------------------------
 
 
+# One encoder for every line: json.dumps with a ``default`` builds a new encoder per call.
+# mask_sensitive has already turned every unknown object into (masked) text; repr is a backstop.
+_encoder: Final = json.JSONEncoder(default=repr)
+
+
+def _serialize(obj: Any, **_ignored: Any) -> str:
+    return _encoder.encode(obj)
+
+
 class _NamedWriteLogger(structlog.WriteLogger):
     """A WriteLogger that knows the name it was asked for by :func:`get_logger`."""
 
@@ -365,7 +375,7 @@ def configure_logging(level: str = "info", stream: TextIO | None = None) -> None
         raise ValueError(f"unknown log level {level!r}; one of {', '.join(_LEVELS)}")
     out = sys.stdout if stream is None else stream
     timestamper = structlog.processors.TimeStamper(fmt="iso", utc=True)
-    renderer = structlog.processors.JSONRenderer()
+    renderer = structlog.processors.JSONRenderer(serializer=_serialize)
     # Secrets can hide in bound context and in exception text: mask after both are in place.
     processors: list[Processor] = [
         structlog.contextvars.merge_contextvars,
@@ -386,10 +396,10 @@ def configure_logging(level: str = "info", stream: TextIO | None = None) -> None
         wrapper_class=structlog.make_filtering_bound_logger(threshold),
         context_class=dict,
         logger_factory=logger_factory,
-        # Not cached, so that a later configuration (a test's stream) reaches every logger,
-        # including module-level ones that have logged before.
+        # Not cached by structlog: _Logger caches per configuration instead.
         cache_logger_on_first_use=False,
     )
+    _generation[0] += 1
 
     formatter = structlog.stdlib.ProcessorFormatter(
         foreign_pre_chain=[
@@ -414,10 +424,40 @@ def configure_logging(level: str = "info", stream: TextIO | None = None) -> None
     root.setLevel(threshold)
 
 
+class _Logger:
+    """What :func:`get_logger` returns: a bound logger built once per configuration.
+
+    structlog's own lazy proxy, uncached, rebuilds a bound logger on every call (about 10 us);
+    cached, it never sees a later configuration. This keeps the built logger until
+    :func:`configure_logging` runs again. (``structlog.testing.capture_logs`` still works: it
+    edits the processor list in place, which built loggers share.)
+    """
+
+    __slots__ = ("_bound", "_generation", "_name")
+
+    def __init__(self, name: str | None) -> None:
+        self._name = name
+        self._bound: Any = None
+        self._generation = -1
+
+    def __getattr__(self, attr: str) -> Any:
+        if self._generation != _generation[0]:
+            args = () if self._name is None else (self._name,)
+            self._bound = structlog.wrap_logger(None, logger_factory_args=args).bind()
+            self._generation = _generation[0]
+        return getattr(self._bound, attr)
+
+    def __repr__(self) -> str:
+        return f"<acqhost logger {self._name!r}>"
+
+
+# Bumped by configure_logging; a one-item list so that no `global` statement is needed.
+_generation: list[int] = [0]
+
+
 def get_logger(name: str | None = None) -> FilteringBoundLogger:
-    """A structlog logger; ``name`` (usually ``__name__``) appears as the ``logger`` key."""
-    if name is None:
-        logger: FilteringBoundLogger = structlog.get_logger()
-    else:
-        logger = structlog.get_logger(name)
-    return logger
+    """A structlog logger; ``name`` (usually ``__name__``) appears as the ``logger`` key.
+
+    Safe to create at import time: it follows the newest :func:`configure_logging`.
+    """
+    return cast(FilteringBoundLogger, _Logger(name))

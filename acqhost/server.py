@@ -187,8 +187,10 @@ class Server:
             except FramingError as e:
                 log.warning("framing error", peer=_peer(stream), error=str(e))
                 return "framing error"
-            for frame in frames:
-                await send.send(self._start(frame, tpdu_framing, tg))
+            # Shielded: a frame read is a frame answered, even when shutdown comes meanwhile.
+            with anyio.CancelScope(shield=True):
+                for frame in frames:
+                    await send.send(self._start(frame, tpdu_framing, tg))
             if decoder.error is not None:  # good frames came before the bad header
                 log.warning("framing error", peer=_peer(stream), error=str(decoder.error))
                 return "framing error"

@@ -1,0 +1,93 @@
+"""Helpers for tests that run a real host: a SQLite store in a temporary folder, a terminal
+registered through the CLI, and the server on a loopback port in the test's event loop."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from acqhost.app import build_server
+from acqhost.cli import main as cli
+from acqhost.config import Config, load_config
+from acqhost.server import Server
+from simulators.terminal import TerminalClient
+
+ACCOUNT = "6222020200112233446"  # Luhn-valid settlement account
+HOLDER = "张三"
+BANK = "102100099996"
+
+
+@dataclass
+class HostSetup:
+    config: Config
+    key_files: dict[str, dict[str, Any]]
+    folder: Path
+
+    def client(self, tid: str = "TERM0001", **kwargs: Any) -> TerminalClient:
+        return TerminalClient(self.key_files[tid], **kwargs)
+
+    def with_port(self, port: int) -> None:
+        for data in self.key_files.values():
+            data["port"] = port
+        self.config = dataclasses.replace(self.config, port=port)
+
+
+def add_terminal(folder: Path, db: str, tid: str, mid: str, *extra: str) -> dict[str, Any]:
+    key_out = folder / f"{tid}.json"
+    status = cli(
+        ["terminal", "add", "--db", db, "--tid", tid, "--mid", mid,
+         "--merchant-name", "Test Shop", "--holder", HOLDER, "--account", ACCOUNT,
+         "--bank-code", BANK, "--operator-id", "01", "--operator-password", "0000",
+         "--fast-hash", "--key-out", str(key_out), *extra]
+    )  # fmt: skip
+    assert status == 0
+    data: dict[str, Any] = json.loads(key_out.read_text())
+    return data
+
+
+def make_host(folder: Path, **settings: Any) -> HostSetup:
+    """A store with two terminals (TERM0001 with a 10 000.00 limit, TERM0002)."""
+    db = str(folder / "acqhost.db")
+    assert cli(["init", "--db", db]) == 0
+    files = {
+        "TERM0001": add_terminal(
+            folder, db, "TERM0001", "MERCHANT0000001", "--sale-limit", "1000000"
+        ),
+        "TERM0002": add_terminal(folder, db, "TERM0002", "MERCHANT0000002"),
+    }
+    overrides = {"db": db, "port": 0, "read_timeout": 5.0, **settings}
+    return HostSetup(load_config(None, overrides, environ={}), files, folder)
+
+
+@asynccontextmanager
+async def running(setup: HostSetup) -> AsyncIterator[Server]:
+    """The host serving on a free loopback port until the block ends (then drained)."""
+    server = build_server(setup.config)
+    try:
+        async with anyio.create_task_group() as tg:
+            port = await tg.start(partial(server.run, handle_signals=False))
+            setup.with_port(port)
+            try:
+                yield server
+            finally:
+                server.shutdown()
+    finally:
+        server.pipeline.store.close()
+        if server.ledger.store is not server.pipeline.store:
+            server.ledger.store.close()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
