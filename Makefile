@@ -1,3 +1,4 @@
+# make demo: set up, start a host on a fresh SQLite store, drive a terminal through it, stop.
 # make test: create .venv when missing, install acqhost with its test extras, then run
 # ruff (lint + format check), mypy (strict on acqhost/) and pytest.
 PYTHON ?= python3
@@ -5,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test lint typecheck pytest bench clean
+.PHONY: test demo lint typecheck pytest bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,8 +28,11 @@ pytest: $(STAMP)
 
 test: lint typecheck pytest
 
+demo: $(STAMP)
+	$(BIN)/python -m simulators.demo .demo
+
 bench: $(STAMP)
 	$(BIN)/python benchmarks/codec.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .demo .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -1,0 +1,158 @@
+"""The acqhost command line, the config precedence, and the README's demo."""
+
+from __future__ import annotations
+
+import json
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from acqhost.cli import main as cli
+from acqhost.config import ConfigError, load_config
+from tests.hostkit import ACCOUNT, add_terminal
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> str:
+    path = str(tmp_path / "acqhost.db")
+    assert cli(["init", "--db", path]) == 0
+    return path
+
+
+def test_init_writes_private_host_keys_and_is_rerunnable(
+    db: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    keys = Path(db + ".keys")
+    assert stat.S_IMODE(keys.stat().st_mode) == 0o600
+    before = keys.read_bytes()
+    assert cli(["init", "--db", db]) == 0
+    assert keys.read_bytes() == before  # never overwritten
+    assert "kept" in capsys.readouterr().out
+
+
+def test_terminal_add_writes_the_key_file_protocol_names(db: str, tmp_path: Path) -> None:
+    data = add_terminal(tmp_path, db, "TERM0009", "MERCHANT0000009")
+    assert {"tid", "mid", "terminal_signing_key", "host_public_key", "host", "port"} <= set(data)
+    assert len(bytes.fromhex(data["terminal_signing_key"])) == 32
+    assert len(bytes.fromhex(data["host_public_key"])) == 32
+    assert stat.S_IMODE((tmp_path / "TERM0009.json").stat().st_mode) == 0o600
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"--tid": "SHORT"}, "--tid must be 8"),
+        ({"--mid": "M1"}, "--mid must be 15"),
+        ({"--account": "6222020200112233447"}, "Luhn"),
+        ({"--account": "12345"}, "12 to 19 digits"),
+        ({"--bank-code": "12345"}, "12-digit CNAPS"),
+    ],
+)
+def test_terminal_add_refuses_bad_input(
+    db: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], change: dict[str, str],
+    message: str,
+) -> None:  # fmt: skip
+    args = {"--tid": "TERM0003", "--mid": "MERCHANT0000003", "--merchant-name": "Shop",
+            "--holder": "Li Si", "--account": ACCOUNT, "--bank-code": "102100099996",
+            "--key-out": str(tmp_path / "t.json"), **change}  # fmt: skip
+    argv = ["terminal", "add", "--db", db, "--fast-hash"]
+    for k, v in args.items():
+        argv += [k, v]
+    assert cli(argv) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "t.json").exists()
+
+
+def test_duplicate_terminal_and_key_file_are_refused(
+    db: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    add_terminal(tmp_path, db, "TERM0004", "MERCHANT0000004")
+    with pytest.raises(AssertionError):  # same key file path: refused before anything
+        add_terminal(tmp_path, db, "TERM0004", "MERCHANT0000004")
+    assert "refusing to overwrite" in capsys.readouterr().err
+
+
+def test_list_masks_accounts_and_disable_takes_effect(
+    db: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    add_terminal(tmp_path, db, "TERM0005", "MERCHANT0000005")
+    capsys.readouterr()
+    assert cli(["terminal", "list", "--db", db]) == 0
+    out = capsys.readouterr().out
+    assert "TERM0005" in out and "active" in out and ACCOUNT not in out and "3446" in out
+    assert cli(["terminal", "disable", "--db", db, "TERM0005"]) == 0
+    assert cli(["terminal", "list", "--db", db]) == 0
+    assert "disabled" in capsys.readouterr().out
+    assert cli(["terminal", "disable", "--db", db, "NOPE0000"]) == 2
+
+
+def test_commands_without_host_keys_say_what_to_do(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    status = cli(["serve", "--db", str(tmp_path / "x.db")])
+    assert status == 2 and "acqhost init" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv", [[], ["init"], ["serve"], ["terminal"], ["terminal", "add"], ["terminal", "list"],
+             ["terminal", "disable"]],
+)  # fmt: skip
+def test_help_everywhere(argv: list[str]) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "acqhost", *argv, "--help"], cwd=ROOT, capture_output=True,
+        text=True,
+    )  # fmt: skip
+    assert result.returncode == 0 and "usage: acqhost" in result.stdout
+
+
+def test_config_precedence_file_then_environment_then_flags(tmp_path: Path) -> None:
+    toml = tmp_path / "acqhost.toml"
+    toml.write_text('[host]\nport = 9001\nframing = "len4"\nread_timeout = 5\n'
+                    '[rebind]\nreview = "manual"\n')  # fmt: skip
+    cfg = load_config(toml, {}, environ={})
+    assert (cfg.port, cfg.framing, cfg.read_timeout) == (9001, "len4", 5.0)
+    assert cfg.extra["rebind"] == {"review": "manual"}
+    cfg = load_config(toml, {}, environ={"ACQHOST_PORT": "9002"})
+    assert cfg.port == 9002
+    cfg = load_config(toml, {"port": 9003, "framing": None}, environ={"ACQHOST_PORT": "9002"})
+    assert (cfg.port, cfg.framing) == (9003, "len4")
+
+
+@pytest.mark.parametrize(
+    ("text", "env", "message"),
+    [
+        ("[host]\nframing = 'tcp'\n", {}, "framing must be one of"),
+        ("[host]\nportt = 1\n", {}, "unknown setting [host] portt"),
+        ("[host]\nport = 'x'\n", {}, "port must be a number"),
+        ("", {"ACQHOST_MAX_FRAME": "0"}, "max_frame must be at least 1"),
+        ("[host\n", {}, "acqhost.toml"),
+    ],
+)
+def test_bad_config_is_refused_with_its_source(
+    tmp_path: Path, text: str, env: dict[str, str], message: str
+) -> None:
+    toml = tmp_path / "acqhost.toml"
+    toml.write_text(text)
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
+        load_config(toml, {}, environ=env)
+
+
+def test_readme_demo_runs_start_to_finish(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "simulators.demo", str(tmp_path / "demo")], cwd=ROOT,
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    for line in ("sign-on: 0800 -> 0810 rc=00", "sale: 0200 -> 0210 rc=00",
+                 "test sale: 0200 -> 0210 rc=00", "reversal of the sale: 0400 -> 0410 rc=00",
+                 "settles to 6222***********3446 (version 1", "host stopped (exit 0)"):  # fmt: skip
+        assert line in out
+    log = (tmp_path / "demo" / "host.log").read_text()
+    assert ACCOUNT not in log and "6222021234567890128" not in log
+    json.loads(log.splitlines()[0])  # JSON lines

@@ -1,0 +1,336 @@
+"""acqhost.logging: JSON lines, and card data / secrets never in clear."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from collections.abc import Iterator
+from datetime import datetime
+from typing import Any
+
+import pytest
+import structlog
+from hypothesis import given
+from hypothesis import strategies as st
+
+from acqhost.crypto import encrypt_password, luhn_ok
+from acqhost.logging import configure_logging, get_logger, mask_sensitive, mask_text
+
+PAN = "6222021234567890128"  # Luhn-valid, 19 digits
+PAN16 = "4111111111111111"
+TRACK2 = f"{PAN}=25122011234567800"
+ACCOUNT = "6217001234567890"  # settlement account (not Luhn-valid: masked 4/4)
+PASSWORD = "s3cret-operator-pw"
+PW_HEX = encrypt_password(b"k" * 32, PASSWORD)
+FIELD48 = (
+    f"OP00201PW{len(PW_HEX):03d}{PW_HEX}NM006ZhangSBK012102100099996"
+    f"AC{len(ACCOUNT):03d}{ACCOUNT}EF01420250101120000"
+)
+
+
+@pytest.fixture
+def output() -> Iterator[io.StringIO]:
+    stream = io.StringIO()
+    configure_logging("debug", stream=stream)
+    yield stream
+    configure_logging("info", stream=io.StringIO())
+
+
+def _lines(stream: io.StringIO) -> list[dict[str, Any]]:
+    text = stream.getvalue()
+    assert text.endswith("\n")
+    return [json.loads(line) for line in text.splitlines()]
+
+
+def _secrets_absent(text: str) -> None:
+    for secret in (PAN, PAN16, ACCOUNT, PASSWORD, PW_HEX, "25122011234567800", "1234567890"):
+        assert secret not in text, secret
+
+
+# --- output format ---------------------------------------------------------------------------
+
+
+def test_a_sale_event_is_one_readable_json_line(output: io.StringIO) -> None:
+    log = get_logger("acqhost.pipeline")
+    log.info(
+        "sale",
+        tid="12345678",
+        mti="0210",
+        stan="000123",
+        rc="00",
+        latency_ms=1.25,
+        amount="000000001000",
+    )
+    [line] = _lines(output)
+    assert line["event"] == "sale"
+    assert line["tid"] == "12345678"
+    assert line["mti"] == "0210"
+    assert line["stan"] == "000123"
+    assert line["rc"] == "00"
+    assert line["amount"] == "000000001000"
+    assert line["latency_ms"] == 1.25
+    assert line["level"] == "info"
+    assert line["logger"] == "acqhost.pipeline"
+    stamp = datetime.fromisoformat(line["timestamp"].replace("Z", "+00:00"))
+    assert stamp.utcoffset() is not None
+    assert stamp.utcoffset().total_seconds() == 0  # type: ignore[union-attr]
+
+
+def test_every_event_is_exactly_one_line(output: io.StringIO) -> None:
+    log = get_logger()
+    log.info("first", note="multi\nline\ntext")
+    log.warning("second", holder="张三丰")
+    try:
+        raise RuntimeError("boom\nwith lines")
+    except RuntimeError:
+        log.exception("third")
+    lines = _lines(output)
+    assert [line["event"] for line in lines] == ["first", "second", "third"]
+    assert lines[0]["note"] == "multi\nline\ntext"
+    assert lines[1]["holder"] == "张三丰"
+    assert lines[1]["level"] == "warning"
+    assert "RuntimeError: boom" in lines[2]["exception"]
+    assert lines[2]["level"] == "error"
+
+
+def test_level_filters_events() -> None:
+    stream = io.StringIO()
+    configure_logging("warning", stream=stream)
+    log = get_logger("x")
+    log.debug("no")
+    log.info("no")
+    log.warning("yes")
+    log.error("yes too")
+    assert [line["event"] for line in _lines(stream)] == ["yes", "yes too"]
+
+
+def test_unknown_level_is_rejected() -> None:
+    with pytest.raises(ValueError, match="unknown log level"):
+        configure_logging("loud", stream=io.StringIO())
+
+
+def test_a_logger_made_before_configuration_follows_the_newest_one() -> None:
+    log = get_logger("early")
+    first, second = io.StringIO(), io.StringIO()
+    configure_logging(stream=first)
+    log.info("one")
+    configure_logging(stream=second)
+    log.info("two")
+    assert [line["event"] for line in _lines(first)] == ["one"]
+    assert [line["event"] for line in _lines(second)] == ["two"]
+
+
+def test_bound_context_is_masked_too(output: io.StringIO) -> None:
+    log = get_logger("x").bind(tid="12345678", pan=PAN)
+    log.info("bound")
+    structlog.contextvars.bind_contextvars(track2=TRACK2)
+    try:
+        get_logger("x").info("ctx")
+    finally:
+        structlog.contextvars.clear_contextvars()
+    _secrets_absent(output.getvalue())
+    lines = _lines(output)
+    assert lines[0]["pan"] == "622202*********0128"
+    assert lines[0]["tid"] == "12345678"
+    assert lines[1]["track2"] == "***"
+
+
+def test_stdlib_logging_goes_through_the_same_masking(output: io.StringIO) -> None:
+    logging.getLogger("some.library").warning("card %s track %s", PAN, TRACK2)
+    [line] = _lines(output)
+    assert line["logger"] == "some.library"
+    assert line["level"] == "warning"
+    assert "622202*********0128" in line["event"]
+    _secrets_absent(output.getvalue())
+
+
+# --- masking through the whole chain ---------------------------------------------------------
+
+
+def test_card_data_accounts_and_passwords_never_appear_in_clear(output: io.StringIO) -> None:
+    log = get_logger("acqhost.pipeline")
+    log.info(
+        f"sale for card {PAN}",
+        tid="12345678",
+        stan="000123",
+        amount="000000001000",
+        pan=PAN,
+        track2=TRACK2,
+        account=ACCOUNT,
+        password=PASSWORD,
+        field48=FIELD48,
+        raw_track=f"35={TRACK2}",
+        message={"t": "0200", "2": PAN16, "35": TRACK2, "4": "000000001000", "48": FIELD48},
+        nested=[{"card": PAN}, (f"acct {ACCOUNT}",), b"bytes " + PAN16.encode()],
+        settlement_account=ACCOUNT,
+        host_signing_seed="00" * 32,
+    )
+    text = output.getvalue()
+    _secrets_absent(text)
+    [line] = _lines(output)
+    assert line["event"] == "sale for card 622202*********0128"
+    assert line["tid"] == "12345678"
+    assert line["stan"] == "000123"
+    assert line["amount"] == "000000001000"
+    assert line["pan"] == "622202*********0128"
+    assert line["track2"] == "***"
+    assert line["raw_track"] == "35=622202*********0128=*****"
+    assert line["account"] == "6217********7890"
+    assert line["settlement_account"] == "6217********7890"
+    assert line["password"] == "***"
+    assert line["host_signing_seed"] == "***"
+    assert line["message"]["t"] == "0200"
+    assert line["message"]["2"] == "411111******1111"
+    assert line["message"]["35"] == "***"
+    assert line["message"]["4"] == "000000001000"
+    # Field 48: PW value gone, AC masked 4/4, the bank code and EF still readable.
+    f48 = line["field48"]
+    assert "PW" + f"{len(PW_HEX):03d}***" in f48
+    assert f"AC{len(ACCOUNT):03d}6217********7890" in f48
+    assert "BK012102100099996" in f48
+    assert "EF01420250101120000" in f48
+    assert "NM006ZhangS" in f48
+    assert line["nested"][0] == {"card": "622202*********0128"}
+    assert line["nested"][1] == ["acct 6217********7890"]
+    assert line["nested"][2] == "bytes 411111******1111"
+
+
+def test_exception_text_is_masked(output: io.StringIO) -> None:
+    try:
+        raise ValueError(f"cannot parse track 2 {TRACK2}")
+    except ValueError:
+        get_logger().exception("decode failed")
+    _secrets_absent(output.getvalue())
+
+
+def test_masking_does_not_change_the_callers_objects(output: io.StringIO) -> None:
+    message = {"2": PAN, "48": FIELD48, "list": [PAN]}
+    snapshot = json.dumps(message)
+    get_logger().info("decoded", message=message)
+    assert json.dumps(message) == snapshot
+    _secrets_absent(output.getvalue())
+
+
+# --- the processor and the text rules --------------------------------------------------------
+
+
+def _mask(**event: Any) -> dict[str, Any]:
+    return mask_sensitive(None, "info", dict(event))
+
+
+def test_ordinary_numbers_stay_readable() -> None:
+    event = {
+        "event": "sale approved",
+        "tid": "12345678",
+        "mid": "898310048160001",
+        "mti": "0200",
+        "stan": "000123",
+        "rc": "00",
+        "amount": "000000001000",
+        "rrn": "000000000042",
+        "bank_code": "102100099996",
+        "effective_from": "20250101120000",
+        "7": "0101120000",
+        "count": 12,
+        "latency_ms": 0.75,
+        "port": 8583,
+        "ok": True,
+        "nothing": None,
+    }
+    assert _mask(**event) == event
+
+
+def test_a_twelve_digit_number_under_an_unknown_key_is_masked() -> None:
+    assert _mask(ref="123456789012") == {"ref": "1234****9012"}
+    # ...but not a shorter one, nor a 12-digit amount under its own key.
+    assert _mask(ref="12345678901") == {"ref": "12345678901"}
+    assert _mask(amount="123456789012") == {"amount": "123456789012"}
+
+
+def test_a_safe_key_does_not_let_a_longer_value_through() -> None:
+    assert _mask(amount=PAN) == {"amount": "622202*********0128"}
+    assert _mask(stan=f"x{PAN}") == {"stan": "x622202*********0128"}
+    assert _mask(tid=int(PAN)) == {"tid": "622202*********0128"}
+
+
+def test_secret_keys_are_matched_case_insensitively_and_by_suffix() -> None:
+    masked = _mask(
+        PASSWORD="a", Pw="b", data_key="c", terminal_signing_key="d", mac_key="e", PIN="1234"
+    )
+    assert set(masked.values()) == {"***"}
+    assert _mask(password=None, pw="") == {"password": None, "pw": ""}
+
+
+def test_keys_that_hold_card_numbers_are_masked() -> None:
+    assert _mask(**{PAN: 1}) == {"622202*********0128": 1}
+    assert _mask(by_card={PAN: 2}) == {"by_card": {"622202*********0128": 2}}
+
+
+def test_large_integers_and_floats_are_masked() -> None:
+    assert _mask(value=int(PAN)) == {"value": "622202*********0128"}
+    assert _mask(value=123) == {"value": 123}
+    assert "1234567890" not in json.dumps(_mask(value=1234567890123456.0))
+
+
+def test_other_objects_are_masked_through_repr() -> None:
+    class Card:
+        def __repr__(self) -> str:
+            return f"Card({PAN})"
+
+    assert _mask(card_obj=Card()) == {"card_obj": "Card(622202*********0128)"}
+
+
+def test_deeply_nested_values_do_not_recurse_forever() -> None:
+    loop: list[Any] = []
+    loop.append(loop)
+    assert "nested too deep" in json.dumps(_mask(loop=loop))
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (PAN, "622202*********0128"),
+        (f"pan={PAN16}.", "pan=411111******1111."),
+        (TRACK2, "622202*********0128=*****"),
+        (f"{PAN}D2512201", "622202*********0128D*****"),
+        (f"{PAN}=", "622202*********0128="),
+        ("123456789012", "1234****9012"),
+        ("1234567890123456789012345", "1234*****************2345"),
+        ("PW005abcde rest", "PW005*** rest"),
+        (f"AC016{ACCOUNT}", "AC0166217********7890"),
+        ("BK012102100099996", "BK012102100099996"),
+        ("AM01012345678901CT00512345", "AM01012345678901CT00512345"),
+        (
+            "stan 000123 amount 000000001000",
+            "stan 000123 amount 1234"[:0] or "stan 000123 amount 0000****1000",
+        ),
+        ("", ""),
+        ("plain words ACTIVE PWR", "plain words ACTIVE PWR"),
+    ],
+)
+def test_mask_text_rules(text: str, expected: str) -> None:
+    assert mask_text(text) == expected
+
+
+def test_fake_tlv_headers_do_not_hide_a_pan() -> None:
+    # An "AC"/"BK" header whose value is not what the element holds does not exempt the digits.
+    assert mask_text(f"AC{PAN}") == "AC622202*********0128"
+    assert PAN[3:] not in mask_text(f"BK012{PAN}")
+    assert mask_text(f"PW003abc{PAN}") == "PW003***622202*********0128"
+    assert mask_text("PW0031231234567890123456") == "PW003***"
+
+
+@given(
+    prefix=st.text(alphabet="ABCDEFGHIJKLMNOPQRSTUVWXYZ=D :;,", max_size=8),
+    suffix=st.text(alphabet="ABCDEFGHIJKLMNOPQRSTUVWXYZ=D :;,", max_size=8),
+    pan=st.text(alphabet="0123456789", min_size=13, max_size=19),
+)
+def test_no_pan_survives_between_letters(prefix: str, suffix: str, pan: str) -> None:
+    masked = mask_text(prefix + pan + suffix)
+    # At most a 6-digit prefix and a 4-digit suffix of the number remain visible.
+    hidden = pan[6:-4]
+    assert hidden not in masked.replace(pan[:6], "", 1) or len(hidden) < 3
+    assert pan not in masked
+    if luhn_ok(pan) and not prefix.endswith(("AC", "PW", "BK", "EF", "AM", "CT", "RF")):
+        assert pan[:6] in masked
