@@ -10,7 +10,7 @@ queue, in order, each in its own transaction.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import anyio
@@ -30,7 +30,7 @@ class Write:
     call: Callable[[Store], Any] | None = None
     result: Any = None
     error: BaseException | None = None
-    done: anyio.Event = field(default_factory=anyio.Event)
+    done: anyio.Event | None = None  # made only when the write waits for the worker
 
 
 def apply_writes(store: Store, writes: Sequence[Write], batch: int) -> None:
@@ -92,9 +92,10 @@ class Ledger:
         else:
             if self._closed:
                 raise RuntimeError("ledger is closed")
+            w.done = done = anyio.Event()
             self._queue.append(w)
             self._wakeup.set()
-            await w.done.wait()
+            await done.wait()
         if w.error is not None:
             raise w.error
         return w.result
@@ -118,6 +119,7 @@ class Ledger:
             self.flushes += 1
             self.written += len(writes)
             for w in writes:
+                assert w.done is not None
                 w.done.set()
 
     def close(self) -> None:

@@ -21,10 +21,10 @@ from tests.hostkit import HostSetup, free_port, make_host
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def start_host(setup: HostSetup, log: Path) -> subprocess.Popen[bytes]:
+def start_host(setup: HostSetup, log: Path, *extra: str) -> subprocess.Popen[bytes]:
     proc = subprocess.Popen(
         [sys.executable, "-m", "acqhost", "serve", "--db", setup.config.db,
-         "--port", str(setup.config.port), "--log-level", "warning"],
+         "--port", str(setup.config.port), "--log-level", "info", *extra],
         cwd=ROOT, stdout=log.open("ab"), stderr=subprocess.STDOUT,
     )  # fmt: skip
     deadline = time.monotonic() + 15

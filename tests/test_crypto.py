@@ -148,7 +148,7 @@ def test_account_hash_is_keyed_and_rejects_non_digits() -> None:
     assert account_hash(k1, "622202123456") == account_hash(k1, "622202123456")
     assert account_hash(k1, "622202123456") != account_hash(k1, "622202123457")
     assert account_hash(k1, "622202123456") != account_hash(k2, "622202123456")
-    for bad in ("", "6222 0212", "62220２123456"):
+    for bad in ("", "6222 0212", "62220\uff12123456"):  # \uff12: a full-width digit
         with pytest.raises(CryptoError):
             account_hash(k1, bad)
 
@@ -408,7 +408,7 @@ def test_luhn_accepts_valid_numbers(digits: str) -> None:
 
 @pytest.mark.parametrize(
     "digits",
-    ["79927398710", "4111111111111112", "", "4111-1111-1111-1111", "41111111111111１1", "abc"],
+    ["79927398710", "4111111111111112", "", "4111-1111-1111-1111", "41111111111111\uff111", "abc"],
 )
 def test_luhn_rejects_invalid_or_non_digit_input(digits: str) -> None:
     assert not luhn_ok(digits)

@@ -265,3 +265,37 @@ async def test_field_48_in_chinese_and_log_lines_carry_no_card_data(
     assert TEST_PAN not in out.out + out.err
     assert ACCOUNT not in out.out + out.err
     assert '"route": "sale"' in out.out or '"route":"sale"' in out.out
+
+
+@pytest.mark.parametrize("framing", ["len4", "len2-tpdu"])
+async def test_other_framings_by_configuration(tmp_path: Path, framing: str) -> None:
+    setup = make_host(tmp_path, framing=framing)
+    for data in setup.key_files.values():
+        data["framing"] = framing
+    async with running(setup):
+        client = await signed_on(setup)
+        if framing == "len2-tpdu":  # the reply's TPDU has destination and source swapped
+            assert client._stream is not None
+            await client._stream.send(
+                client._encoder.encode(
+                    client.encode(client.sale_fields(100), mac=True), bytes.fromhex("6000010002")
+                )  # fmt: skip
+            )
+            with anyio.fail_after(5):
+                data = await client._stream.receive()
+            assert data[2:7] == bytes.fromhex("6000020001")
+        assert (await client.sale(100)).rc == "00"
+        await client.close()
+
+
+async def test_connections_beyond_the_maximum_are_refused(tmp_path: Path) -> None:
+    setup = make_host(tmp_path, max_connections=2)
+    async with running(setup):
+        first, second = await signed_on(setup), await signed_on(setup, "TERM0002")
+        third = await anyio.connect_tcp("127.0.0.1", setup.config.port)
+        with anyio.fail_after(3), pytest.raises((anyio.EndOfStream, anyio.BrokenResourceError)):
+            await third.receive()
+        await third.aclose()
+        assert (await first.sale(100)).rc == "00" and (await second.sale(100)).rc == "00"
+        await first.close()
+        await second.close()

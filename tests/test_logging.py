@@ -14,7 +14,7 @@ import structlog
 from hypothesis import given
 from hypothesis import strategies as st
 
-from acqhost.crypto import encrypt_password, luhn_ok
+from acqhost.crypto import encrypt_password
 from acqhost.logging import configure_logging, get_logger, mask_sensitive, mask_text
 
 PAN = "6222021234567890128"  # Luhn-valid, 19 digits
@@ -216,7 +216,7 @@ def test_masking_does_not_change_the_callers_objects(output: io.StringIO) -> Non
 
 
 def _mask(**event: Any) -> dict[str, Any]:
-    return mask_sensitive(None, "info", dict(event))
+    return dict(mask_sensitive(None, "info", dict(event)))
 
 
 def test_ordinary_numbers_stay_readable() -> None:
@@ -300,11 +300,8 @@ def test_deeply_nested_values_do_not_recurse_forever() -> None:
         ("PW005abcde rest", "PW005*** rest"),
         (f"AC016{ACCOUNT}", "AC0166217********7890"),
         ("BK012102100099996", "BK012102100099996"),
-        ("AM01012345678901CT00512345", "AM01012345678901CT00512345"),
-        (
-            "stan 000123 amount 000000001000",
-            "stan 000123 amount 1234"[:0] or "stan 000123 amount 0000****1000",
-        ),
+        ("AM012000000001000CT003100", "AM012000000001000CT003100"),
+        ("stan 000123 amount 000000001000", "stan 000123 amount 0000****1000"),
         ("", ""),
         ("plain words ACTIVE PWR", "plain words ACTIVE PWR"),
     ],
@@ -324,13 +321,12 @@ def test_fake_tlv_headers_do_not_hide_a_pan() -> None:
 @given(
     prefix=st.text(alphabet="ABCDEFGHIJKLMNOPQRSTUVWXYZ=D :;,", max_size=8),
     suffix=st.text(alphabet="ABCDEFGHIJKLMNOPQRSTUVWXYZ=D :;,", max_size=8),
-    pan=st.text(alphabet="0123456789", min_size=13, max_size=19),
+    pan=st.from_regex(r"[1-9][0-9]{12,18}", fullmatch=True),
 )
-def test_no_pan_survives_between_letters(prefix: str, suffix: str, pan: str) -> None:
+def test_no_more_than_ten_digits_of_a_card_number_survive(
+    prefix: str, suffix: str, pan: str
+) -> None:
+    # Card numbers never start with 0; the exempt TLV shapes (BK012..., EF014...) all do.
     masked = mask_text(prefix + pan + suffix)
-    # At most a 6-digit prefix and a 4-digit suffix of the number remain visible.
-    hidden = pan[6:-4]
-    assert hidden not in masked.replace(pan[:6], "", 1) or len(hidden) < 3
+    assert sum(c.isdigit() for c in masked) <= 10
     assert pan not in masked
-    if luhn_ok(pan) and not prefix.endswith(("AC", "PW", "BK", "EF", "AM", "CT", "RF")):
-        assert pan[:6] in masked

@@ -42,6 +42,9 @@ __all__ = ("Pipeline", "Route", "build_routes")
 # change made by the CLI reaches a running host within this many seconds.
 CACHE_SECONDS = 1.0
 
+# Keys of a message without a secondary bitmap.
+_PRIMARY_KEYS = frozenset(("h", "t", "p", *(str(n) for n in range(2, 65))))
+
 
 class Route(NamedTuple):
     name: str
@@ -128,10 +131,13 @@ class Pipeline:
         self.clock = clock
         self.routes = build_routes()
         self.log = structlog.get_logger("acqhost.message")
+        # One event per message at level info; checked here so a quieter host pays nothing.
+        self.log_messages = config.log_level.lower() in ("debug", "info")
         self._terminals: dict[str, tuple[float, Terminal | None]] = {}
         self._sessions: dict[str, SessionKeys] = {}
         self._accounts: dict[str, tuple[float, AccountVersion | None]] = {}
         self._batches: dict[str, int] = {}
+        self._account_tlv: dict[tuple[str, int], str] = {}
 
     # -- host state the stages read (cached) -------------------------------------------------
 
@@ -170,6 +176,17 @@ class Pipeline:
         self._accounts[tid] = (now, account)
         return account
 
+    def account_tlv(self, account: AccountVersion) -> str:
+        """48 {SA, SV, BK} naming the account a sale settles to (the same text every time)."""
+        key = (account.tid, account.version)
+        text = self._account_tlv.get(key)
+        if text is None:
+            text = encode_tlv(
+                {"SA": account.account_masked, "SV": str(account.version), "BK": account.bank_code}
+            )
+            self._account_tlv[key] = text
+        return text
+
     def batch(self, tid: str) -> int:
         number = self._batches.get(tid)
         if number is None:
@@ -203,6 +220,8 @@ class Pipeline:
 
     def finish_and_log(self, ctx: Context) -> bytes:
         out = self.finish(ctx)
+        if not self.log_messages:
+            return out
         self.log.info(
             "message",
             route=ctx.route,
@@ -269,9 +288,7 @@ class Pipeline:
             assert account is not None
             ctx.resp["37"] = result.rrn
             ctx.resp["38"] = effect.sale.auth_code
-            ctx.resp["48"] = encode_tlv(
-                {"SA": account.account_masked, "SV": str(account.version), "BK": account.bank_code}
-            )
+            ctx.resp["48"] = self.account_tlv(account)
         elif effect.session is not None:
             session = effect.session
             await self.ledger.call(lambda store: store.save_session(session))
@@ -291,7 +308,6 @@ class Pipeline:
             return self.codec.encode(resp)
         assert ctx.keys is not None
         # The MAC is the last field: 64, or 128 when the response needs a secondary bitmap.
-        secondary = any(k.isdigit() and int(k) > 64 for k in resp)
-        resp["128" if secondary else "64"] = "0000000000000000"
+        resp["64" if _PRIMARY_KEYS.issuperset(resp) else "128"] = "0000000000000000"
         body = self.codec.encode(resp)[:-8]
         return body + crypto.mac(ctx.keys.tx_mac, body)

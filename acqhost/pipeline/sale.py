@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import datetime
-import secrets
+import random
+import time
 from typing import TYPE_CHECKING
 
 from acqhost import crypto
@@ -15,6 +15,9 @@ if TYPE_CHECKING:
     from acqhost.pipeline.host import Pipeline
 
 __all__ = ("SALE_ECHO", "SALE_FIELDS", "authorise", "card", "duplicate")
+
+# Auth codes are not secrets (they travel in the clear); a seeded PRNG is enough and cheap.
+_random = random.Random()
 
 SALE_FIELDS = ("3", "4", "7", "11", "12", "13", "22", "41", "42", "49")
 SALE_ECHO = ("3", "4", "7", "11", "12", "13", "41", "42", "49")
@@ -70,7 +73,7 @@ def authorise(host: Pipeline, ctx: Context) -> None:
     if account is None:  # every terminal is registered with version 1: our fault
         raise RuntimeError(f"terminal {terminal.tid} has no settlement account in force")
     ctx.account = account
-    auth_code = f"{secrets.randbelow(1_000_000):06d}"
+    auth_code = f"{_random.randrange(1_000_000):06d}"
     ctx.effect = Effect(
         sale=SaleRecord(
             tid=terminal.tid,
@@ -98,5 +101,5 @@ def _expired(yymm: str, now: float) -> bool:
     month = int(yymm[2:])
     if not 1 <= month <= 12:
         return True
-    today = datetime.datetime.fromtimestamp(now, datetime.UTC)
-    return (2000 + int(yymm[:2]), month) < (today.year, today.month)
+    today = time.gmtime(now)
+    return (2000 + int(yymm[:2]), month) < (today.tm_year, today.tm_mon)
