@@ -279,7 +279,7 @@ async def test_other_framings_by_configuration(tmp_path: Path, framing: str) -> 
             await client._stream.send(
                 client._encoder.encode(
                     client.encode(client.sale_fields(100), mac=True), bytes.fromhex("6000010002")
-                )  # fmt: skip
+                )
             )
             with anyio.fail_after(5):
                 data = await client._stream.receive()
