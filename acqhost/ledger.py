@@ -30,7 +30,10 @@ class Write:
     call: Callable[[Store], Any] | None = None
     result: Any = None
     error: BaseException | None = None
-    done: anyio.Event | None = None  # made only when the write waits for the worker
+    done: anyio.Event | None = None  # made only when a task waits for the worker
+    # Called in the event loop's thread once the write is durable (or failed), instead of
+    # waking a waiting task: the server's way to answer a sale without a task per sale.
+    on_done: Callable[[Write], None] | None = None
 
 
 def apply_writes(store: Store, writes: Sequence[Write], batch: int) -> None:
@@ -84,18 +87,34 @@ class Ledger:
     async def call(self, fn: Callable[[Store], Any]) -> Any:
         return await self._submit(Write(call=fn))
 
-    async def _submit(self, w: Write) -> Any:
+    async def submit(self, w: Write) -> None:
+        """Queue ``w`` and wait until it is durable (or has failed: see ``w.error``)."""
         if self._inline:
-            apply_writes(self.store, [w], self._batch)
-            self.flushes += 1
-            self.written += 1
-        else:
-            if self._closed:
-                raise RuntimeError("ledger is closed")
-            w.done = done = anyio.Event()
-            self._queue.append(w)
-            self._wakeup.set()
-            await done.wait()
+            self._apply_inline(w)
+            return
+        w.done = done = anyio.Event()
+        self.enqueue(w)
+        await done.wait()
+
+    def enqueue(self, w: Write) -> None:
+        """Queue ``w`` without waiting; ``w.on_done`` is called when it is durable."""
+        if self._inline:
+            self._apply_inline(w)
+            if w.on_done is not None:
+                w.on_done(w)
+            return
+        if self._closed:
+            raise RuntimeError("ledger is closed")
+        self._queue.append(w)
+        self._wakeup.set()
+
+    def _apply_inline(self, w: Write) -> None:
+        apply_writes(self.store, [w], self._batch)
+        self.flushes += 1
+        self.written += 1
+
+    async def _submit(self, w: Write) -> Any:
+        await self.submit(w)
         if w.error is not None:
             raise w.error
         return w.result
@@ -119,8 +138,10 @@ class Ledger:
             self.flushes += 1
             self.written += len(writes)
             for w in writes:
-                assert w.done is not None
-                w.done.set()
+                if w.on_done is not None:
+                    w.on_done(w)
+                elif w.done is not None:
+                    w.done.set()
 
     def close(self) -> None:
         """Stop after the writes already queued; later submissions fail."""

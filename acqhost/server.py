@@ -13,17 +13,19 @@ from __future__ import annotations
 
 import importlib.util
 import signal
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
 import anyio.abc
 import structlog
+from anyio.streams.memory import MemoryObjectReceiveStream
 
 from acqhost.config import Config
 from acqhost.errors import FramingError
 from acqhost.framing import Frame, FrameDecoder, FrameEncoder, reply_tpdu
-from acqhost.ledger import Ledger
+from acqhost.ledger import Ledger, Write
 from acqhost.pipeline.host import Pipeline
 
 __all__ = ("Server", "run_backend")
@@ -147,7 +149,7 @@ class Server:
                 tg.start_soon(self._send_answers, stream, receive)
                 async with send:
                     with conn.reading:
-                        reason = await self._read_requests(stream, send, tg)
+                        reason = await self._read_requests(stream, send)
                     if conn.reading.cancelled_caught:
                         reason = "host shutting down"
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as e:
@@ -162,7 +164,6 @@ class Server:
         self,
         stream: anyio.abc.SocketStream,
         send: anyio.abc.ObjectSendStream[_Slot],
-        tg: anyio.abc.TaskGroup,
     ) -> str:
         cfg = self.config
         decoder = FrameDecoder(cfg.framing, cfg.max_frame)
@@ -190,12 +191,12 @@ class Server:
             # Shielded: a frame read is a frame answered, even when shutdown comes meanwhile.
             with anyio.CancelScope(shield=True):
                 for frame in frames:
-                    await send.send(self._start(frame, tpdu_framing, tg))
+                    await send.send(self._start(frame, tpdu_framing))
             if decoder.error is not None:  # good frames came before the bad header
                 log.warning("framing error", peer=_peer(stream), error=str(decoder.error))
                 return "framing error"
 
-    def _start(self, frame: Frame, tpdu_framing: bool, tg: anyio.abc.TaskGroup) -> _Slot:
+    def _start(self, frame: Frame, tpdu_framing: bool) -> _Slot:
         slot = _Slot(tpdu=reply_tpdu(frame.tpdu) if tpdu_framing else b"")
         ctx = self.pipeline.prepare(frame.message)
         if ctx is None:
@@ -204,24 +205,49 @@ class Server:
             slot.out = self.pipeline.finish_and_log(ctx)
             slot.done.set()
         else:
-            tg.start_soon(self._complete, ctx, slot)
+            pipeline = self.pipeline
+            write = pipeline.write_for(ctx)
+
+            def answer(write: Write) -> None:  # in the loop's thread, once durable
+                try:
+                    pipeline.after_write(ctx, write)
+                    slot.out = pipeline.finish_and_log(ctx)
+                finally:
+                    slot.done.set()
+
+            write.on_done = answer
+            self.ledger.enqueue(write)
         return slot
 
-    async def _complete(self, ctx: Any, slot: _Slot) -> None:
-        try:
-            slot.out = await self.pipeline.complete(ctx)
-        finally:
-            slot.done.set()
-
     async def _send_answers(
-        self, stream: anyio.abc.SocketStream, receive: anyio.abc.ObjectReceiveStream[_Slot]
+        self, stream: anyio.abc.SocketStream, receive: MemoryObjectReceiveStream[_Slot]
     ) -> None:
+        """Send answers in arrival order; every answer ready at once goes in one write."""
         encode = self.encoder.encode
+        waiting: deque[_Slot] = deque()
+        more = True
         async with receive:
-            async for slot in receive:
-                await slot.done.wait()
-                if slot.out is not None:
-                    await stream.send(encode(slot.out, slot.tpdu))
+            while more or waiting:
+                if not waiting:
+                    try:
+                        waiting.append(await receive.receive())
+                    except anyio.EndOfStream:
+                        return
+                while more:
+                    try:
+                        waiting.append(receive.receive_nowait())
+                    except anyio.WouldBlock:
+                        break
+                    except anyio.EndOfStream:
+                        more = False
+                await waiting[0].done.wait()
+                out = []
+                while waiting and waiting[0].done.is_set():
+                    slot = waiting.popleft()
+                    if slot.out is not None:
+                        out.append(encode(slot.out, slot.tpdu))
+                if out:
+                    await stream.send(b"".join(out))
 
 
 def _peer(stream: anyio.abc.SocketStream) -> str:

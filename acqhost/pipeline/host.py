@@ -19,9 +19,9 @@ from acqhost.codec import Codec, CodecError
 from acqhost.config import Config
 from acqhost.crypto import HostKeys, SessionKeys
 from acqhost.errors import Decline
-from acqhost.ledger import Ledger
+from acqhost.ledger import Ledger, Write
 from acqhost.pipeline import network, reversal, sale
-from acqhost.pipeline.context import Context, Effect
+from acqhost.pipeline.context import Context
 from acqhost.pipeline.stages import (
     Stage,
     active,
@@ -33,7 +33,7 @@ from acqhost.pipeline.stages import (
     signed_on,
     verify_mac,
 )
-from acqhost.store.base import AccountVersion, Store, Terminal
+from acqhost.store.base import AccountVersion, SaleResult, Store, Terminal
 from acqhost.tlv import encode_tlv
 
 __all__ = ("Pipeline", "Route", "build_routes")
@@ -208,15 +208,52 @@ class Pipeline:
         return await self.complete(ctx)
 
     async def complete(self, ctx: Context) -> bytes:
-        """Make the route's effect durable, then answer. A failed write answers 96: the
-        request is then not approved, so nothing approved can be lost."""
-        assert ctx.effect is not None
-        try:
-            await self._apply(ctx, ctx.effect)
-        except Exception:
-            self.log.exception("write failed", route=ctx.route, tid=ctx.req.get("41"))
-            self._decline(ctx, Decline("96", "SYSTEM_MALFUNCTION"))
+        """Make the route's effect durable, then answer."""
+        write = self.write_for(ctx)
+        await self.ledger.submit(write)
+        self.after_write(ctx, write)
         return self.finish_and_log(ctx)
+
+    def write_for(self, ctx: Context) -> Write:
+        """The ledger write that makes ``ctx.effect`` durable."""
+        effect = ctx.effect
+        assert effect is not None
+        if effect.sale is not None:
+            return Write(sale=effect.sale)
+        if effect.session is not None:
+            session = effect.session
+            return Write(call=lambda store: store.save_session(session))
+        if effect.drop_session is not None:
+            tid = effect.drop_session
+            return Write(call=lambda store: store.drop_session(tid))
+        rrn = effect.reverse_rrn
+        assert rrn is not None
+        return Write(call=lambda store: store.reverse_sale(rrn))
+
+    def after_write(self, ctx: Context, write: Write) -> None:
+        """Finish the response from the write's outcome. A failed write answers 96: the
+        request is then not approved, so nothing approved can be lost."""
+        effect = ctx.effect
+        assert effect is not None
+        if write.error is not None:
+            self.log.error("write failed", route=ctx.route, tid=ctx.req.get("41"),
+                           error=repr(write.error))  # fmt: skip
+            self._decline(ctx, Decline("96", "SYSTEM_MALFUNCTION"))
+            return
+        if effect.sale is not None:
+            result: SaleResult = write.result
+            if result.duplicate:
+                self._decline(ctx, Decline("94", "DUPLICATE"))
+                return
+            account = ctx.account
+            assert account is not None
+            ctx.resp["37"] = result.rrn
+            ctx.resp["38"] = effect.sale.auth_code
+            ctx.resp["48"] = self.account_tlv(account)
+        elif effect.session is not None:
+            self.session_keys(effect.session.tid, reload=True)
+        elif effect.drop_session is not None:
+            self._sessions.pop(effect.drop_session, None)
 
     def finish_and_log(self, ctx: Context) -> bytes:
         out = self.finish(ctx)
@@ -277,29 +314,6 @@ class Pipeline:
             ctx.resp["48"] = encode_tlv({"RS": d.reason})
         else:
             ctx.resp.pop("48", None)
-
-    async def _apply(self, ctx: Context, effect: Effect) -> None:
-        if effect.sale is not None:
-            result = await self.ledger.record_sale(effect.sale)
-            if result.duplicate:
-                self._decline(ctx, Decline("94", "DUPLICATE"))
-                return
-            account = ctx.account
-            assert account is not None
-            ctx.resp["37"] = result.rrn
-            ctx.resp["38"] = effect.sale.auth_code
-            ctx.resp["48"] = self.account_tlv(account)
-        elif effect.session is not None:
-            session = effect.session
-            await self.ledger.call(lambda store: store.save_session(session))
-            self.session_keys(session.tid, reload=True)
-        elif effect.drop_session is not None:
-            tid = effect.drop_session
-            await self.ledger.call(lambda store: store.drop_session(tid))
-            self._sessions.pop(tid, None)
-        elif effect.reverse_rrn is not None:
-            rrn = effect.reverse_rrn
-            await self.ledger.call(lambda store: store.reverse_sale(rrn))
 
     def finish(self, ctx: Context) -> bytes:
         """Encode the response; MAC it when the request's MAC was verified."""

@@ -1,0 +1,246 @@
+"""End-to-end benchmark: a load generator in its own process drives hosts over loopback.
+
+In one run, with the same generator (simulators/loadtest.py: many connections, pipelining)
+and the same pre-built MAC'd sales:
+- ceiling: a bare length-prefixed echo server on uvloop (benchmarks/echo_server.py);
+- plain: asyncio + pyiso8583, one SQLite commit per sale (benchmarks/plain_host.py);
+- acqhost on asyncio (uvloop) and on trio, 1 and 2 workers, durable SQLite ledger.
+Closed loop finds each target's maximum rate; acqhost is then paced at half its maximum to
+read p50/p99 latency. Targets: >= 60% of the ceiling, >= 5x plain, p99 <= 5 ms at half rate.
+
+Run: ``python benchmarks/e2e.py [--duration S] [--connections N] [--depth K]``. Loopback only;
+every process it starts is stopped before it exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+PY = sys.executable
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def wait_listening(port: int, proc: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"target exited early ({proc.args})")
+        try:
+            with socket.create_connection(("127.0.0.1", port), 0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit("target did not listen")
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def load(port: int, keys: list[Path], args: argparse.Namespace, *extra: str) -> dict[str, Any]:
+    cmd = [
+        PY,
+        "-m",
+        "simulators.loadtest",
+        "--port",
+        str(port),
+        "--connections",
+        str(args.connections),
+        "--depth",
+        str(args.depth),
+        "--duration",
+        str(args.duration),
+        *extra,
+    ]
+    for k in keys:
+        cmd += ["--key-file", str(k)]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    if out.returncode != 0:
+        raise SystemExit(f"load generator failed: {out.stderr[-2000:]}")
+    result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+    return result
+
+
+def make_store(base: Path, terminals: int) -> list[Path]:
+    sys.path.insert(0, str(ROOT))
+    from acqhost.cli import main as acqhost
+
+    db = str(base / "acqhost.db")
+    assert acqhost(["init", "--db", db]) == 0
+    keys = []
+    for i in range(terminals):
+        key = base / f"T{i:07d}.json"
+        assert (
+            acqhost(
+                [
+                    "terminal",
+                    "add",
+                    "--db",
+                    db,
+                    "--tid",
+                    f"T{i:07d}",
+                    "--mid",
+                    f"M{i:014d}",
+                    "--merchant-name",
+                    "Bench",
+                    "--holder",
+                    "Bench",
+                    "--account",
+                    "6222020200112233446",
+                    "--bank-code",
+                    "102100099996",
+                    "--sale-limit",
+                    "100000000",
+                    "--key-out",
+                    str(key),
+                ]
+            )
+            == 0
+        )
+        keys.append(key)
+    return keys
+
+
+def run_acqhost(
+    base: Path, keys: list[Path], args: argparse.Namespace, backend: str, workers: int
+) -> dict[str, Any]:
+    run = base / f"run-{backend}-{workers}"
+    run.mkdir()
+    for name in ("acqhost.db", "acqhost.db.keys"):
+        shutil.copy2(base / name, run / name)
+    port = free_port()
+    log = (run / "host.log").open("wb")
+    proc = subprocess.Popen(
+        [
+            PY,
+            "-m",
+            "acqhost",
+            "serve",
+            "--db",
+            str(run / "acqhost.db"),
+            "--port",
+            str(port),
+            "--backend",
+            backend,
+            "--workers",
+            str(workers),
+            "--log-level",
+            args.log_level,
+        ],
+        cwd=ROOT,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        wait_listening(port, proc)
+        peak = load(port, keys, args)
+        half = load(port, keys, args, "--rate", str(peak["tps"] / 2), "--offset", "3000000")
+    finally:
+        stop(proc)
+        log.close()
+    return {"peak": peak, "half": half}
+
+
+def run_simple(
+    script: str, port_args: list[str], keys: list[Path], args: argparse.Namespace, *extra: str
+) -> dict[str, Any]:
+    port = free_port()
+    proc = subprocess.Popen(
+        [PY, str(ROOT / "benchmarks" / script), str(port), *port_args],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        wait_listening(port, proc)
+        return load(port, keys, args, *extra)
+    finally:
+        stop(proc)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--duration", type=float, default=4.0)
+    parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--depth", type=int, default=8)
+    parser.add_argument("--terminals", type=int, default=8)
+    parser.add_argument("--log-level", default="info", help="the hosts' log level")
+    parser.add_argument("--only", help="comma list: echo,plain,asyncio-1,trio-1,asyncio-2,trio-2")
+    args = parser.parse_args()
+    wanted = set((args.only or "echo,plain,asyncio-1,trio-1,asyncio-2,trio-2").split(","))
+    base = Path(tempfile.mkdtemp(prefix="acqhost-e2e-"))
+    try:
+        keys = make_store(base, args.terminals)
+        results: dict[str, Any] = {}
+        if "echo" in wanted:
+            results["echo"] = run_simple("echo_server.py", [], keys, args, "--no-mac", "--echo")
+        if "plain" in wanted:
+            results["plain"] = run_simple(
+                "plain_host.py", [str(base / "plain.db")], keys, args, "--no-mac"
+            )
+        for name in ("asyncio-1", "trio-1", "asyncio-2", "trio-2"):
+            if name in wanted:
+                backend, workers = name.split("-")
+                results[name] = run_acqhost(base, keys, args, backend, int(workers))
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    report(results, args)
+    return 0
+
+
+def report(results: dict[str, Any], args: argparse.Namespace) -> None:
+    print(
+        f"loopback, {args.connections} connections x {args.depth} in flight, "
+        f"{args.duration:g} s per measurement, host log level {args.log_level}"
+    )
+    print(
+        f"{'target':<22}{'max TPS':>10}{'p50 ms':>9}{'p99 ms':>9}{'half-rate p50':>15}{'p99 ms':>9}"
+    )
+    echo = results.get("echo", {}).get("tps")
+    plain = results.get("plain", {}).get("tps")
+    for name, r in results.items():
+        peak = r.get("peak", r)
+        half = r.get("half")
+        line = f"{name:<22}{peak['tps']:>10,.0f}{peak['p50_ms']:>9.2f}{peak['p99_ms']:>9.2f}"
+        if half:
+            line += f"{half['p50_ms']:>15.2f}{half['p99_ms']:>9.2f}"
+        if peak.get("sample_failures"):
+            line += f"  non-00 answers seen: {peak['sample_failures']}"
+        print(line)
+    for name, r in results.items():
+        if "peak" not in r:
+            continue
+        tps = r["peak"]["tps"]
+        parts = [f"{name}:"]
+        if echo:
+            parts.append(f"{tps / echo:.0%} of ceiling (target >= 60%)")
+        if plain:
+            parts.append(f"{tps / plain:.1f}x plain (target >= 5x)")
+        parts.append(f"p99 at half rate {r['half']['p99_ms']:.2f} ms (target <= 5)")
+        print("  ".join(parts))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
