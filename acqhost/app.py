@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import structlog
-
 from acqhost import specs
 from acqhost.codec import compile_spec
 from acqhost.config import Config
 from acqhost.crypto import HostKeys
 from acqhost.ledger import Ledger
-from acqhost.logging import configure_logging
+from acqhost.logging import configure_logging, get_logger
 from acqhost.pipeline.host import Pipeline
 from acqhost.server import Server, run_backend
 from acqhost.store import open_store
@@ -44,4 +42,4 @@ def serve(cfg: Config) -> None:
         server.pipeline.store.close()
         if server.ledger.store is not server.pipeline.store:
             server.ledger.store.close()
-    structlog.get_logger("acqhost").info("exit", code=0)
+    get_logger("acqhost").info("exit", code=0)

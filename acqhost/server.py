@@ -19,18 +19,18 @@ from typing import Any
 
 import anyio
 import anyio.abc
-import structlog
 from anyio.streams.memory import MemoryObjectReceiveStream
 
 from acqhost.config import Config
 from acqhost.errors import FramingError
 from acqhost.framing import Frame, FrameDecoder, FrameEncoder, reply_tpdu
 from acqhost.ledger import Ledger, Write
+from acqhost.logging import get_logger
 from acqhost.pipeline.host import Pipeline
 
 __all__ = ("Server", "run_backend")
 
-log = structlog.get_logger("acqhost.server")
+log = get_logger("acqhost.server")
 
 # Requests one connection may have in flight before we stop reading from it.
 MAX_IN_FLIGHT = 256

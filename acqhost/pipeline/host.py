@@ -12,14 +12,13 @@ import time
 from collections.abc import Callable
 from typing import NamedTuple
 
-import structlog
-
 from acqhost import crypto
 from acqhost.codec import Codec, CodecError
 from acqhost.config import Config
 from acqhost.crypto import HostKeys, SessionKeys
 from acqhost.errors import Decline
 from acqhost.ledger import Ledger, Write
+from acqhost.logging import get_logger
 from acqhost.pipeline import network, reversal, sale
 from acqhost.pipeline.context import Context
 from acqhost.pipeline.stages import (
@@ -130,7 +129,7 @@ class Pipeline:
         self.config = config
         self.clock = clock
         self.routes = build_routes()
-        self.log = structlog.get_logger("acqhost.message")
+        self.log = get_logger("acqhost.message")
         # One event per message at level info; checked here so a quieter host pays nothing.
         self.log_messages = config.log_level.lower() in ("debug", "info")
         self._terminals: dict[str, tuple[float, Terminal | None]] = {}
