@@ -319,3 +319,21 @@ async def test_connections_beyond_the_maximum_are_refused(tmp_path: Path) -> Non
         assert (await first.sale(100)).rc == "00" and (await second.sale(100)).rc == "00"
         await first.close()
         await second.close()
+
+
+async def test_format_errors_name_the_field(setup: HostSetup) -> None:
+    async with running(setup) as server:
+        client = await signed_on(setup)
+        cases = {"4": "00000000012X", "11": "00001A", "25": "0X", "49": None, "12": None}
+        for name, value in cases.items():
+            fields = client.sale_fields(100)
+            if value is None:
+                del fields[name]
+            else:
+                fields[name] = value
+            ex = await client.request(fields)
+            assert ex.rc == "30", name
+            ctx = server.pipeline.prepare(client.encode(fields, mac=True))
+            assert ctx is not None
+            assert ctx.reason == (f"MISSING_{name}" if value is None else f"FORMAT_{name}")
+        await client.close()

@@ -24,8 +24,8 @@ from acqhost.pipeline.context import Context
 from acqhost.pipeline.stages import (
     Stage,
     active,
-    digits,
     echo,
+    fields,
     known_terminal,
     parse_tlv,
     require,
@@ -70,8 +70,7 @@ def build_routes() -> dict[tuple[str, str], Route]:
             "sale",
             (
                 *mac_checked,
-                require(*sale.SALE_FIELDS),
-                digits("3", "4", "7", "11", "12", "13", "22", "25", "49"),
+                fields(sale.SALE_FIELDS, ("3", "4", "7", "11", "12", "13", "22", "25", "49")),
                 parse_tlv,
                 sale.card,
                 sale.duplicate,
@@ -83,8 +82,7 @@ def build_routes() -> dict[tuple[str, str], Route]:
             "reversal",
             (
                 *mac_checked,
-                require(*reversal.REVERSAL_FIELDS),
-                digits("3", "4", "7", "11", "49"),
+                fields(reversal.REVERSAL_FIELDS, ("3", "4", "7", "11", "49")),
                 reversal.reverse,
             ),
             reversal.REVERSAL_ECHO,

@@ -18,6 +18,7 @@ __all__ = (
     "Stage",
     "active",
     "digits",
+    "fields",
     "known_terminal",
     "parse_tlv",
     "require",
@@ -96,6 +97,28 @@ def digits(*names: str) -> Stage:
                 raise Decline("30", f"FORMAT_{name}")
 
     stage.__name__ = f"digits_{'_'.join(wanted)}"
+    return stage
+
+
+def fields(required: tuple[str, ...], numeric: tuple[str, ...]) -> Stage:
+    """30 unless every ``required`` field is present and every ``numeric`` one present is all
+    ASCII digits: :func:`require` and :func:`digits` in one stage, checked with set and string
+    operations instead of a Python loop per field when the message is fine."""
+    need = frozenset(required)
+    always = tuple(n for n in numeric if n in need)
+    sometimes = tuple(n for n in numeric if n not in need)
+    check_required = require(*required)
+    check_digits = digits(*numeric)
+
+    def stage(host: Pipeline, ctx: Context) -> None:
+        req = ctx.req
+        if not need.issubset(req):
+            check_required(host, ctx)  # names the first missing field
+        text = "".join([req[n] for n in always] + [req[n] for n in sometimes if n in req])
+        if text and not (text.isdigit() and text.isascii()):
+            check_digits(host, ctx)  # raises, naming the first bad field
+
+    stage.__name__ = "fields"
     return stage
 
 

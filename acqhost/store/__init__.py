@@ -1,6 +1,14 @@
-"""Durable storage: the ``Store`` protocol, its SQLite and in-memory backends, ``open_store``."""
+"""Durable storage: the ``Store`` protocol, its SQLite, PostgreSQL and in-memory backends,
+``open_store``.
+
+``PostgresStore`` is imported on first use (``open_store`` of a PostgreSQL URL, or the name
+itself): psycopg takes longer to import than the rest of acqhost, and a host on SQLite never
+needs it.
+"""
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
 
 from acqhost.store.base import (
     IN_FORCE_STATES,
@@ -20,6 +28,9 @@ from acqhost.store.base import (
 from acqhost.store.memory import MemoryStore
 from acqhost.store.sqlite import SQLiteStore
 
+if TYPE_CHECKING:
+    from acqhost.store.postgres import PostgresStore
+
 __all__ = (
     "IN_FORCE_STATES",
     "TERMINAL_STATUSES",
@@ -27,6 +38,7 @@ __all__ = (
     "MemoryStore",
     "NewAccount",
     "Operator",
+    "PostgresStore",
     "SQLiteStore",
     "SaleRecord",
     "SaleResult",
@@ -40,6 +52,15 @@ __all__ = (
 )
 
 _SQLITE_PREFIX = "sqlite:///"
+_POSTGRES_PREFIXES = ("postgresql://", "postgres://")
+
+
+def __getattr__(name: str) -> Any:
+    if name == "PostgresStore":
+        from acqhost.store.postgres import PostgresStore
+
+        return PostgresStore
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def open_store(db: str) -> Store:
@@ -48,16 +69,17 @@ def open_store(db: str) -> Store:
     - ``":memory:"``: a fresh ``MemoryStore`` (nothing durable).
     - a file path, or ``"sqlite:///path"`` (``sqlite:///rel.db``, ``sqlite:////abs.db``): a
       ``SQLiteStore`` on that file, created or upgraded as needed.
-    - ``"postgresql://..."``: not yet available (NotImplementedError).
+    - ``"postgresql://..."`` or ``"postgres://..."`` (a libpq URL): a ``PostgresStore`` on that
+      database, whose schema is created or upgraded as needed.
 
     ValueError for an empty name or any other URL scheme.
     """
     if db == ":memory:":
         return MemoryStore()
-    if db.startswith(("postgresql://", "postgres://")):
-        raise NotImplementedError(
-            "PostgreSQL backend arrives with acqhost.store.postgres; use a SQLite file for now"
-        )
+    if db.startswith(_POSTGRES_PREFIXES):
+        from acqhost.store.postgres import PostgresStore
+
+        return PostgresStore(db)
     if db.startswith(_SQLITE_PREFIX):
         path = db[len(_SQLITE_PREFIX) :]
         if not path:

@@ -1,0 +1,447 @@
+"""The store on PostgreSQL (psycopg 3), for several host processes on several machines.
+
+The same semantics as ``SQLiteStore``, method for method. Each instance owns one connection
+with autocommit off at READ COMMITTED, and each method is exactly one explicit transaction,
+committed (or rolled back) before it returns, so a connection never idles inside one. READ
+COMMITTED is what the duplicate rule needs: ``INSERT ... ON CONFLICT DO NOTHING`` waits for a
+concurrent writer of the same key and then skips, and the next statement sees that writer's
+row. ``synchronous_commit`` is never left ``off``: an approved sale is durable before its 0210
+leaves.
+
+The connection string may hold a password: it is kept only to reconnect and never shown.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import psycopg
+
+from acqhost.store import pg_migrations
+from acqhost.store.base import (
+    IN_FORCE_STATES,
+    TERMINAL_STATUSES,
+    AccountVersion,
+    NewAccount,
+    Operator,
+    SaleRecord,
+    SaleResult,
+    SchemaVersionError,
+    Session,
+    StoredSale,
+    Terminal,
+    format_rrn,
+)
+
+__all__ = ("PostgresStore",)
+
+# pg_advisory_xact_lock key serialising migrations of one database (advisory locks are per
+# database, so databases on one server do not wait for each other). "acqhost" in ASCII.
+MIGRATION_LOCK = 0x61_63_71_68_6F_73_74
+
+_TERMINAL_COLUMNS = (
+    "tid, mid, merchant_name, status, identity_public_key, sale_limit, test_limit, created_at"
+)
+_ACCOUNT_COLUMNS = (
+    "tid, version, sealed_account, account_hash, account_masked, holder, bank_code, branch, "
+    "state, effective_from, created_by, reason, created_at"
+)
+_SALE_SELECT = (
+    "SELECT s.rrn, s.tid, s.stan, s.local_date, s.transmission, s.amount, s.currency, "
+    "s.auth_code, s.test, s.account_version, s.batch_no, s.status, b.status = 'closed' "
+    "FROM sales AS s JOIN batches AS b ON b.tid = s.tid AND b.batch_no = s.batch_no "
+)
+# Every sale of a call in one statement (one round trip): one array per column, unnested in
+# order, so the identity hands out RRNs in the order of the call.
+_INSERT_SALES = (
+    "INSERT INTO sales (tid, mid, stan, local_date, local_time, transmission, amount, currency, "
+    "pan_masked, auth_code, test, account_version, batch_no, received_at) "
+    "SELECT tid, mid, stan, local_date, local_time, transmission, amount, currency, "
+    "pan_masked, auth_code, test, account_version, batch_no, received_at "
+    "FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::text[], %s::text[], "
+    "%s::bigint[], %s::text[], %s::text[], %s::text[], %s::boolean[], %s::integer[], "
+    "%s::integer[], %s::double precision[]) WITH ORDINALITY AS input (tid, mid, stan, "
+    "local_date, local_time, transmission, amount, currency, pan_masked, auth_code, test, "
+    "account_version, batch_no, received_at, ord) "
+    "ORDER BY ord "
+    "ON CONFLICT (tid, stan, local_date) DO NOTHING "
+    "RETURNING rrn, tid, stan, local_date"
+)
+_EXISTING_SALES = (
+    "SELECT s.rrn, s.tid, s.stan, s.local_date FROM sales AS s "
+    "JOIN unnest(%s::text[], %s::text[], %s::text[]) AS k (tid, stan, local_date) "
+    "ON s.tid = k.tid AND s.stan = k.stan AND s.local_date = k.local_date"
+)
+
+_Key = tuple[str, str, str]  # (tid, stan, local_date): the duplicate key
+
+
+def _stored_sale(row: tuple[Any, ...]) -> StoredSale:
+    return StoredSale(
+        rrn=format_rrn(row[0]),
+        tid=row[1],
+        stan=row[2],
+        local_date=row[3],
+        transmission=row[4],
+        amount=row[5],
+        currency=row[6],
+        auth_code=row[7],
+        test=bool(row[8]),
+        account_version=row[9],
+        batch_no=row[10],
+        status=row[11],
+        batch_settled=bool(row[12]),
+    )
+
+
+class PostgresStore:
+    """``Store`` on one PostgreSQL database (created, or upgraded to the latest schema, on open).
+
+    ``conninfo`` is a libpq connection string or URL (``postgresql://user@host/db``). Use one
+    instance per thread at a time; every process or worker thread that writes opens its own.
+    """
+
+    def __init__(self, conninfo: str) -> None:
+        self._conninfo = conninfo
+        conn = self._connect()
+        try:
+            _migrate(conn)
+        except BaseException:
+            conn.close()
+            raise
+        self._conn = conn
+
+    def __repr__(self) -> str:
+        # Never the connection string: it may carry a password.
+        return f"<PostgresStore {self._conn.info.dbname!r} on {self._conn.info.host!r}>"
+
+    def _connect(self) -> psycopg.Connection[tuple[Any, ...]]:
+        conn = psycopg.connect(self._conninfo, autocommit=False)
+        try:
+            conn.isolation_level = psycopg.IsolationLevel.READ_COMMITTED
+            with conn.transaction():
+                row = conn.execute("SHOW synchronous_commit").fetchone()
+                if row is not None and row[0] == "off":
+                    conn.execute("SET synchronous_commit = on")
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    # -- host ------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Close the connection (idempotent)."""
+        self._conn.close()
+
+    def schema_version(self) -> int:
+        """The database's schema version (the ``schema_version`` table)."""
+        with self._transaction() as cur:
+            return _schema_version(cur)
+
+    @contextmanager
+    def _transaction(self) -> Iterator[psycopg.Cursor[tuple[Any, ...]]]:
+        """One transaction (rolled back on any error); a constraint violation becomes
+        ValueError (the caller's input), as with SQLite."""
+        if self._conn.broken:
+            # The server went away under an earlier call (which raised): start afresh.
+            self._conn = self._connect()
+        try:
+            with self._conn.transaction(), self._conn.cursor() as cur:
+                yield cur
+        except psycopg.errors.IntegrityError as error:
+            raise ValueError(f"rejected by the store: {error}") from error
+
+    # -- terminals -------------------------------------------------------------------------
+    def add_terminal(
+        self,
+        terminal: Terminal,
+        account: NewAccount,
+        operator: Operator | None,
+    ) -> None:
+        """Register a terminal with settlement account version 1 (ACTIVE, effective from
+        ``terminal.created_at``), batch 1 open and the optional operator, in one transaction.
+        ValueError if the tid exists (or a value breaks a constraint)."""
+        if terminal.status not in TERMINAL_STATUSES:
+            raise ValueError(f"terminal status must be active or disabled: {terminal.status!r}")
+        if operator is not None and operator.tid != terminal.tid:
+            raise ValueError("the operator belongs to another terminal")
+        now = terminal.created_at
+        with self._transaction() as cur:
+            # ON CONFLICT rather than a look first: two processes adding the same tid at once
+            # get one terminal and one "already exists".
+            cur.execute(
+                f"INSERT INTO terminals ({_TERMINAL_COLUMNS}) "
+                "VALUES (%s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (tid) DO NOTHING",
+                (
+                    terminal.tid,
+                    terminal.mid,
+                    terminal.merchant_name,
+                    terminal.status,
+                    terminal.identity_public_key,
+                    terminal.sale_limit,
+                    terminal.test_limit,
+                    terminal.created_at,
+                ),
+            )
+            if cur.rowcount != 1:
+                raise ValueError(f"terminal {terminal.tid!r} already exists")
+            cur.execute(
+                f"INSERT INTO settlement_accounts ({_ACCOUNT_COLUMNS}) "
+                "VALUES (%s, 1, %s, %s, %s, %s, %s, %s, 'ACTIVE', %s, %s, %s, %s)",
+                (
+                    terminal.tid,
+                    account.sealed_account,
+                    account.account_hash,
+                    account.account_masked,
+                    account.holder,
+                    account.bank_code,
+                    account.branch,
+                    now,
+                    account.created_by,
+                    account.reason,
+                    now,
+                ),
+            )
+            cur.execute(
+                "INSERT INTO batches (tid, batch_no, status, opened_at) VALUES (%s, 1, 'open', %s)",
+                (terminal.tid, now),
+            )
+            if operator is not None:
+                cur.execute(
+                    "INSERT INTO operators (tid, operator_id, password_hash, failures) "
+                    "VALUES (%s, %s, %s, %s)",
+                    (operator.tid, operator.operator_id, operator.password_hash, operator.failures),
+                )
+
+    def get_terminal(self, tid: str) -> Terminal | None:
+        """The terminal, or None."""
+        with self._transaction() as cur:
+            row = cur.execute(
+                f"SELECT {_TERMINAL_COLUMNS} FROM terminals WHERE tid = %s", (tid,)
+            ).fetchone()
+        return None if row is None else Terminal(*row)
+
+    def list_terminals(self) -> list[Terminal]:
+        """Every terminal, by tid (in byte order, as SQLite sorts)."""
+        with self._transaction() as cur:
+            rows = cur.execute(
+                f'SELECT {_TERMINAL_COLUMNS} FROM terminals ORDER BY tid COLLATE "C"'
+            ).fetchall()
+        return [Terminal(*row) for row in rows]
+
+    def set_terminal_status(self, tid: str, status: str) -> bool:
+        """Set "active" or "disabled"; False if there is no such terminal."""
+        if status not in TERMINAL_STATUSES:
+            raise ValueError(f"terminal status must be active or disabled: {status!r}")
+        with self._transaction() as cur:
+            cur.execute("UPDATE terminals SET status = %s WHERE tid = %s", (status, tid))
+            return cur.rowcount == 1
+
+    # -- sessions --------------------------------------------------------------------------
+    def save_session(self, session: Session) -> None:
+        """Insert or replace the terminal's session (a new sign-on replaces the old keys)."""
+        with self._transaction() as cur:
+            cur.execute(
+                "INSERT INTO sessions (tid, sealed_rx, sealed_tx, signed_on_at) "
+                "VALUES (%s, %s, %s, %s) ON CONFLICT (tid) DO UPDATE SET "
+                "sealed_rx = excluded.sealed_rx, sealed_tx = excluded.sealed_tx, "
+                "signed_on_at = excluded.signed_on_at",
+                (session.tid, session.sealed_rx, session.sealed_tx, session.signed_on_at),
+            )
+
+    def get_session(self, tid: str) -> Session | None:
+        """The terminal's session, or None when it is not signed on."""
+        with self._transaction() as cur:
+            row = cur.execute(
+                "SELECT tid, sealed_rx, sealed_tx, signed_on_at FROM sessions WHERE tid = %s",
+                (tid,),
+            ).fetchone()
+        return None if row is None else Session(*row)
+
+    def drop_session(self, tid: str) -> None:
+        """Forget the terminal's session keys (sign-off); no error if there are none."""
+        with self._transaction() as cur:
+            cur.execute("DELETE FROM sessions WHERE tid = %s", (tid,))
+
+    # -- settlement accounts ---------------------------------------------------------------
+    def current_account(self, tid: str, now: float) -> AccountVersion | None:
+        """The version in force: the latest ACTIVE (or VERIFIED) version whose
+        effective_from <= now."""
+        with self._transaction() as cur:
+            row = cur.execute(
+                f"SELECT {_ACCOUNT_COLUMNS} FROM settlement_accounts "
+                "WHERE tid = %s AND state IN (%s, %s) AND effective_from <= %s "
+                "ORDER BY version DESC LIMIT 1",
+                (tid, *IN_FORCE_STATES, now),
+            ).fetchone()
+        return None if row is None else AccountVersion(*row)
+
+    def account_history(self, tid: str) -> list[AccountVersion]:
+        """Every version of the terminal's settlement account, oldest first."""
+        with self._transaction() as cur:
+            rows = cur.execute(
+                f"SELECT {_ACCOUNT_COLUMNS} FROM settlement_accounts WHERE tid = %s "
+                "ORDER BY version",
+                (tid,),
+            ).fetchall()
+        return [AccountVersion(*row) for row in rows]
+
+    # -- ledger ----------------------------------------------------------------------------
+    def open_batch(self, tid: str) -> int:
+        """The terminal's open batch number; KeyError if the terminal has none."""
+        with self._transaction() as cur:
+            row = cur.execute(
+                "SELECT batch_no FROM batches WHERE tid = %s AND status = 'open'", (tid,)
+            ).fetchone()
+        if row is None:
+            raise KeyError(tid)
+        return int(row[0])
+
+    def record_sales(self, sales: Sequence[SaleRecord]) -> list[SaleResult]:
+        """Insert many approved sales in ONE transaction (one commit), in order.
+
+        A sale whose (tid, stan, local_date) is already stored, or repeated earlier in
+        ``sales``, is not inserted: it gets duplicate=True and the RRN of the sale stored under
+        that key. Others get their new RRN. ValueError (and nothing inserted) if a sale names an
+        unknown terminal, batch or account version.
+
+        All the sales go in one ``INSERT ... SELECT FROM unnest(...)`` statement; a second
+        statement, only when some key was already stored, fetches those RRNs.
+        """
+        if not sales:
+            return []
+        # Repeats within the call are settled here: only a key's first sale is sent, so the
+        # statement never meets its own rows and every returned row names one key.
+        first: dict[_Key, SaleRecord] = {}
+        for sale in sales:
+            first.setdefault((sale.tid, sale.stan, sale.local_date), sale)
+        unique = list(first.values())
+        columns = (
+            [s.tid for s in unique],
+            [s.mid for s in unique],
+            [s.stan for s in unique],
+            [s.local_date for s in unique],
+            [s.local_time for s in unique],
+            [s.transmission for s in unique],
+            [s.amount for s in unique],
+            [s.currency for s in unique],
+            [s.pan_masked for s in unique],
+            [s.auth_code for s in unique],
+            [s.test for s in unique],
+            [s.account_version for s in unique],
+            [s.batch_no for s in unique],
+            [s.received_at for s in unique],
+        )
+        with self._transaction() as cur:
+            cur.execute(_INSERT_SALES, columns)
+            inserted: dict[_Key, int] = {
+                (tid, stan, date): rrn for rrn, tid, stan, date in cur.fetchall()
+            }
+            stored: dict[_Key, int] = {}
+            if len(inserted) < len(unique):
+                # A key stored before (or by a writer that committed while this INSERT waited
+                # on it: READ COMMITTED gives this statement a snapshot that sees it).
+                missing = [key for key in first if key not in inserted]
+                cur.execute(
+                    _EXISTING_SALES,
+                    ([k[0] for k in missing], [k[1] for k in missing], [k[2] for k in missing]),
+                )
+                stored = {(tid, stan, date): rrn for rrn, tid, stan, date in cur.fetchall()}
+                if len(stored) != len(missing):
+                    raise RuntimeError("a sale refused as a duplicate has no stored original")
+        results: list[SaleResult] = []
+        append = results.append
+        for sale in sales:
+            key = (sale.tid, sale.stan, sale.local_date)
+            rrn = inserted.get(key)
+            if rrn is not None and first[key] is sale:
+                append(SaleResult(format_rrn(rrn), False))
+            else:
+                append(SaleResult(format_rrn(stored[key] if rrn is None else rrn), True))
+        return results
+
+    def sale_exists(self, tid: str, stan: str, local_date: str) -> bool:
+        """Whether the duplicate key (tid, stan, local_date) already has a sale."""
+        with self._transaction() as cur:
+            row = cur.execute(
+                "SELECT 1 FROM sales WHERE tid = %s AND stan = %s AND local_date = %s",
+                (tid, stan, local_date),
+            ).fetchone()
+        return row is not None
+
+    def find_sale(self, tid: str, stan: str, transmission: str) -> StoredSale | None:
+        """The sale a reversal names: same terminal, original STAN and original field 7 (the
+        latest such sale, should a STAN and field 7 ever repeat a year later)."""
+        with self._transaction() as cur:
+            row = cur.execute(
+                _SALE_SELECT + "WHERE s.tid = %s AND s.stan = %s AND s.transmission = %s "
+                "ORDER BY s.rrn DESC LIMIT 1",
+                (tid, stan, transmission),
+            ).fetchone()
+        return None if row is None else _stored_sale(row)
+
+    def reverse_sale(self, rrn: str) -> bool:
+        """Mark the sale reversed; False if it was already reversed or does not exist
+        (idempotent)."""
+        if not (rrn.isdigit() and rrn.isascii()):
+            return False
+        with self._transaction() as cur:
+            cur.execute(
+                "UPDATE sales SET status = 'reversed', reversed_at = %s "
+                "WHERE rrn = %s AND status = 'approved'",
+                (time.time(), int(rrn)),
+            )
+            return cur.rowcount == 1
+
+    def sales(self, tid: str) -> list[StoredSale]:
+        """Every sale of the terminal, in RRN order."""
+        with self._transaction() as cur:
+            rows = cur.execute(_SALE_SELECT + "WHERE s.tid = %s ORDER BY s.rrn", (tid,)).fetchall()
+        return [_stored_sale(row) for row in rows]
+
+
+def _migrate(conn: psycopg.Connection[tuple[Any, ...]]) -> None:
+    """Bring the database up to the latest schema, one transaction per migration.
+
+    A database already current costs one read. Otherwise each migration's transaction takes
+    the advisory lock and re-reads the version under it, so processes opening a new database
+    together apply each migration exactly once, and one that fails leaves nothing behind.
+    """
+    latest = pg_migrations.latest_version()
+    with conn.transaction(), conn.cursor() as cur:
+        found = _schema_version(cur)
+    if found > latest:
+        raise SchemaVersionError(found, latest)
+    if found == latest:
+        return
+    for version, script in pg_migrations.MIGRATIONS:
+        with conn.transaction(), conn.cursor() as cur:
+            cur.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
+            current = _schema_version(cur)
+            if current > latest:
+                raise SchemaVersionError(current, latest)
+            if current < version:
+                if current != version - 1:
+                    raise RuntimeError(f"migration {version} found schema version {current}")
+                if not _has_schema_version_table(cur):
+                    cur.execute(pg_migrations.SCHEMA_VERSION_TABLE)
+                # No parameters: sent as one simple query, every statement of the script in
+                # this transaction.
+                cur.execute(script)
+                cur.execute("UPDATE schema_version SET version = %s", (version,))
+
+
+def _has_schema_version_table(cur: psycopg.Cursor[tuple[Any, ...]]) -> bool:
+    row = cur.execute("SELECT to_regclass('schema_version') IS NOT NULL").fetchone()
+    return bool(row and row[0])
+
+
+def _schema_version(cur: psycopg.Cursor[tuple[Any, ...]]) -> int:
+    """The version in ``schema_version``; 0 for a database acqhost has never touched."""
+    if not _has_schema_version_table(cur):
+        return 0
+    row = cur.execute("SELECT version FROM schema_version").fetchone()
+    return 0 if row is None else int(row[0])
