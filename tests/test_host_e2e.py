@@ -337,3 +337,18 @@ async def test_format_errors_name_the_field(setup: HostSetup) -> None:
             assert ctx is not None
             assert ctx.reason == (f"MISSING_{name}" if value is None else f"FORMAT_{name}")
         await client.close()
+
+
+async def test_retransmitted_approval_gets_94_even_where_it_would_now_be_declined(
+    setup: HostSetup,
+) -> None:
+    async with running(setup) as server:
+        client = await signed_on(setup)
+        fields = client.sale_fields(5000)
+        assert (await client.request(fields)).rc == "00"
+        with sqlite3.connect(setup.config.db) as db:  # the limit drops below the amount
+            db.execute("UPDATE terminals SET sale_limit = 100 WHERE tid = 'TERM0001'")
+        server.pipeline._terminals.clear()
+        assert (await client.request(fields)).rc == "94"
+        assert (await client.request(client.sale_fields(5000))).rc == "61"
+        await client.close()

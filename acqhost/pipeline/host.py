@@ -73,7 +73,6 @@ def build_routes() -> dict[tuple[str, str], Route]:
                 fields(sale.SALE_FIELDS, ("3", "4", "7", "11", "12", "13", "22", "25", "49")),
                 parse_tlv,
                 sale.card,
-                sale.duplicate,
                 sale.authorise,
             ),
             sale.SALE_ECHO,

@@ -9,12 +9,12 @@ from typing import TYPE_CHECKING
 from acqhost import crypto
 from acqhost.errors import Decline
 from acqhost.pipeline.context import Context, Effect
-from acqhost.store.base import SaleRecord
+from acqhost.store.base import SaleRecord, Terminal
 
 if TYPE_CHECKING:
     from acqhost.pipeline.host import Pipeline
 
-__all__ = ("SALE_ECHO", "SALE_FIELDS", "authorise", "card", "duplicate")
+__all__ = ("SALE_ECHO", "SALE_FIELDS", "authorise", "card")
 
 # Auth codes are not secrets (they travel in the clear); a seeded PRNG is enough and cheap.
 _random = random.Random()
@@ -43,25 +43,15 @@ def card(host: Pipeline, ctx: Context) -> None:
     ctx.card = (pan, expiry)
 
 
-def duplicate(host: Pipeline, ctx: Context) -> None:
-    """94 when this terminal's (STAN, local date) already made a sale (also across restarts:
-    the ledger is asked; the insert itself is the final word)."""
-    req = ctx.req
-    if host.sale_seen(req["41"], req["11"], req["13"]):
-        raise Decline("94", "DUPLICATE")
-
-
-def authorise(host: Pipeline, ctx: Context) -> None:
-    """The business checks, in PROTOCOL.md's order, then the approval to be made durable."""
-    req, terminal = ctx.req, ctx.terminal
-    assert terminal is not None
+def _business_checks(ctx: Context, terminal: Terminal) -> tuple[int, bool]:
+    """PROTOCOL.md 5.1's checks in its order: (amount, test sale) when they all pass."""
     assert ctx.card is not None
     pan, expiry = ctx.card
     if not 12 <= len(pan) <= 19 or not crypto.luhn_ok(pan):
         raise Decline("14", "BAD_PAN")
     if _expired(expiry, ctx.now):
         raise Decline("54", "EXPIRED")
-    amount = int(req["4"])
+    amount = int(ctx.req["4"])
     if amount <= 0:
         raise Decline("13", "ZERO_AMOUNT")
     if amount > terminal.sale_limit:
@@ -69,6 +59,27 @@ def authorise(host: Pipeline, ctx: Context) -> None:
     test = ctx.tlv.get("TS") == "1"
     if test and amount > terminal.test_limit:
         raise Decline("13", "OVER_TEST_LIMIT")
+    return amount, test
+
+
+def authorise(host: Pipeline, ctx: Context) -> None:
+    """The business checks, then the approval to be made durable.
+
+    A duplicate (41, 11, 13) is answered 94 before any business check, as PROTOCOL.md orders,
+    without asking the ledger on the way to an approval: there the insert itself refuses the
+    duplicate (94). Only a request about to be declined is looked up, so that a retransmitted
+    approval is never answered with a decline.
+    """
+    req, terminal = ctx.req, ctx.terminal
+    assert terminal is not None
+    assert ctx.card is not None
+    pan = ctx.card[0]
+    try:
+        amount, test = _business_checks(ctx, terminal)
+    except Decline:
+        if host.sale_seen(req["41"], req["11"], req["13"]):
+            raise Decline("94", "DUPLICATE") from None
+        raise
     account = host.account(terminal.tid, ctx.now)
     if account is None:  # every terminal is registered with version 1: our fault
         raise RuntimeError(f"terminal {terminal.tid} has no settlement account in force")

@@ -435,7 +435,13 @@ def _migrate(conn: psycopg.Connection[tuple[Any, ...]]) -> None:
 
 
 def _has_schema_version_table(cur: psycopg.Cursor[tuple[Any, ...]]) -> bool:
-    row = cur.execute("SELECT to_regclass('schema_version') IS NOT NULL").fetchone()
+    # A query on the catalog, not to_regclass(): that one answers from this backend's catalog
+    # cache, which may still say "no such table" after another process created it while this
+    # transaction waited for the migration lock.
+    row = cur.execute(
+        "SELECT EXISTS (SELECT FROM pg_catalog.pg_tables "
+        "WHERE schemaname = current_schema() AND tablename = 'schema_version')"
+    ).fetchone()
     return bool(row and row[0])
 
 
