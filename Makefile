@@ -1,6 +1,7 @@
 # make demo: set up, start a host on a fresh SQLite store, drive a terminal through it, stop.
 # make test: create .venv when missing, install acqhost with its test extras, then run
 # ruff (lint + format check), mypy (strict on acqhost/) and pytest.
+# Set ACQHOST_TEST_PG (a superuser libpq URL) to run the store tests on PostgreSQL too.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin

@@ -352,3 +352,18 @@ async def test_retransmitted_approval_gets_94_even_where_it_would_now_be_decline
         assert (await client.request(fields)).rc == "94"
         assert (await client.request(client.sale_fields(5000))).rc == "61"
         await client.close()
+
+
+async def test_a_sale_the_ledger_cannot_write_is_answered_96_not_approved(
+    setup: HostSetup,
+) -> None:
+    async with running(setup) as server:
+        client = await signed_on(setup)
+        assert (await client.sale(100)).rc == "00"
+        with sqlite3.connect(setup.config.db) as db:  # the ledger table disappears
+            db.execute("ALTER TABLE sales RENAME TO sales_elsewhere")
+        ex = await client.sale(100)
+        assert ex.rc == "96" and "38" not in ex.response and "37" not in ex.response
+        assert (await client.echo()).rc == "00"  # the host itself carries on
+        await client.close()
+        assert server.ledger.written >= 2

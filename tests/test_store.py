@@ -10,6 +10,7 @@ from __future__ import annotations
 import getpass
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -29,11 +30,13 @@ from acqhost.store import (
     NewAccount,
     Operator,
     SaleRecord,
+    SaleResult,
     SchemaVersionError,
     Session,
     SQLiteStore,
     Store,
     Terminal,
+    format_rrn,
     migrations,
     open_store,
     pg_migrations,
@@ -810,6 +813,57 @@ def test_postgres_store_reconnects_after_losing_its_connection(pg_url: str) -> N
         assert store.get_terminal(TID) == make_terminal()  # ...and the next one reconnects
     finally:
         store.close()
+
+
+def test_postgres_writers_deadlocked_on_the_same_keys_end_with_one_sale_per_key(
+    pg_url: str,
+) -> None:
+    store = with_terminal(PostgresStore(pg_url))
+    other = psycopg.connect(pg_url)  # another host, mid-transaction: holds its keys until commit
+    outcome: list[object] = []
+
+    def insert(stan: str) -> int:
+        row = other.execute(
+            "INSERT INTO sales (tid, mid, stan, local_date, local_time, transmission, amount, "
+            "currency, pan_masked, auth_code, test, account_version, batch_no, received_at) "
+            "VALUES (%s, %s, %s, '0314', '101500', '0314101500', 1, '156', '622202******1234', "
+            "'A1B2C3', false, 1, 1, 0) RETURNING rrn",
+            (TID, MID, stan),
+        ).fetchone()
+        assert row is not None
+        return int(row[0])
+
+    def record() -> None:
+        try:
+            outcome.extend(store.record_sales([make_sale("000001"), make_sale("000002")]))
+        except BaseException as error:  # pragma: no cover - reported below
+            outcome.append(error)
+
+    try:
+        # The store (deadlock_timeout 1 s) is the one PostgreSQL finds deadlocked and aborts.
+        other.execute("SET deadlock_timeout = '20s'")
+        theirs = [0, insert("000002")]
+        thread = threading.Thread(target=record)
+        thread.start()  # inserts 000001, then waits on the other's 000002
+        with psycopg.connect(pg_url, autocommit=True) as watcher:
+            for _ in range(200):
+                waiting = watcher.execute(
+                    "SELECT wait_event_type = 'Lock' FROM pg_stat_activity WHERE pid = %s",
+                    (store._conn.info.backend_pid,),
+                ).fetchone()
+                if waiting == (True,):
+                    break
+                time.sleep(0.05)
+        theirs[0] = insert("000001")  # waits on the store's 000001: a deadlock
+        other.commit()
+        thread.join()
+    finally:
+        other.close()
+        store.close()
+    assert len(outcome) == 2, outcome
+    first, second = outcome
+    assert first == SaleResult(format_rrn(theirs[0]), True)
+    assert second == SaleResult(format_rrn(theirs[1]), True)
 
 
 # --- PostgreSQL: no secret in clear in any column -----------------------------------------------

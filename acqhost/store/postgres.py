@@ -77,6 +77,7 @@ _EXISTING_SALES = (
 )
 
 _Key = tuple[str, str, str]  # (tid, stan, local_date): the duplicate key
+_DEADLOCK_ATTEMPTS = 3
 
 
 def _stored_sale(row: tuple[Any, ...]) -> StoredSale:
@@ -113,10 +114,11 @@ class PostgresStore:
             conn.close()
             raise
         self._conn = conn
+        # Never the connection string: it may carry a password.
+        self._where = f"{conn.info.dbname!r} on {conn.info.host!r}"
 
     def __repr__(self) -> str:
-        # Never the connection string: it may carry a password.
-        return f"<PostgresStore {self._conn.info.dbname!r} on {self._conn.info.host!r}>"
+        return f"<PostgresStore {self._where}>"
 
     def _connect(self) -> psycopg.Connection[tuple[Any, ...]]:
         conn = psycopg.connect(self._conninfo, autocommit=False)
@@ -309,7 +311,9 @@ class PostgresStore:
         unknown terminal, batch or account version.
 
         All the sales go in one ``INSERT ... SELECT FROM unnest(...)`` statement; a second
-        statement, only when some key was already stored, fetches those RRNs.
+        statement, only when some key was already stored, fetches those RRNs. A transaction
+        that PostgreSQL aborts as a deadlock with another writer of the same keys is run again
+        (up to 3 times).
         """
         if not sales:
             return []
@@ -335,23 +339,16 @@ class PostgresStore:
             [s.batch_no for s in unique],
             [s.received_at for s in unique],
         )
-        with self._transaction() as cur:
-            cur.execute(_INSERT_SALES, columns)
-            inserted: dict[_Key, int] = {
-                (tid, stan, date): rrn for rrn, tid, stan, date in cur.fetchall()
-            }
-            stored: dict[_Key, int] = {}
-            if len(inserted) < len(unique):
-                # A key stored before (or by a writer that committed while this INSERT waited
-                # on it: READ COMMITTED gives this statement a snapshot that sees it).
-                missing = [key for key in first if key not in inserted]
-                cur.execute(
-                    _EXISTING_SALES,
-                    ([k[0] for k in missing], [k[1] for k in missing], [k[2] for k in missing]),
-                )
-                stored = {(tid, stan, date): rrn for rrn, tid, stan, date in cur.fetchall()}
-                if len(stored) != len(missing):
-                    raise RuntimeError("a sale refused as a duplicate has no stored original")
+        for attempt in range(1, _DEADLOCK_ATTEMPTS + 1):
+            try:
+                inserted, stored = self._insert_sales(list(first), columns)
+                break
+            except psycopg.errors.DeadlockDetected:
+                # Two writers inserting the same keys in opposite orders wait for each other
+                # until PostgreSQL aborts one of them, whole: running it again is safe, and
+                # finds the other's sales as duplicates.
+                if attempt == _DEADLOCK_ATTEMPTS:
+                    raise
         results: list[SaleResult] = []
         append = results.append
         for sale in sales:
@@ -362,6 +359,28 @@ class PostgresStore:
             else:
                 append(SaleResult(format_rrn(stored[key] if rrn is None else rrn), True))
         return results
+
+    def _insert_sales(
+        self, keys: list[_Key], columns: tuple[list[Any], ...]
+    ) -> tuple[dict[_Key, int], dict[_Key, int]]:
+        """One transaction: insert the sales (one per key, in ``columns``); the RRNs of those
+        inserted and of those whose key was already stored."""
+        with self._transaction() as cur:
+            cur.execute(_INSERT_SALES, columns)
+            inserted = {(tid, stan, date): rrn for rrn, tid, stan, date in cur.fetchall()}
+            if len(inserted) == len(keys):
+                return inserted, {}
+            # A key stored before (or by a writer that committed while this INSERT waited on
+            # it: under READ COMMITTED this next statement's snapshot sees it).
+            missing = [key for key in keys if key not in inserted]
+            cur.execute(
+                _EXISTING_SALES,
+                ([k[0] for k in missing], [k[1] for k in missing], [k[2] for k in missing]),
+            )
+            stored = {(tid, stan, date): rrn for rrn, tid, stan, date in cur.fetchall()}
+            if len(stored) != len(missing):
+                raise RuntimeError("a sale refused as a duplicate has no stored original")
+            return inserted, stored
 
     def sale_exists(self, tid: str, stan: str, local_date: str) -> bool:
         """Whether the duplicate key (tid, stan, local_date) already has a sale."""
