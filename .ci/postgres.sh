@@ -10,11 +10,12 @@ set -euo pipefail
 
 log() { echo "postgres.sh: $*" >&2; }
 
+# From /: the postgres user may not be allowed into the calling directory.
 if [ "$(id -u)" -eq 0 ]; then
-    as_postgres() { su postgres -c "$1"; }
+    as_postgres() { (cd / && su postgres -c "$1"); }
     as_root() { "$@"; }
 else
-    as_postgres() { sudo -u postgres sh -c "$1"; }
+    as_postgres() { (cd / && sudo -u postgres sh -c "$1"); }
     as_root() { sudo "$@"; }
 fi
 

@@ -19,7 +19,6 @@ from typing import Any
 
 import anyio
 import anyio.abc
-from anyio.streams.memory import MemoryObjectReceiveStream
 
 from acqhost.config import Config
 from acqhost.errors import FramingError
@@ -37,13 +36,44 @@ MAX_IN_FLIGHT = 256
 READ_SIZE = 65536
 
 
-@dataclass(slots=True)
 class _Slot:
-    """One answer to send, in arrival order."""
+    """One answer to send, in arrival order; an Event only when someone has to wait."""
 
-    out: bytes | None = None
-    tpdu: bytes = b""
-    done: anyio.Event = field(default_factory=anyio.Event)
+    __slots__ = ("event", "out", "ready", "tpdu")
+
+    def __init__(self, tpdu: bytes) -> None:
+        self.out: bytes | None = None
+        self.tpdu = tpdu
+        self.ready = False
+        self.event: anyio.Event | None = None
+
+    def finish(self, out: bytes | None) -> None:
+        self.out = out
+        self.ready = True
+        if self.event is not None:
+            self.event.set()
+
+    async def wait(self) -> None:
+        if not self.ready:
+            self.event = anyio.Event()
+            await self.event.wait()
+
+
+class _Outbox:
+    """The answers of one connection, oldest first: filled by its reader, emptied by its
+    sender. A deque and two events, so a pipelined frame costs no trip through the loop."""
+
+    __slots__ = ("closed", "room", "slots", "wake")
+
+    def __init__(self) -> None:
+        self.slots: deque[_Slot] = deque()
+        self.wake = anyio.Event()
+        self.room: anyio.Event | None = None  # the reader waits on it when too much is queued
+        self.closed = False
+
+    def close(self) -> None:
+        self.closed = True
+        self.wake.set()
 
 
 @dataclass(slots=True, eq=False)
@@ -142,16 +172,18 @@ class Server:
     async def _serve_connection(self, stream: anyio.abc.SocketStream, conn: _Connection) -> None:
         peer = _peer(stream)
         log.info("connected", peer=peer)
-        send, receive = anyio.create_memory_object_stream[_Slot](MAX_IN_FLIGHT)
+        outbox = _Outbox()
         reason = "closed by peer"
         try:
             async with anyio.create_task_group() as tg:
-                tg.start_soon(self._send_answers, stream, receive)
-                async with send:
+                tg.start_soon(self._send_answers, stream, outbox)
+                try:
                     with conn.reading:
-                        reason = await self._read_requests(stream, send)
+                        reason = await self._read_requests(stream, outbox)
                     if conn.reading.cancelled_caught:
                         reason = "host shutting down"
+                finally:
+                    outbox.close()  # the sender sends what is queued, then ends
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as e:
             reason = f"connection lost: {type(e).__name__}"
         finally:
@@ -160,15 +192,15 @@ class Server:
                 await stream.aclose()
             log.info("disconnected", peer=peer, reason=reason)
 
-    async def _read_requests(
-        self,
-        stream: anyio.abc.SocketStream,
-        send: anyio.abc.ObjectSendStream[_Slot],
-    ) -> str:
+    async def _read_requests(self, stream: anyio.abc.SocketStream, outbox: _Outbox) -> str:
         cfg = self.config
         decoder = FrameDecoder(cfg.framing, cfg.max_frame)
         tpdu_framing = cfg.framing == "len2-tpdu"
+        slots = outbox.slots
         while True:
+            if len(slots) >= MAX_IN_FLIGHT:  # the peer reads slower than it writes: wait
+                outbox.room = anyio.Event()
+                await outbox.room.wait()
             try:
                 with anyio.fail_after(cfg.read_timeout):
                     data = await stream.receive(READ_SIZE)
@@ -188,66 +220,61 @@ class Server:
             except FramingError as e:
                 log.warning("framing error", peer=_peer(stream), error=str(e))
                 return "framing error"
-            # Shielded: a frame read is a frame answered, even when shutdown comes meanwhile.
-            with anyio.CancelScope(shield=True):
-                for frame in frames:
-                    await send.send(self._start(frame, tpdu_framing))
+            # No await between reading and queueing: a frame read is a frame answered, even
+            # when shutdown comes meanwhile.
+            for frame in frames:
+                slots.append(self._start(frame, tpdu_framing))
+            if frames:
+                outbox.wake.set()
             if decoder.error is not None:  # good frames came before the bad header
                 log.warning("framing error", peer=_peer(stream), error=str(decoder.error))
                 return "framing error"
 
     def _start(self, frame: Frame, tpdu_framing: bool) -> _Slot:
-        slot = _Slot(tpdu=reply_tpdu(frame.tpdu) if tpdu_framing else b"")
-        ctx = self.pipeline.prepare(frame.message)
+        slot = _Slot(reply_tpdu(frame.tpdu) if tpdu_framing else b"")
+        pipeline = self.pipeline
+        ctx = pipeline.prepare(frame.message)
         if ctx is None:
-            slot.done.set()
+            slot.finish(None)
         elif ctx.effect is None:
-            slot.out = self.pipeline.finish_and_log(ctx)
-            slot.done.set()
+            slot.finish(pipeline.finish_and_log(ctx))
         else:
-            pipeline = self.pipeline
             write = pipeline.write_for(ctx)
 
             def answer(write: Write) -> None:  # in the loop's thread, once durable
+                out = None
                 try:
                     pipeline.after_write(ctx, write)
-                    slot.out = pipeline.finish_and_log(ctx)
+                    out = pipeline.finish_and_log(ctx)
                 finally:
-                    slot.done.set()
+                    slot.finish(out)
 
             write.on_done = answer
             self.ledger.enqueue(write)
         return slot
 
-    async def _send_answers(
-        self, stream: anyio.abc.SocketStream, receive: MemoryObjectReceiveStream[_Slot]
-    ) -> None:
+    async def _send_answers(self, stream: anyio.abc.SocketStream, outbox: _Outbox) -> None:
         """Send answers in arrival order; every answer ready at once goes in one write."""
         encode = self.encoder.encode
-        waiting: deque[_Slot] = deque()
-        more = True
-        async with receive:
-            while more or waiting:
-                if not waiting:
-                    try:
-                        waiting.append(await receive.receive())
-                    except anyio.EndOfStream:
-                        return
-                while more:
-                    try:
-                        waiting.append(receive.receive_nowait())
-                    except anyio.WouldBlock:
-                        break
-                    except anyio.EndOfStream:
-                        more = False
-                await waiting[0].done.wait()
-                out = []
-                while waiting and waiting[0].done.is_set():
-                    slot = waiting.popleft()
-                    if slot.out is not None:
-                        out.append(encode(slot.out, slot.tpdu))
-                if out:
-                    await stream.send(b"".join(out))
+        slots = outbox.slots
+        while True:
+            if not slots:
+                if outbox.closed:
+                    return
+                await outbox.wake.wait()
+                outbox.wake = anyio.Event()
+                continue
+            await slots[0].wait()
+            out = []
+            while slots and slots[0].ready:
+                slot = slots.popleft()
+                if slot.out is not None:
+                    out.append(encode(slot.out, slot.tpdu))
+            if outbox.room is not None and len(slots) < MAX_IN_FLIGHT:
+                outbox.room.set()
+                outbox.room = None
+            if out:
+                await stream.send(b"".join(out))
 
 
 def _peer(stream: anyio.abc.SocketStream) -> str:
