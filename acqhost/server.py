@@ -34,6 +34,8 @@ log = get_logger("acqhost.server")
 # Requests one connection may have in flight before we stop reading from it.
 MAX_IN_FLIGHT = 256
 READ_SIZE = 65536
+# How long a graceful shutdown waits for answers to reach peers that stopped reading.
+DRAIN_SECONDS = 10.0
 
 
 class _Slot:
@@ -123,7 +125,7 @@ class Server:
             try:
                 async with anyio.create_task_group() as tg:
                     if handle_signals:
-                        tg.start_soon(self._watch_signals, tg.cancel_scope)
+                        tg.start_soon(self._watch_signals)
                     log.info("listening", host=cfg.host, port=self.port, framing=cfg.framing)
                     task_status.started(self.port)
                     self._accepting = anyio.CancelScope()
@@ -133,16 +135,19 @@ class Server:
                         await self._accept_loop(listener, tg)
                     await listener.aclose()
                     log.info("draining", connections=len(self._connections))
-                    # The connection tasks end by themselves once their answers are sent;
-                    # the signal watcher is the only thing left to stop.
-                    while self._connections:
-                        await anyio.sleep(0.01)
+                    # The connection tasks end by themselves once their answers are sent; a
+                    # peer that stopped reading gets DRAIN_SECONDS, then its task is cancelled.
+                    with anyio.move_on_after(DRAIN_SECONDS):
+                        while self._connections:
+                            await anyio.sleep(0.01)
+                    if self._connections:
+                        log.warning("drain timed out", connections=len(self._connections))
                     tg.cancel_scope.cancel()
             finally:
                 self.ledger.close()
         log.info("stopped", written=self.ledger.written, flushes=self.ledger.flushes)
 
-    async def _watch_signals(self, scope: anyio.CancelScope) -> None:
+    async def _watch_signals(self) -> None:
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async for signum in signals:
                 log.info("signal", signal=signal.Signals(signum).name)
