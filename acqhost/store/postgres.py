@@ -21,6 +21,16 @@ from typing import Any
 import psycopg
 
 from acqhost.store import pg_migrations
+from acqhost.store._sql import (
+    ACCOUNT_COLUMNS,
+    SALE_SELECT,
+    TERMINAL_COLUMNS,
+    account_v1_params,
+    check_new_terminal,
+    operator_params,
+    stored_sale,
+    terminal_params,
+)
 from acqhost.store.base import (
     IN_FORCE_STATES,
     TERMINAL_STATUSES,
@@ -42,18 +52,6 @@ __all__ = ("PostgresStore",)
 # database, so databases on one server do not wait for each other). "acqhost" in ASCII.
 MIGRATION_LOCK = 0x61_63_71_68_6F_73_74
 
-_TERMINAL_COLUMNS = (
-    "tid, mid, merchant_name, status, identity_public_key, sale_limit, test_limit, created_at"
-)
-_ACCOUNT_COLUMNS = (
-    "tid, version, sealed_account, account_hash, account_masked, holder, bank_code, branch, "
-    "state, effective_from, created_by, reason, created_at"
-)
-_SALE_SELECT = (
-    "SELECT s.rrn, s.tid, s.stan, s.local_date, s.transmission, s.amount, s.currency, "
-    "s.auth_code, s.test, s.account_version, s.batch_no, s.status, b.status = 'closed' "
-    "FROM sales AS s JOIN batches AS b ON b.tid = s.tid AND b.batch_no = s.batch_no "
-)
 # Every sale of a call in one statement (one round trip): one array per column, unnested in
 # order, so the identity hands out RRNs in the order of the call.
 _INSERT_SALES = (
@@ -78,24 +76,6 @@ _EXISTING_SALES = (
 
 _Key = tuple[str, str, str]  # (tid, stan, local_date): the duplicate key
 _DEADLOCK_ATTEMPTS = 3
-
-
-def _stored_sale(row: tuple[Any, ...]) -> StoredSale:
-    return StoredSale(
-        rrn=format_rrn(row[0]),
-        tid=row[1],
-        stan=row[2],
-        local_date=row[3],
-        transmission=row[4],
-        amount=row[5],
-        currency=row[6],
-        auth_code=row[7],
-        test=bool(row[8]),
-        account_version=row[9],
-        batch_no=row[10],
-        status=row[11],
-        batch_settled=bool(row[12]),
-    )
 
 
 class PostgresStore:
@@ -166,46 +146,22 @@ class PostgresStore:
         """Register a terminal with settlement account version 1 (ACTIVE, effective from
         ``terminal.created_at``), batch 1 open and the optional operator, in one transaction.
         ValueError if the tid exists (or a value breaks a constraint)."""
-        if terminal.status not in TERMINAL_STATUSES:
-            raise ValueError(f"terminal status must be active or disabled: {terminal.status!r}")
-        if operator is not None and operator.tid != terminal.tid:
-            raise ValueError("the operator belongs to another terminal")
+        check_new_terminal(terminal, operator)
         now = terminal.created_at
         with self._transaction() as cur:
             # ON CONFLICT rather than a look first: two processes adding the same tid at once
             # get one terminal and one "already exists".
             cur.execute(
-                f"INSERT INTO terminals ({_TERMINAL_COLUMNS}) "
+                f"INSERT INTO terminals ({TERMINAL_COLUMNS}) "
                 "VALUES (%s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (tid) DO NOTHING",
-                (
-                    terminal.tid,
-                    terminal.mid,
-                    terminal.merchant_name,
-                    terminal.status,
-                    terminal.identity_public_key,
-                    terminal.sale_limit,
-                    terminal.test_limit,
-                    terminal.created_at,
-                ),
+                terminal_params(terminal),
             )
             if cur.rowcount != 1:
                 raise ValueError(f"terminal {terminal.tid!r} already exists")
             cur.execute(
-                f"INSERT INTO settlement_accounts ({_ACCOUNT_COLUMNS}) "
+                f"INSERT INTO settlement_accounts ({ACCOUNT_COLUMNS}) "
                 "VALUES (%s, 1, %s, %s, %s, %s, %s, %s, 'ACTIVE', %s, %s, %s, %s)",
-                (
-                    terminal.tid,
-                    account.sealed_account,
-                    account.account_hash,
-                    account.account_masked,
-                    account.holder,
-                    account.bank_code,
-                    account.branch,
-                    now,
-                    account.created_by,
-                    account.reason,
-                    now,
-                ),
+                account_v1_params(terminal.tid, account, now),
             )
             cur.execute(
                 "INSERT INTO batches (tid, batch_no, status, opened_at) VALUES (%s, 1, 'open', %s)",
@@ -215,14 +171,14 @@ class PostgresStore:
                 cur.execute(
                     "INSERT INTO operators (tid, operator_id, password_hash, failures) "
                     "VALUES (%s, %s, %s, %s)",
-                    (operator.tid, operator.operator_id, operator.password_hash, operator.failures),
+                    operator_params(operator),
                 )
 
     def get_terminal(self, tid: str) -> Terminal | None:
         """The terminal, or None."""
         with self._transaction() as cur:
             row = cur.execute(
-                f"SELECT {_TERMINAL_COLUMNS} FROM terminals WHERE tid = %s", (tid,)
+                f"SELECT {TERMINAL_COLUMNS} FROM terminals WHERE tid = %s", (tid,)
             ).fetchone()
         return None if row is None else Terminal(*row)
 
@@ -230,7 +186,7 @@ class PostgresStore:
         """Every terminal, by tid (in byte order, as SQLite sorts)."""
         with self._transaction() as cur:
             rows = cur.execute(
-                f'SELECT {_TERMINAL_COLUMNS} FROM terminals ORDER BY tid COLLATE "C"'
+                f'SELECT {TERMINAL_COLUMNS} FROM terminals ORDER BY tid COLLATE "C"'
             ).fetchall()
         return [Terminal(*row) for row in rows]
 
@@ -274,7 +230,7 @@ class PostgresStore:
         effective_from <= now."""
         with self._transaction() as cur:
             row = cur.execute(
-                f"SELECT {_ACCOUNT_COLUMNS} FROM settlement_accounts "
+                f"SELECT {ACCOUNT_COLUMNS} FROM settlement_accounts "
                 "WHERE tid = %s AND state IN (%s, %s) AND effective_from <= %s "
                 "ORDER BY version DESC LIMIT 1",
                 (tid, *IN_FORCE_STATES, now),
@@ -285,7 +241,7 @@ class PostgresStore:
         """Every version of the terminal's settlement account, oldest first."""
         with self._transaction() as cur:
             rows = cur.execute(
-                f"SELECT {_ACCOUNT_COLUMNS} FROM settlement_accounts WHERE tid = %s "
+                f"SELECT {ACCOUNT_COLUMNS} FROM settlement_accounts WHERE tid = %s "
                 "ORDER BY version",
                 (tid,),
             ).fetchall()
@@ -396,11 +352,11 @@ class PostgresStore:
         latest such sale, should a STAN and field 7 ever repeat a year later)."""
         with self._transaction() as cur:
             row = cur.execute(
-                _SALE_SELECT + "WHERE s.tid = %s AND s.stan = %s AND s.transmission = %s "
+                SALE_SELECT + "WHERE s.tid = %s AND s.stan = %s AND s.transmission = %s "
                 "ORDER BY s.rrn DESC LIMIT 1",
                 (tid, stan, transmission),
             ).fetchone()
-        return None if row is None else _stored_sale(row)
+        return None if row is None else stored_sale(row)
 
     def reverse_sale(self, rrn: str) -> bool:
         """Mark the sale reversed; False if it was already reversed or does not exist
@@ -418,8 +374,8 @@ class PostgresStore:
     def sales(self, tid: str) -> list[StoredSale]:
         """Every sale of the terminal, in RRN order."""
         with self._transaction() as cur:
-            rows = cur.execute(_SALE_SELECT + "WHERE s.tid = %s ORDER BY s.rrn", (tid,)).fetchall()
-        return [_stored_sale(row) for row in rows]
+            rows = cur.execute(SALE_SELECT + "WHERE s.tid = %s ORDER BY s.rrn", (tid,)).fetchall()
+        return [stored_sale(row) for row in rows]
 
 
 def _migrate(conn: psycopg.Connection[tuple[Any, ...]]) -> None:

@@ -16,6 +16,16 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from acqhost.store import migrations
+from acqhost.store._sql import (
+    ACCOUNT_COLUMNS,
+    SALE_SELECT,
+    TERMINAL_COLUMNS,
+    account_v1_params,
+    check_new_terminal,
+    operator_params,
+    stored_sale,
+    terminal_params,
+)
 from acqhost.store.base import (
     IN_FORCE_STATES,
     TERMINAL_STATUSES,
@@ -33,44 +43,12 @@ from acqhost.store.base import (
 
 __all__ = ("SQLiteStore",)
 
-_TERMINAL_COLUMNS = (
-    "tid, mid, merchant_name, status, identity_public_key, sale_limit, test_limit, created_at"
-)
-_ACCOUNT_COLUMNS = (
-    "tid, version, sealed_account, account_hash, account_masked, holder, bank_code, branch, "
-    "state, effective_from, created_by, reason, created_at"
-)
-_SALE_SELECT = (
-    "SELECT s.rrn, s.tid, s.stan, s.local_date, s.transmission, s.amount, s.currency, "
-    "s.auth_code, s.test, s.account_version, s.batch_no, s.status, b.status = 'closed' "
-    "FROM sales AS s JOIN batches AS b ON b.tid = s.tid AND b.batch_no = s.batch_no "
-)
 _INSERT_SALE = (
     "INSERT INTO sales (tid, mid, stan, local_date, local_time, transmission, amount, currency, "
     "pan_masked, auth_code, test, account_version, batch_no, received_at) "
     "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
     "ON CONFLICT (tid, stan, local_date) DO NOTHING"
 )
-
-_SaleRow = tuple[int, str, str, str, str, int, str, str, int, int, int, str, int]
-
-
-def _stored_sale(row: _SaleRow) -> StoredSale:
-    return StoredSale(
-        rrn=format_rrn(row[0]),
-        tid=row[1],
-        stan=row[2],
-        local_date=row[3],
-        transmission=row[4],
-        amount=row[5],
-        currency=row[6],
-        auth_code=row[7],
-        test=bool(row[8]),
-        account_version=row[9],
-        batch_no=row[10],
-        status=row[11],
-        batch_settled=bool(row[12]),
-    )
 
 
 class SQLiteStore:
@@ -137,43 +115,19 @@ class SQLiteStore:
         """Register a terminal with settlement account version 1 (ACTIVE, effective from
         ``terminal.created_at``), batch 1 open and the optional operator, in one transaction.
         ValueError if the tid exists (or a value breaks a constraint)."""
-        if terminal.status not in TERMINAL_STATUSES:
-            raise ValueError(f"terminal status must be active or disabled: {terminal.status!r}")
-        if operator is not None and operator.tid != terminal.tid:
-            raise ValueError("the operator belongs to another terminal")
+        check_new_terminal(terminal, operator)
         now = terminal.created_at
         with self._write() as conn:
             if conn.execute("SELECT 1 FROM terminals WHERE tid = ?", (terminal.tid,)).fetchone():
                 raise ValueError(f"terminal {terminal.tid!r} already exists")
             conn.execute(
-                f"INSERT INTO terminals ({_TERMINAL_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    terminal.tid,
-                    terminal.mid,
-                    terminal.merchant_name,
-                    terminal.status,
-                    terminal.identity_public_key,
-                    terminal.sale_limit,
-                    terminal.test_limit,
-                    terminal.created_at,
-                ),
+                f"INSERT INTO terminals ({TERMINAL_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                terminal_params(terminal),
             )
             conn.execute(
-                f"INSERT INTO settlement_accounts ({_ACCOUNT_COLUMNS}) "
+                f"INSERT INTO settlement_accounts ({ACCOUNT_COLUMNS}) "
                 "VALUES (?, 1, ?, ?, ?, ?, ?, ?, 'ACTIVE', ?, ?, ?, ?)",
-                (
-                    terminal.tid,
-                    account.sealed_account,
-                    account.account_hash,
-                    account.account_masked,
-                    account.holder,
-                    account.bank_code,
-                    account.branch,
-                    now,
-                    account.created_by,
-                    account.reason,
-                    now,
-                ),
+                account_v1_params(terminal.tid, account, now),
             )
             conn.execute(
                 "INSERT INTO batches (tid, batch_no, status, opened_at) VALUES (?, 1, 'open', ?)",
@@ -183,19 +137,19 @@ class SQLiteStore:
                 conn.execute(
                     "INSERT INTO operators (tid, operator_id, password_hash, failures) "
                     "VALUES (?, ?, ?, ?)",
-                    (operator.tid, operator.operator_id, operator.password_hash, operator.failures),
+                    operator_params(operator),
                 )
 
     def get_terminal(self, tid: str) -> Terminal | None:
         """The terminal, or None."""
         row = self._conn.execute(
-            f"SELECT {_TERMINAL_COLUMNS} FROM terminals WHERE tid = ?", (tid,)
+            f"SELECT {TERMINAL_COLUMNS} FROM terminals WHERE tid = ?", (tid,)
         ).fetchone()
         return None if row is None else Terminal(*row)
 
     def list_terminals(self) -> list[Terminal]:
         """Every terminal, by tid."""
-        rows = self._conn.execute(f"SELECT {_TERMINAL_COLUMNS} FROM terminals ORDER BY tid")
+        rows = self._conn.execute(f"SELECT {TERMINAL_COLUMNS} FROM terminals ORDER BY tid")
         return [Terminal(*row) for row in rows]
 
     def set_terminal_status(self, tid: str, status: str) -> bool:
@@ -235,7 +189,7 @@ class SQLiteStore:
         """The version in force: the latest ACTIVE (or VERIFIED) version whose
         effective_from <= now."""
         row = self._conn.execute(
-            f"SELECT {_ACCOUNT_COLUMNS} FROM settlement_accounts "
+            f"SELECT {ACCOUNT_COLUMNS} FROM settlement_accounts "
             "WHERE tid = ? AND state IN (?, ?) AND effective_from <= ? "
             "ORDER BY version DESC LIMIT 1",
             (tid, *IN_FORCE_STATES, now),
@@ -245,7 +199,7 @@ class SQLiteStore:
     def account_history(self, tid: str) -> list[AccountVersion]:
         """Every version of the terminal's settlement account, oldest first."""
         rows = self._conn.execute(
-            f"SELECT {_ACCOUNT_COLUMNS} FROM settlement_accounts WHERE tid = ? ORDER BY version",
+            f"SELECT {ACCOUNT_COLUMNS} FROM settlement_accounts WHERE tid = ? ORDER BY version",
             (tid,),
         )
         return [AccountVersion(*row) for row in rows]
@@ -316,11 +270,11 @@ class SQLiteStore:
         """The sale a reversal names: same terminal, original STAN and original field 7 (the
         latest such sale, should a STAN and field 7 ever repeat a year later)."""
         row = self._conn.execute(
-            _SALE_SELECT + "WHERE s.tid = ? AND s.stan = ? AND s.transmission = ? "
+            SALE_SELECT + "WHERE s.tid = ? AND s.stan = ? AND s.transmission = ? "
             "ORDER BY s.rrn DESC LIMIT 1",
             (tid, stan, transmission),
         ).fetchone()
-        return None if row is None else _stored_sale(row)
+        return None if row is None else stored_sale(row)
 
     def reverse_sale(self, rrn: str) -> bool:
         """Mark the sale reversed; False if it was already reversed or does not exist
@@ -337,8 +291,8 @@ class SQLiteStore:
 
     def sales(self, tid: str) -> list[StoredSale]:
         """Every sale of the terminal, in RRN order."""
-        rows = self._conn.execute(_SALE_SELECT + "WHERE s.tid = ? ORDER BY s.rrn", (tid,))
-        return [_stored_sale(row) for row in rows]
+        rows = self._conn.execute(SALE_SELECT + "WHERE s.tid = ? ORDER BY s.rrn", (tid,))
+        return [stored_sale(row) for row in rows]
 
 
 def _migrate(conn: sqlite3.Connection) -> None:
