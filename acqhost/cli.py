@@ -12,6 +12,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from acqhost import crypto
 from acqhost.config import Config, ConfigError, load_config
@@ -36,6 +37,15 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--keys", metavar="FILE", help="host key file (default: <db>.keys)")
 
 
+def _shown(db: str) -> str:
+    """The database as printed: a URL's password replaced by ***."""
+    parts = urlsplit(db)
+    if parts.password is None:
+        return db
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
 # -- init ------------------------------------------------------------------------------------
 
 
@@ -46,11 +56,11 @@ def cmd_init(args: argparse.Namespace) -> int:
     path = cfg.key_path
     if path.exists():
         keys = crypto.HostKeys.load(path)
-        print(f"store ready: {cfg.db}; host keys already in {path} (kept)")
+        print(f"store ready: {_shown(cfg.db)}; host keys already in {path} (kept)")
     else:
         keys = crypto.HostKeys.generate()
         keys.save(path)
-        print(f"store ready: {cfg.db}; host keys written to {path} (mode 0600)")
+        print(f"store ready: {_shown(cfg.db)}; host keys written to {path} (mode 0600)")
     print(f"host public key: {keys.verify_key.hex()}")
     return 0
 

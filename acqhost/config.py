@@ -38,7 +38,7 @@ class Config:
     backend: str = "asyncio"
     workers: int = 1
     db: str = "acqhost.db"
-    keys: str = ""  # host key file; default: the database path + ".keys"
+    keys: str = ""  # host key file; see key_path
     log_level: str = "info"
     test_limit: int = 100  # minor units; a test sale above it gets 13
     default_sale_limit: int = 100_000_00  # minor units, for terminals added without a limit
@@ -47,7 +47,13 @@ class Config:
 
     @property
     def key_path(self) -> Path:
-        return Path(self.keys) if self.keys else Path(f"{self.db}.keys")
+        """The host key file: ``keys``, else beside a SQLite file (``<db>.keys``), else (a
+        database URL) ``acqhost.keys`` in the working directory."""
+        if self.keys:
+            return Path(self.keys)
+        if "://" in self.db:
+            return Path("acqhost.keys")
+        return Path(f"{self.db}.keys")
 
     def validate(self) -> Config:
         if self.framing not in FRAMINGS:

@@ -156,3 +156,17 @@ def test_readme_demo_runs_start_to_finish(tmp_path: Path) -> None:
     log = (tmp_path / "demo" / "host.log").read_text()
     assert ACCOUNT not in log and "6222021234567890128" not in log
     json.loads(log.splitlines()[0])  # JSON lines
+
+
+def test_a_database_url_password_is_never_printed() -> None:
+    from acqhost.cli import _shown
+
+    assert _shown("postgresql://acq:s3cret@db.example:5432/acq") == (
+        "postgresql://acq:***@db.example:5432/acq"
+    )
+    assert _shown("acqhost.db") == "acqhost.db"
+
+
+def test_key_file_defaults_beside_sqlite_and_in_the_working_directory_for_urls() -> None:
+    assert str(load_config(None, {"db": "x/acq.db"}, environ={}).key_path) == "x/acq.db.keys"
+    assert str(load_config(None, {"db": "postgresql:///a"}, environ={}).key_path) == "acqhost.keys"
