@@ -58,8 +58,10 @@ def apply_writes(store: Store, writes: Sequence[Write], batch: int) -> None:
             for g, r in zip(group, results, strict=True):
                 g.result = r
         except Exception as e:
-            for g in group:
-                g.error = e
+            if len(group) == 1:
+                group[0].error = e
+            else:  # the group was rolled back whole: one sale at a time, so one bad sale
+                apply_writes(store, group, 1)  # fails alone and the others still commit
         i = j
 
 
@@ -79,13 +81,6 @@ class Ledger:
         self._closed = False
         self.flushes = 0  # worker-thread calls (each one fsync per group of sales)
         self.written = 0
-
-    async def record_sale(self, sale: SaleRecord) -> SaleResult:
-        result: SaleResult = await self._submit(Write(sale=sale))
-        return result
-
-    async def call(self, fn: Callable[[Store], Any]) -> Any:
-        return await self._submit(Write(call=fn))
 
     async def submit(self, w: Write) -> None:
         """Queue ``w`` and wait until it is durable (or has failed: see ``w.error``)."""
@@ -112,12 +107,6 @@ class Ledger:
         apply_writes(self.store, [w], self._batch)
         self.flushes += 1
         self.written += 1
-
-    async def _submit(self, w: Write) -> Any:
-        await self.submit(w)
-        if w.error is not None:
-            raise w.error
-        return w.result
 
     async def run(
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
