@@ -9,12 +9,16 @@ a missing server fails the test.
 
 from __future__ import annotations
 
+import io
 import os
 import secrets
+import sys
 from collections.abc import Iterator
 from urllib.parse import urlsplit
 
 import pytest
+
+from acqhost.logging import configure_logging
 
 PG_ENV = "ACQHOST_TEST_PG"
 
@@ -50,3 +54,21 @@ def pg_url() -> Iterator[str]:
             admin.execute(
                 sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
             )
+
+
+class _CurrentStdout:
+    """Writes wherever sys.stdout is at the time (pytest swaps it per test)."""
+
+    def write(self, text: str) -> int:
+        return sys.stdout.write(text)
+
+    def flush(self) -> None:
+        sys.stdout.flush()
+
+
+@pytest.fixture
+def json_logs() -> Iterator[io.StringIO]:
+    sink = io.StringIO()
+    configure_logging("info", sink)
+    yield sink
+    configure_logging("info", _CurrentStdout())  # type: ignore[arg-type]

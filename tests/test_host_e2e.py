@@ -6,9 +6,7 @@ from __future__ import annotations
 import io
 import json
 import sqlite3
-import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import anyio
@@ -16,7 +14,6 @@ import pytest
 
 from acqhost import crypto
 from acqhost.cli import main as cli
-from acqhost.logging import configure_logging
 from acqhost.tlv import decode_tlv, encode_tlv
 from simulators.terminal import TEST_PAN, Exchange, TerminalClient, TerminalError
 from tests.hostkit import ACCOUNT, BANK, HostSetup, make_host, running
@@ -251,24 +248,6 @@ async def test_graceful_shutdown_answers_every_request_it_read(setup: HostSetup)
         stored = {f"{r:012d}" for (r,) in db.execute("SELECT rrn FROM sales")}
     # every approval is durable, and nothing was committed without being answered
     assert stored == {a["37"] for a in answered}
-
-
-class _CurrentStdout:
-    """Writes wherever sys.stdout is at the time (pytest swaps it per test)."""
-
-    def write(self, text: str) -> int:
-        return sys.stdout.write(text)
-
-    def flush(self) -> None:
-        sys.stdout.flush()
-
-
-@pytest.fixture
-def json_logs() -> Iterator[io.StringIO]:
-    sink = io.StringIO()
-    configure_logging("info", sink)
-    yield sink
-    configure_logging("info", _CurrentStdout())  # type: ignore[arg-type]
 
 
 async def test_field_48_in_chinese_and_log_lines_carry_no_card_data(

@@ -1,0 +1,45 @@
+"""The pipeline in process (no sockets): what the end-to-end tests cannot reach easily."""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+from pathlib import Path
+
+import anyio
+import pytest
+
+from acqhost.pipeline.host import response_mti
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import pipeline as bench
+
+
+@pytest.mark.parametrize(("mti", "answer"), [("0200", "0210"), ("0800", "0810"),
+                                             ("0400", "0410"), ("0210", "0210")])  # fmt: skip
+def test_response_mti(mti: str, answer: str) -> None:
+    assert response_mti(mti) == answer
+
+
+def test_our_own_bug_in_a_stage_is_answered_96_and_logged(json_logs: io.StringIO) -> None:
+    pipeline, _, seed = bench.build()
+
+    async def run() -> dict[str, str]:
+        keys = await bench.sign_on(pipeline, seed)
+        frame = bench.sales(pipeline, keys, 1)[0]
+
+        def broken(tid: str, now: float) -> None:
+            raise RuntimeError("store exploded")
+
+        pipeline.account = broken  # type: ignore[method-assign,assignment]
+        out = await pipeline.handle(frame)
+        assert out is not None
+        return pipeline.codec.decode(out)
+
+    response = anyio.run(run)
+    assert response["39"] == "96" and "38" not in response
+    events = [json.loads(line) for line in json_logs.getvalue().splitlines()]
+    assert any(e["event"] == "stage failed" and "store exploded" in e.get("exception", "")
+               for e in events)  # fmt: skip
+    assert pipeline.store.sales(bench.TID) == []
