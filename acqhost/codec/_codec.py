@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import re
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -73,7 +74,8 @@ class Codec:
         self.specialize_after = specialize_after
         self.max_layouts = max_layouts
         try:
-            specs = {str(k): field_spec(str(k), v) for k, v in spec.items()}
+            # pyiso8583 looks fields up by str key ("2", never 2): other keys are not fields.
+            specs = {k: field_spec(k, v) for k, v in spec.items() if isinstance(k, str)}
         except AttributeError:
             raise ValueError("a spec is a mapping of field keys to field spec mappings") from None
         for required in ("h", "t", "p"):
@@ -93,7 +95,7 @@ class Codec:
         self._dec: dict[int, FieldDecoder] = {}
         self._enc: dict[int, FieldEncoder] = {}
         for key, fs in specs.items():
-            if key.isdigit() and str(int(key)) == key and key != "0":
+            if key.isascii() and key.isdigit() and str(int(key)) == key and key != "0":
                 self._specs[int(key)] = fs
                 self._dec[int(key)] = compile_field_decoder(fs)
                 self._enc[int(key)] = compile_field_encoder(fs)
@@ -335,7 +337,13 @@ class Codec:
                              decoding=False) from None  # fmt: skip
 
     def _encode_general(self, doc: dict[Any, Any], key: tuple[Any, ...]) -> bytes:
-        """The reference path: pyiso8583's algorithm, without touching the caller's dict."""
+        """The reference path: pyiso8583's algorithm, without touching the caller's dict.
+
+        It reads a shallow copy of the same type: looking a field up in a dict subclass may
+        change it (a defaultdict adds the key), as it changes the dict pyiso8583 is given.
+        """
+        if doc.__class__ is not dict:
+            doc = copy.copy(doc)
         out = bytearray()
         field = "h"
         try:

@@ -299,6 +299,9 @@ class _EncoderWriter:
                 n = f"len({b})"
             data: tuple[bool, str] = (False, b)
         elif text_data:
+            # Joined with its neighbours and encoded once, so only an exact str will do: a
+            # subclass may have an encode() of its own, which pyiso8583 would call.
+            self.check(f"{v}.__class__ is not str")
             n = f"len({v})"
             data = (True, v)
         elif not fs.nibbles and canonical_codec(fs.data_enc) is not None:
