@@ -346,3 +346,20 @@ async def test_a_sale_the_ledger_cannot_write_is_answered_96_not_approved(
         assert (await client.echo()).rc == "00"  # the host itself carries on
         await client.close()
         assert server.ledger.written >= 2
+
+
+async def test_sign_off_through_another_host_process_reaches_this_one(setup: HostSetup) -> None:
+    """Two hosts share the store; a sign-off made through one is seen by the other within
+    the cache time (here: at once, the cache cleared as a second would)."""
+    async with running(setup) as server:
+        client = await signed_on(setup)
+        assert (await client.sale(100)).rc == "00"
+        with sqlite3.connect(setup.config.db) as db:  # what the other process's sign-off does
+            db.execute("DELETE FROM sessions WHERE tid = 'TERM0001'")
+        assert (await client.sale(100)).rc == "00"  # still cached, for at most a second
+        server.pipeline._sessions = {
+            tid: (entry[0] - 2, *entry[1:]) for tid, entry in server.pipeline._sessions.items()
+        }
+        ex = await client.request(client.sale_fields(100))
+        assert ex.rc == "58" and "64" not in ex.response
+        await client.close()

@@ -130,7 +130,7 @@ class Pipeline:
         # One event per message at level info; checked here so a quieter host pays nothing.
         self.log_messages = config.log_level.lower() in ("debug", "info")
         self._terminals: dict[str, tuple[float, Terminal | None]] = {}
-        self._sessions: dict[str, SessionKeys] = {}
+        self._sessions: dict[str, tuple[float, SessionKeys, bytes]] = {}
         self._accounts: dict[str, tuple[float, AccountVersion | None]] = {}
         self._batches: dict[str, int] = {}
         self._account_tlv: dict[tuple[str, int], str] = {}
@@ -149,19 +149,27 @@ class Pipeline:
         return terminal
 
     def session_keys(self, tid: str, *, reload: bool = False) -> SessionKeys | None:
+        """The terminal's session keys. Cached for CACHE_SECONDS: a sign-off or a new sign-on
+        through another host process sharing the store reaches this one within that time
+        (and a MAC that fails on cached keys reloads them at once)."""
+        now = self.clock()
         if not reload:
-            keys = self._sessions.get(tid)
-            if keys is not None:
-                return keys
+            hit = self._sessions.get(tid)
+            if hit is not None and now - hit[0] < CACHE_SECONDS:
+                return hit[1]
         session = self.store.get_session(tid)
         if session is None:
             self._sessions.pop(tid, None)
             return None
+        hit = self._sessions.get(tid)
+        if hit is not None and hit[2] == session.sealed_rx:  # the same sign-on: keep its keys
+            self._sessions[tid] = (now, hit[1], hit[2])
+            return hit[1]
         data_key = self.host_keys.data_key
         keys = SessionKeys.from_kx(
             crypto.unseal(data_key, session.sealed_rx), crypto.unseal(data_key, session.sealed_tx)
         )
-        self._sessions[tid] = keys
+        self._sessions[tid] = (now, keys, session.sealed_rx)
         return keys
 
     def account(self, tid: str, now: float) -> AccountVersion | None:
