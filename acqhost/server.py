@@ -165,7 +165,12 @@ class Server:
 
     async def _accept_one(self, listener: Any, tg: anyio.abc.TaskGroup) -> None:
         while True:
-            stream = await listener.accept()
+            try:
+                stream = await listener.accept()
+            except OSError as e:  # out of file descriptors, say: wait a moment, keep serving
+                log.error("accept failed", error=str(e))
+                await anyio.sleep(0.1)
+                continue
             if len(self._connections) >= self.config.max_connections:
                 log.warning("connection refused", reason="max_connections")
                 await stream.aclose()
@@ -189,8 +194,11 @@ class Server:
                         reason = "host shutting down"
                 finally:
                     outbox.close()  # the sender sends what is queued, then ends
-        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as e:
-            reason = f"connection lost: {type(e).__name__}"
+        except* (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as group:
+            reason = f"connection lost: {type(group.exceptions[0]).__name__}"
+        except* Exception as group:  # our bug: logged; it closes this connection, not the host
+            log.error("connection failed", peer=peer, exc_info=group.exceptions[0])
+            reason = f"internal error: {type(group.exceptions[0]).__name__}"
         finally:
             self._connections.discard(conn)
             with anyio.CancelScope(shield=True):

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import io
 import json
+import socket
 import sqlite3
+import struct
 import time
 from pathlib import Path
 
 import anyio
+import anyio.abc
 import pytest
 
 from acqhost import crypto
@@ -362,4 +365,24 @@ async def test_sign_off_through_another_host_process_reaches_this_one(setup: Hos
         }
         ex = await client.request(client.sale_fields(100))
         assert ex.rc == "58" and "64" not in ex.response
+        await client.close()
+
+
+async def test_a_peer_that_leaves_before_its_answers_only_loses_its_connection(
+    setup: HostSetup,
+) -> None:
+    async with running(setup):
+        client = await signed_on(setup)
+        for _ in range(20):  # pipelined sales, then gone before the answers
+            rude = setup.client()
+            rude.keys = client.keys
+            await rude.connect()
+            assert rude._stream is not None
+            frames = [rude.encode(rude.sale_fields(100), mac=True) for _ in range(50)]
+            await rude._stream.send(b"".join(rude._encoder.encode(f) for f in frames))
+            raw = rude._stream.extra(anyio.abc.SocketAttribute.raw_socket)
+            raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            await rude._stream.aclose()  # a reset: the host's writes to it fail
+        await anyio.sleep(0.3)
+        assert (await client.sale(100)).rc == "00"  # the host is still serving
         await client.close()
