@@ -17,7 +17,10 @@ import anyio
 import anyio.abc
 import anyio.to_thread
 
+from acqhost.logging import get_logger
 from acqhost.store.base import SaleRecord, SaleResult, Store
+
+log = get_logger("acqhost.ledger")
 
 __all__ = ("Ledger", "Write")
 
@@ -128,7 +131,10 @@ class Ledger:
             self.written += len(writes)
             for w in writes:
                 if w.on_done is not None:
-                    w.on_done(w)
+                    try:
+                        w.on_done(w)
+                    except Exception:  # a caller's bug must not stop the writer
+                        log.exception("write callback failed")
                 elif w.done is not None:
                     w.done.set()
 

@@ -89,3 +89,20 @@ async def test_callbacks_errors_and_order(tmp_path: Path) -> None:
     assert isinstance(writes[1].error, ValueError)
     with pytest.raises(RuntimeError, match="closed"):
         ledger.enqueue(Write(sale=sale(8)))
+
+
+async def test_a_failing_callback_does_not_stop_the_writer(tmp_path: Path) -> None:
+    store_with_terminal(tmp_path / "l.db")
+    ledger = Ledger(SQLiteStore(tmp_path / "l.db"))
+    first, second = Write(sale=sale(1)), Write(sale=sale(2))
+
+    def explode(w: Write) -> None:
+        raise RuntimeError("bug in a callback")
+
+    first.on_done = explode
+    async with anyio.create_task_group() as tg:
+        await tg.start(ledger.run)
+        ledger.enqueue(first)
+        await ledger.submit(second)
+        ledger.close()
+    assert second.error is None and not second.result.duplicate
