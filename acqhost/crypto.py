@@ -380,10 +380,7 @@ def mask_pan(pan: str) -> str:
 
     Shorter than 13 characters: all but the last 4 masked; 4 or fewer: all masked.
     """
-    n = len(pan)
-    if n >= 13:
-        return pan[:6] + "*" * (n - 10) + pan[-4:]
-    return _mask_short(pan)
+    return _mask(pan, 6, 13)
 
 
 def mask_account(account: str) -> str:
@@ -391,10 +388,14 @@ def mask_account(account: str) -> str:
 
     Shorter than 12 characters: all but the last 4 masked; 4 or fewer: all masked.
     """
-    n = len(account)
-    if n >= 12:
-        return account[:4] + "*" * (n - 8) + account[-4:]
-    return _mask_short(account)
+    return _mask(account, 4, 12)
+
+
+def _mask(text: str, head: int, full_from: int) -> str:
+    n = len(text)
+    if n >= full_from:
+        return text[:head] + "*" * (n - head - 4) + text[-4:]
+    return _mask_short(text)
 
 
 def _mask_short(text: str) -> str:

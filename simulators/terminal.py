@@ -116,6 +116,13 @@ class TerminalClient:
                 self._pending.extend(frame.message for frame in self._decoder.feed(data))
         return self._pending.pop(0)
 
+    async def send_pipelined(self, requests: Sequence[dict[str, str]]) -> None:
+        """Send every request, MAC'd, in one write: the host answers them in this order."""
+        assert self._stream is not None, "not connected"
+        tpdu = TPDU if self.framing == "len2-tpdu" else b""
+        frames = (self._encoder.encode(self.encode(r, mac=True), tpdu) for r in requests)
+        await self._stream.send(b"".join(frames))
+
     async def exchange_raw(self, message: bytes) -> bytes:
         await self.send_raw(message)
         return await self.receive_raw()

@@ -181,9 +181,7 @@ async def test_pipelined_requests_are_answered_in_order(setup: HostSetup) -> Non
     async with running(setup) as server:
         client = await signed_on(setup)
         requests = [client.sale_fields(100 + i) for i in range(40)]
-        blob = b"".join(client._encoder.encode(client.encode(r, mac=True)) for r in requests)
-        assert client._stream is not None
-        await client._stream.send(blob)
+        await client.send_pipelined(requests)
         for request in requests:
             response = client.codec.decode(await client.receive_raw())
             assert (response["11"], response["39"]) == (request["11"], "00")
@@ -233,9 +231,7 @@ async def test_graceful_shutdown_answers_every_request_it_read(setup: HostSetup)
     async with running(setup) as server:
         client = await signed_on(setup)
         requests = [client.sale_fields(300 + i) for i in range(20)]
-        blob = b"".join(client._encoder.encode(client.encode(r, mac=True)) for r in requests)
-        assert client._stream is not None
-        await client._stream.send(blob)
+        await client.send_pipelined(requests)
         answered = [client.codec.decode(await client.receive_raw())]
         server.shutdown()
         with anyio.fail_after(5):
@@ -377,9 +373,8 @@ async def test_a_peer_that_leaves_before_its_answers_only_loses_its_connection(
             rude = setup.client()
             rude.keys = client.keys
             await rude.connect()
+            await rude.send_pipelined([rude.sale_fields(100) for _ in range(50)])
             assert rude._stream is not None
-            frames = [rude.encode(rude.sale_fields(100), mac=True) for _ in range(50)]
-            await rude._stream.send(b"".join(rude._encoder.encode(f) for f in frames))
             raw = rude._stream.extra(anyio.abc.SocketAttribute.raw_socket)
             raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             await rude._stream.aclose()  # a reset: the host's writes to it fail
