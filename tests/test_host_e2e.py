@@ -126,7 +126,9 @@ async def test_unknown_terminal_merchant_mismatch_and_disabled(setup: HostSetup)
         await other.close()
 
 
-async def test_bad_and_missing_mac_get_63_without_mac(setup: HostSetup) -> None:
+async def test_bad_and_missing_mac_get_63_without_mac(
+    setup: HostSetup, json_logs: io.StringIO
+) -> None:
     async with running(setup):
         client = await signed_on(setup)
         good = client.encode(client.sale_fields(100), mac=True)
@@ -139,6 +141,10 @@ async def test_bad_and_missing_mac_get_63_without_mac(setup: HostSetup) -> None:
         assert ex.rc == "63" and "64" not in ex.response
         assert (await client.sale(100)).rc == "00"  # the connection is still fine
         await client.close()
+    events = [json.loads(line) for line in json_logs.getvalue().splitlines()]
+    security = [e for e in events if e["event"] == "security"]
+    assert [e["kind"] for e in security] == ["BAD_MAC", "BAD_MAC", "MAC_MISSING"]
+    assert all(e["level"] == "warning" and e["tid"] == "TERM0001" for e in security)
 
 
 async def test_sign_on_with_a_bad_signature_gets_63(setup: HostSetup) -> None:

@@ -318,6 +318,10 @@ class Pipeline:
             ctx.resp["48"] = encode_tlv({"RS": d.reason})
         else:
             ctx.resp.pop("48", None)
+        if d.code == "63":  # a bad or missing MAC or signature: a security event of its own
+            req = ctx.req
+            self.log.warning("security", kind=d.reason, tid=req.get("41"), mti=req.get("t"),
+                             stan=req.get("11"), route=ctx.route)  # fmt: skip
 
     def finish(self, ctx: Context) -> bytes:
         """Encode the response; MAC it when the request's MAC was verified."""
