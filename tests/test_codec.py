@@ -313,13 +313,27 @@ def test_codec_error_pickles_with_its_context() -> None:
     assert (str(again), again.field, again.offset) == (str(info.value), "t", 0)
 
 
-def test_spec_that_is_not_a_pyiso8583_spec_is_refused_at_compile_time() -> None:
+def test_spec_entries_are_checked_when_used_as_pyiso8583_uses_them() -> None:
+    """A broken data-field entry fails only the messages that carry that field; keys that are
+    not fields (metadata) are ignored; header, MTI and bitmaps must be usable at once."""
     broken = copy.deepcopy(DEFAULT)
     del broken["2"]["len_type"]
-    with pytest.raises(ValueError, match="spec field '2' lacks 'len_type'"):
-        compile_spec(broken)
+    broken["note"] = "a spec with a remark"  # type: ignore[assignment]
+    codec = compile_spec(broken)
+    plain = {"t": "0800", "70": "301"}
+    assert codec.encode(plain) == bytes(iso8583.encode(dict(plain), broken)[0])
+    with pytest.raises(KeyError):  # pyiso8583 fails on the missing len_type
+        iso8583.encode({"t": "0200", "2": "123"}, broken)
+    with pytest.raises(CodecError, match=r"Field spec is unusable .*len_type.*: field 2"):
+        codec.encode({"t": "0200", "2": "123"})
+    with pytest.raises(CodecError, match="field 2 pos 12"):
+        codec.decode(b"0200" + BM_2 + b"03123")
     with pytest.raises(ValueError, match="lacks field 't'"):
         compile_spec({k: v for k, v in DEFAULT.items() if k != "t"})
+    lean = dict(DEFAULT, p={"data_enc": "b"}, t={"data_enc": "ascii"})  # all pyiso8583 reads
+    assert compile_spec(lean).encode(plain) == bytes(iso8583.encode(dict(plain), lean)[0])
+    with pytest.raises(ValueError, match="spec field 'p' lacks 'data_enc'"):
+        compile_spec(dict(DEFAULT, p={}))
 
 
 @pytest.mark.parametrize("len_enc", ["ascii", "bcd", "b", "cp500"])

@@ -73,14 +73,22 @@ class Codec:
             raise ValueError("specialize_after must be at least 1")
         self.specialize_after = specialize_after
         self.max_layouts = max_layouts
-        try:
-            # pyiso8583 looks fields up by str key ("2", never 2): other keys are not fields.
-            specs = {k: field_spec(k, v) for k, v in spec.items() if isinstance(k, str)}
-        except AttributeError:
-            raise ValueError("a spec is a mapping of field keys to field spec mappings") from None
-        for required in ("h", "t", "p"):
-            if required not in specs:
-                raise ValueError(f"spec lacks field {required!r}")
+        # Header, MTI and bitmaps are read for every message: they must be usable now. Data
+        # fields are read only by the messages that carry them (pyiso8583 looks them up as
+        # spec["2"], never spec[2]; other keys are not fields, metadata say).
+        specs: dict[str, FieldSpec] = {}
+        for key in ("h", "t", "p", "1"):
+            if key in spec:
+                raw = spec[key]
+                if key != "h" and isinstance(raw, Mapping):
+                    # pyiso8583 reads only data_enc of the MTI and the bitmaps
+                    raw = {"len_enc": "ascii", "len_type": 0, "max_len": 0, **raw}
+                try:
+                    specs[key] = field_spec(key, raw)
+                except (AttributeError, TypeError):
+                    raise ValueError(f"spec field {key!r} is not a field spec mapping") from None
+            elif key != "1":
+                raise ValueError(f"spec lacks field {key!r}")
         self._mti = mti_spec(specs["t"].data_enc)
         self._mti_dec = compile_field_decoder(self._mti)
         self._mti_enc = compile_field_encoder(self._mti)
@@ -94,11 +102,21 @@ class Codec:
         self._specs: dict[int, FieldSpec] = {}
         self._dec: dict[int, FieldDecoder] = {}
         self._enc: dict[int, FieldEncoder] = {}
-        for key, fs in specs.items():
-            if key.isascii() and key.isdigit() and str(int(key)) == key and key != "0":
-                self._specs[int(key)] = fs
-                self._dec[int(key)] = compile_field_decoder(fs)
-                self._enc[int(key)] = compile_field_encoder(fs)
+        for key, raw in spec.items():
+            if not (isinstance(key, str) and key.isascii() and key.isdigit()):
+                continue
+            if str(int(key)) != key or key == "0":
+                continue
+            try:
+                fs = field_spec(key, raw)
+            except (ValueError, AttributeError, TypeError) as e:
+                # Unusable, but only a message that carries this field finds out (as with
+                # pyiso8583); such layouts fail on the exact path and are never specialised.
+                self._dec[int(key)], self._enc[int(key)] = _unusable(key, str(e))
+                continue
+            self._specs[int(key)] = fs
+            self._dec[int(key)] = compile_field_decoder(fs)
+            self._enc[int(key)] = compile_field_encoder(fs)
         self._dec_cache: dict[bytes, SpecialDecoder] = {}
         self._dec_seen: dict[bytes, int] = {}
         self._enc_cache: dict[tuple[Any, ...], SpecialEncoder] = {}
@@ -425,6 +443,19 @@ class Codec:
             fields=[(self._specs[n], self._enc[n]) for n in order],
             keys=key,
         )
+
+
+def _unusable(key: str, why: str) -> tuple[FieldDecoder, FieldEncoder]:
+    """Decoder and encoder of a field whose spec entry cannot be used: they refuse."""
+    message = f"Field spec is unusable ({why})"
+
+    def dec(s: bytes, i: int) -> tuple[str, int]:
+        raise CodecError(message, key, i)
+
+    def enc(v: Any, pos: int) -> bytes:
+        raise CodecError(message, key, pos, decoding=False)
+
+    return dec, enc
 
 
 def _no_layout_yet(fields: dict[Any, Any]) -> bytes:
