@@ -388,3 +388,15 @@ def test_text_bitmaps_with_spaces_decode_as_pyiso8583_and_are_never_specialised(
     for data in (clean, spaced, spaced, clean):
         assert codec.decode(data) == iso8583.decode(data, DEFAULT_ASCII)[0]
     assert list(codec._dec_cache) == [b"4000000000000000"]
+
+
+def test_a_spec_without_a_secondary_bitmap_still_gets_fast_decoders() -> None:
+    spec = {k: v for k, v in DEFAULT.items() if k != "1"}
+    codec = compile_spec(spec, specialize_after=1)
+    data = codec.encode({"t": "0200", "2": "123"})
+    for _ in range(2):
+        assert codec.decode(data) == iso8583.decode(data, spec)[0]
+    assert len(codec._dec_cache) == 1
+    with_secondary = b"0200\x80" + bytes(7) + bytes(8)
+    with pytest.raises(CodecError, match="field 1"):  # pyiso8583: KeyError('1')
+        codec.decode(with_secondary)

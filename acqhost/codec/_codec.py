@@ -132,8 +132,6 @@ class Codec:
 
     def _fixed_bitmap_start(self) -> int | None:
         """Where the primary bitmap starts, when that is the same for every message."""
-        if "1" not in self._bitmaps:
-            return None
         for bm in self._bitmaps.values():
             if not (bm.binary or ascii_like(bm.data_enc)):
                 return None
@@ -174,13 +172,16 @@ class Codec:
 
     def _key_expr(self, src: Source, b0: int) -> str:
         """Code for the raw bytes of every bitmap present, read from ``s`` at ``b0``."""
-        p, sec = self._bitmaps["p"], self._bitmaps["1"]
+        p, sec = self._bitmaps["p"], self._bitmaps.get("1")
         high = src.name("HIGH", _HEX_HIGH)
 
         def first_bit(at: int, bm: _Bitmap) -> str:
             return f"s[{at}] & 128" if bm.binary else f"s[{at}] in {high}"
 
-        one, two, three = b0 + p.size, b0 + p.size + sec.size, b0 + p.size + 2 * sec.size
+        one = b0 + p.size
+        if sec is None:  # no secondary bitmap in the spec: such messages take the exact path
+            return f"(None if {first_bit(b0, p)} else s[{b0}:{one}])"
+        two, three = one + sec.size, one + 2 * sec.size
         return (
             f"((s[{b0}:{three}] if {first_bit(one, sec)} else s[{b0}:{two}]) "
             f"if {first_bit(b0, p)} else s[{b0}:{one}])"

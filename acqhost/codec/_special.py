@@ -159,23 +159,25 @@ class _DecoderWriter:
                 return end
             target, v = v, self.fresh("x")
             src.line(f"{v} = s[{start}:{end}].hex().upper()")
-            if odd:
+            fixed = odd_expr == "True"  # a fixed odd count: no test at run time
+            if not fixed:
                 src.line(f"if {odd_expr}:")
                 src.indent()
-                branch = "if"
-                if fs.left_pad:
-                    src.line(f"if {v}[:1] == {fs.left_pad!r}:")
-                    src.line(f"    {v} = {v}[1:]")
-                    branch = "elif"
-                if fs.right_pad:
-                    src.line(f"{branch} {v}[-1:] == {fs.right_pad!r}:")
-                    src.line(f"    {v} = {v}[:-1]")
-                    branch = "elif"
-                if branch == "if":
-                    src.line(f"raise {self.fallback}")
-                else:
-                    src.line("else:")
-                    src.line(f"    raise {self.fallback}")
+            branch = "if"
+            if fs.left_pad:
+                src.line(f"if {v}[:1] == {fs.left_pad!r}:")
+                src.line(f"    {v} = {v}[1:]")
+                branch = "elif"
+            if fs.right_pad:
+                src.line(f"{branch} {v}[-1:] == {fs.right_pad!r}:")
+                src.line(f"    {v} = {v}[:-1]")
+                branch = "elif"
+            if branch == "if":
+                src.line(f"raise {self.fallback}")
+            else:
+                src.line("else:")
+                src.line(f"    raise {self.fallback}")
+            if not fixed:
                 src.dedent()
             src.line(f"{target} = {v}")
         elif canonical_codec(fs.data_enc) == "ascii":
