@@ -18,36 +18,16 @@ import argparse
 import json
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
+from simulators.processes import free_port, wait_listening
+
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def wait_listening(port: int, proc: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"target exited early ({proc.args})")
-        try:
-            with socket.create_connection(("127.0.0.1", port), 0.2):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise SystemExit("target did not listen")
 
 
 def stop(proc: subprocess.Popen[bytes]) -> None:
@@ -154,7 +134,7 @@ def run_acqhost(
         stderr=subprocess.STDOUT,
     )
     try:
-        wait_listening(port, proc)
+        wait_listening(port, proc, 20)
         peak = load(port, keys, args)
         half = load(port, keys, args, "--rate", str(peak["tps"] / 2), "--offset", "3000000")
     finally:
@@ -174,7 +154,7 @@ def run_simple(
         stderr=subprocess.STDOUT,
     )
     try:
-        wait_listening(port, proc)
+        wait_listening(port, proc, 20)
         return load(port, keys, args, *extra)
     finally:
         stop(proc)

@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from acqhost.cli import main as acqhost
+from simulators.processes import free_port, wait_listening
 
 DEMO_TERMINAL = [
     "--tid", "DEMO0001", "--mid", "DEMOMERCHANT001", "--merchant-name", "Demo Noodle Shop",
@@ -20,26 +19,6 @@ DEMO_TERMINAL = [
     "--branch", "Demo Branch", "--operator-id", "01", "--operator-password", "demo-0000",
     "--fast-hash",
 ]  # fmt: skip
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def wait_listening(port: int, proc: subprocess.Popen[bytes], seconds: float = 15) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit("the host exited before it listened")
-        try:
-            with socket.create_connection(("127.0.0.1", port), 0.2):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise SystemExit("the host did not start listening")
 
 
 def main() -> int:
@@ -58,7 +37,10 @@ def main() -> int:
         stdout=log, stderr=subprocess.STDOUT,
     )  # fmt: skip
     try:
-        wait_listening(port, host)
+        try:
+            wait_listening(port, host)
+        except RuntimeError as e:
+            raise SystemExit(f"the host did not start: {e}") from None
         print(f"== host running (pid {host.pid}, log {folder}/host.log); the terminal:", flush=True)
         terminal = subprocess.run(
             [sys.executable, "-m", "simulators.terminal", "--key-file", str(key_file),

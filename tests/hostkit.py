@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -65,7 +64,9 @@ def make_host(folder: Path, **settings: Any) -> HostSetup:
         "TERM0002": add_terminal(folder, db, "TERM0002", "MERCHANT0000002"),
     }
     overrides = {"db": db, "port": 0, "read_timeout": 5.0, **settings}
-    return HostSetup(load_config(None, overrides, environ={}), files, folder)
+    setup = HostSetup(load_config(None, overrides, environ={}), files, folder)
+    setup.with_port(setup.config.port)  # the key files name the port the host will use
+    return setup
 
 
 @asynccontextmanager
@@ -84,10 +85,3 @@ async def running(setup: HostSetup) -> AsyncIterator[Server]:
         server.pipeline.store.close()
         if server.ledger.store is not server.pipeline.store:
             server.ledger.store.close()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port

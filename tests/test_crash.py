@@ -5,18 +5,17 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import anyio
 import pytest
 
+from simulators.processes import free_port, wait_listening
 from simulators.terminal import TerminalClient, TerminalError
-from tests.hostkit import HostSetup, free_port, make_host
+from tests.hostkit import HostSetup, make_host
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,17 +26,12 @@ def start_host(setup: HostSetup, log: Path, *extra: str) -> subprocess.Popen[byt
          "--port", str(setup.config.port), "--log-level", "info", *extra],
         cwd=ROOT, stdout=log.open("ab"), stderr=subprocess.STDOUT,
     )  # fmt: skip
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", setup.config.port), 0.2):
-                return proc
-        except OSError:
-            if proc.poll() is not None:
-                raise AssertionError(f"host exited: {log.read_text()}") from None
-            time.sleep(0.05)
-    proc.kill()
-    raise AssertionError("host did not start listening")
+    try:
+        wait_listening(setup.config.port, proc)
+    except RuntimeError as e:
+        proc.kill()
+        raise AssertionError(f"{e}: {log.read_text()}") from None
+    return proc
 
 
 async def burst(setup: HostSetup, approved: list[dict[str, str]], killed: anyio.Event) -> None:
@@ -66,8 +60,6 @@ async def burst(setup: HostSetup, approved: list[dict[str, str]], killed: anyio.
 @pytest.mark.anyio
 async def test_kill_9_loses_no_approved_sale(tmp_path: Path) -> None:
     setup = make_host(tmp_path, port=free_port())
-    for data in setup.key_files.values():
-        data["port"] = setup.config.port
     log = tmp_path / "host.log"
     proc = start_host(setup, log)
     approved: list[dict[str, str]] = []

@@ -10,7 +10,8 @@ from pathlib import Path
 import anyio
 import pytest
 
-from tests.hostkit import free_port, make_host
+from simulators.processes import free_port
+from tests.hostkit import make_host
 from tests.test_crash import start_host
 
 
@@ -18,8 +19,6 @@ from tests.test_crash import start_host
 @pytest.mark.anyio
 async def test_two_workers_share_port_and_store(tmp_path: Path) -> None:
     setup = make_host(tmp_path, port=free_port())
-    for data in setup.key_files.values():
-        data["port"] = setup.config.port
     proc = start_host(setup, tmp_path / "host.log", "--workers", "2")
     try:
         approved = 0
