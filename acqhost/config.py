@@ -17,13 +17,46 @@ from typing import Any
 
 from acqhost.framing import FRAMINGS
 
-__all__ = ("Config", "ConfigError", "load_config")
+__all__ = ("Config", "ConfigError", "RebindPolicy", "load_config")
 
 BACKENDS = ("asyncio", "trio")
+REVIEW_POLICIES = ("manual", "auto")
 
 
 class ConfigError(ValueError):
     """A setting that cannot be used, named with where it came from."""
+
+
+@dataclass(frozen=True, slots=True)
+class RebindPolicy:
+    """The ``[rebind]`` table: how settlement-account changes are reviewed and paced
+    (durations in seconds)."""
+
+    review: str = "manual"  # "manual": an acquirer's reviewer decides; "auto": approved at once
+    cooling_off: float = 86400.0  # from approval to ACTIVE
+    min_interval: float = 86400.0  # between accepted changes of one terminal (65 sooner)
+    operator_max_failures: int = 5  # consecutive wrong passwords before lockout (75)
+
+    @classmethod
+    def from_table(cls, table: Any, source: str = "[rebind]") -> RebindPolicy:
+        """The policy a ``[rebind]`` table describes; ConfigError for unknown or bad values."""
+        if not isinstance(table, Mapping):
+            raise ConfigError(f"{source} must be a table")
+        values: dict[str, Any] = {}
+        for name, value in table.items():
+            if name not in ("review", "cooling_off", "min_interval", "operator_max_failures"):
+                raise ConfigError(f"{source}: unknown setting {name}")
+            if name == "review":
+                if value not in REVIEW_POLICIES:
+                    raise ConfigError(f"{source}: review must be manual or auto, not {value!r}")
+            elif isinstance(value, bool) or not isinstance(value, int | float):
+                raise ConfigError(f"{source}: {name} must be a number, not {value!r}")
+            elif value < (1 if name == "operator_max_failures" else 0):
+                raise ConfigError(f"{source}: {name} out of range: {value!r}")
+            elif name == "operator_max_failures" and not isinstance(value, int):
+                raise ConfigError(f"{source}: {name} must be a whole number, not {value!r}")
+            values[name] = float(value) if name in ("cooling_off", "min_interval") else value
+        return cls(**values)
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,7 +76,8 @@ class Config:
     test_limit: int = 100  # minor units; a test sale above it gets 13
     default_sale_limit: int = 100_000_00  # minor units, for terminals added without a limit
     write_batch: int = 512  # most sales committed in one transaction
-    extra: Mapping[str, Any] = field(default_factory=dict)  # other tables, e.g. [rebind]
+    extra: Mapping[str, Any] = field(default_factory=dict)  # the file's other tables
+    rebind: RebindPolicy = field(default_factory=RebindPolicy)  # the [rebind] table
 
     @property
     def key_path(self) -> Path:
@@ -70,7 +104,7 @@ class Config:
         return self
 
 
-_FIELDS = {f.name: f for f in fields(Config) if f.name != "extra"}
+_FIELDS = {f.name: f for f in fields(Config) if f.name not in ("extra", "rebind")}
 
 
 def _coerce(name: str, value: Any, source: str) -> Any:
@@ -100,6 +134,7 @@ def load_config(
     (the command line; None values mean "not given")."""
     values: dict[str, Any] = {}
     extra: dict[str, Any] = {}
+    rebind = RebindPolicy()
     if path is not None:
         try:
             with open(path, "rb") as f:
@@ -116,6 +151,7 @@ def load_config(
                 raise ConfigError(f"{path}: unknown setting [host] {name}")
             values[name] = _coerce(name, value, str(path))
         extra = data
+        rebind = RebindPolicy.from_table(extra.get("rebind", {}), f"{path}: [rebind]")
     env = os.environ if environ is None else environ
     for name in _FIELDS:
         raw = env.get(f"ACQHOST_{name.upper()}")
@@ -126,4 +162,4 @@ def load_config(
             if name not in _FIELDS:
                 raise ConfigError(f"unknown setting {name}")
             values[name] = _coerce(name, value, f"--{name.replace('_', '-')}")
-    return dataclasses.replace(Config(), **values, extra=extra).validate()
+    return dataclasses.replace(Config(), **values, extra=extra, rebind=rebind).validate()

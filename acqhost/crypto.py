@@ -36,6 +36,7 @@ __all__ = (
     "HostKeys",
     "SessionKeys",
     "account_hash",
+    "audit_digest",
     "decrypt_password",
     "derive_keys",
     "encrypt_password",
@@ -70,6 +71,7 @@ SIGNATURE_BYTES: Final = 64
 _PERSON_MAC: Final = b"acq1-mac"
 _PERSON_ENC: Final = b"acq1-enc"
 _PERSON_ACCT: Final = b"acq1-acct"
+_PERSON_AUDIT: Final = b"acq1-audit"
 _SIGNON: Final = b"ACQ1-SIGNON"
 _SIGNON_RESP: Final = b"ACQ1-SIGNON-RESP"
 _NONCE_BYTES: Final = nacl.secret.SecretBox.NONCE_SIZE
@@ -373,6 +375,17 @@ def account_hash(data_key: bytes, account: str) -> bytes:
     return hashlib.blake2b(
         account.encode("ascii"), key=data_key, person=_PERSON_ACCT, digest_size=32
     ).digest()
+
+
+def audit_digest(data_key: bytes, prev_digest: bytes, content: bytes) -> bytes:
+    """32-byte keyed BLAKE2b (person ``acq1-audit``) of the previous audit entry's digest and
+    an entry's content: the link of the audit log's hash chain. Keyed with the host data key,
+    so whoever can edit the database but not read the key file cannot forge a chain."""
+    _need_len(data_key, KEY_BYTES, "data key")
+    state = hashlib.blake2b(key=data_key, person=_PERSON_AUDIT, digest_size=32)
+    state.update(prev_digest)
+    state.update(content)
+    return state.digest()
 
 
 def mask_pan(pan: str) -> str:

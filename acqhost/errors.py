@@ -58,9 +58,11 @@ class TLVError(AcqHostError, ValueError):
 
 class Decline(AcqHostError):
     """Ends a pipeline route with a response code (field 39) and an optional machine-readable
-    reason (48 RS)."""
+    reason (48 RS, sent with code 05). ``elements`` are other field 48 elements the answer
+    carries (the RF and state of the request a refused 0300 concerns)."""
 
-    def __init__(self, code: str, reason: str = "") -> None:
+    def __init__(self, code: str, reason: str = "", elements: dict[str, str] | None = None) -> None:
         super().__init__(f"{code} {reason}".strip())
         self.code = code
         self.reason = reason
+        self.elements = elements

@@ -31,6 +31,9 @@ class Write:
 
     sale: SaleRecord | None = None
     call: Callable[[Store], Any] | None = None
+    # Slow work to do first, in a thread of its own (an argon2id password check): it must
+    # neither block the event loop nor hold up the group commit of everyone's sales.
+    pre: Callable[[], None] | None = None
     result: Any = None
     error: BaseException | None = None
     done: anyio.Event | None = None  # made only when a task waits for the worker
@@ -46,10 +49,11 @@ def apply_writes(store: Store, writes: Sequence[Write], batch: int) -> None:
         w = writes[i]
         if w.sale is None:
             assert w.call is not None
-            try:
-                w.result = w.call(store)
-            except Exception as e:  # handed to the waiting caller, who decides
-                w.error = e
+            if w.error is None:  # not when its ``pre`` failed
+                try:
+                    w.result = w.call(store)
+                except Exception as e:  # handed to the waiting caller, who decides
+                    w.error = e
             i += 1
             continue
         j = i
@@ -82,12 +86,16 @@ class Ledger:
         self._queue: list[Write] = []
         self._wakeup = anyio.Event()
         self._closed = False
+        self._preparing: list[Write] = []  # writes whose ``pre`` is still to run
+        self._pre_running = 0
         self.flushes = 0  # worker-thread calls (each one fsync per group of sales)
         self.written = 0
 
     async def submit(self, w: Write) -> None:
         """Queue ``w`` and wait until it is durable (or has failed: see ``w.error``)."""
         if self._inline:
+            if w.pre is not None:
+                await anyio.to_thread.run_sync(self._run_pre, w)
             self._apply_inline(w)
             return
         w.done = done = anyio.Event()
@@ -97,13 +105,18 @@ class Ledger:
     def enqueue(self, w: Write) -> None:
         """Queue ``w`` without waiting; ``w.on_done`` is called when it is durable."""
         if self._inline:
+            if w.pre is not None:
+                self._run_pre(w)
             self._apply_inline(w)
             if w.on_done is not None:
                 w.on_done(w)
             return
         if self._closed:
             raise RuntimeError("ledger is closed")
-        self._queue.append(w)
+        if w.pre is not None:
+            self._preparing.append(w)
+        else:
+            self._queue.append(w)
         self._wakeup.set()
 
     def _apply_inline(self, w: Write) -> None:
@@ -116,9 +129,15 @@ class Ledger:
     ) -> None:
         """The writer task: drain the queue until :meth:`close` and the queue is empty."""
         task_status.started()
+        async with anyio.create_task_group() as tg:
+            await self._write_loop(tg)
+
+    async def _write_loop(self, tg: anyio.abc.TaskGroup) -> None:
         while True:
+            while self._preparing:
+                tg.start_soon(self._prepare, self._preparing.pop(0))
             if not self._queue:
-                if self._closed:
+                if self._closed and not self._pre_running:
                     return
                 await self._wakeup.wait()
                 self._wakeup = anyio.Event()
@@ -138,7 +157,28 @@ class Ledger:
                 elif w.done is not None:
                     w.done.set()
 
+    async def _prepare(self, w: Write) -> None:
+        """Run ``w.pre`` in a thread, then queue ``w`` for the writer."""
+        self._pre_running += 1
+        try:
+            with anyio.CancelScope(shield=True):  # finish what was started, as writes do
+                await anyio.to_thread.run_sync(self._run_pre, w)
+        finally:
+            self._pre_running -= 1
+            self._queue.append(w)
+            self._wakeup.set()
+
+    @staticmethod
+    def _run_pre(w: Write) -> None:
+        assert w.pre is not None
+        try:
+            w.pre()
+        except Exception as e:  # handed to the caller like a failed write; the call is skipped
+            w.error = e
+        w.pre = None
+
     def close(self) -> None:
-        """Stop after the writes already queued; later submissions fail."""
+        """Stop after the writes already queued (and those still being prepared); later
+        submissions fail."""
         self._closed = True
         self._wakeup.set()

@@ -36,6 +36,9 @@ MAX_IN_FLIGHT = 256
 READ_SIZE = 65536
 # How long a graceful shutdown waits for answers to reach peers that stopped reading.
 DRAIN_SECONDS = 10.0
+# How often approved settlement-account changes whose effective-from passed are recorded
+# ACTIVE (sales settle to them from that instant regardless).
+ACTIVATE_SECONDS = 1.0
 
 
 class _Slot:
@@ -126,6 +129,7 @@ class Server:
                 async with anyio.create_task_group() as tg:
                     if handle_signals:
                         tg.start_soon(self._watch_signals)
+                    tg.start_soon(self._activate_changes)
                     log.info("listening", host=cfg.host, port=self.port, framing=cfg.framing)
                     task_status.started(self.port)
                     self._accepting = anyio.CancelScope()
@@ -146,6 +150,13 @@ class Server:
             finally:
                 self.ledger.close()
         log.info("stopped", written=self.ledger.written, flushes=self.ledger.flushes)
+
+    async def _activate_changes(self) -> None:
+        while True:
+            write = self.pipeline.activation_write()
+            await self.ledger.submit(write)
+            self.pipeline.after_activation(write)
+            await anyio.sleep(ACTIVATE_SECONDS)
 
     async def _watch_signals(self) -> None:
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:

@@ -8,11 +8,15 @@ the response may leave. Stages keep no state of their own.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from acqhost.crypto import SessionKeys
-from acqhost.store.base import AccountVersion, SaleRecord, Session, Terminal
+from acqhost.store.base import AccountVersion, SaleRecord, Session, Store, Terminal
+
+if TYPE_CHECKING:
+    from acqhost.pipeline.host import Pipeline
 
 __all__ = ("Context", "Effect")
 
@@ -20,12 +24,17 @@ __all__ = ("Context", "Effect")
 @dataclass(slots=True)
 class Effect:
     """A durable write the response waits for: a sale to record, a session to save or drop,
-    a sale to reverse."""
+    a sale to reverse, or any other store work (``call``, in the ledger writer's thread, after
+    ``pre`` in a thread of its own; ``then`` builds the answer from its result and may raise
+    ``Decline``)."""
 
     sale: SaleRecord | None = None
     session: Session | None = None
     drop_session: str | None = None
     reverse_rrn: str | None = None
+    call: Callable[[Store], Any] | None = None
+    pre: Callable[[], None] | None = None
+    then: Callable[[Pipeline, Context, Any], None] | None = None
 
 
 @dataclass(slots=True)

@@ -13,13 +13,14 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 from acqhost import crypto
+from acqhost import rebind as rebind_flow
 from acqhost.codec import Codec, CodecError
 from acqhost.config import Config
 from acqhost.crypto import HostKeys, SessionKeys
 from acqhost.errors import Decline
 from acqhost.ledger import Ledger, Write
 from acqhost.logging import get_logger
-from acqhost.pipeline import network, reversal, sale
+from acqhost.pipeline import network, rebind, reversal, sale
 from acqhost.pipeline.context import Context
 from acqhost.pipeline.stages import (
     Stage,
@@ -38,8 +39,12 @@ from acqhost.tlv import encode_tlv
 __all__ = ("Pipeline", "Route", "build_routes")
 
 # How long cached terminals and accounts are trusted before the store is asked again, so a
-# change made by the CLI reaches a running host within this many seconds.
+# change made by the CLI reaches a running host within this many seconds. A cached account is
+# also never trusted past the next effective-from the store knows of; with every decision
+# taking effect acqhost.rebind.DECISION_LEAD (> CACHE_SECONDS) after it is made, all host
+# processes switch to a new account at its effective-from exactly.
 CACHE_SECONDS = 1.0
+assert CACHE_SECONDS < rebind_flow.DECISION_LEAD
 
 # Keys of a message without a secondary bitmap.
 _PRIMARY_KEYS = frozenset(("h", "t", "p", *(str(n) for n in range(2, 65))))
@@ -51,9 +56,19 @@ class Route(NamedTuple):
     echo: tuple[str, ...]
 
 
+# The field that picks the route of an MTI: field 3 (processing code) unless named here.
+ROUTE_FIELD = {"0800": "70", "0300": "91"}
+
+
 def build_routes() -> dict[tuple[str, str], Route]:
-    """The route table, keyed by (MTI, field 3) or, for 0800, (MTI, field 70)."""
+    """The route table, keyed by (MTI, field 3), or (MTI, the field ROUTE_FIELD names)."""
     mac_checked: tuple[Stage, ...] = (known_terminal, signed_on, verify_mac)
+    rebind_head: tuple[Stage, ...] = (
+        *mac_checked,
+        fields(rebind.REBIND_FIELDS, ("7", "11")),
+        rebind.file_name,
+        parse_tlv,
+    )
     network_head: tuple[Stage, ...] = (
         known_terminal,
         active,
@@ -77,6 +92,13 @@ def build_routes() -> dict[tuple[str, str], Route]:
             ),
             sale.SALE_ECHO,
         ),
+        ("0300", "2"): Route(
+            "rebind_submit",
+            (*rebind_head, rebind.submit),
+            rebind.REBIND_ECHO,
+        ),
+        ("0300", "5"): Route("rebind_inquire", (*rebind_head, rebind.inquire), rebind.REBIND_ECHO),
+        ("0300", "3"): Route("rebind_cancel", (*rebind_head, rebind.cancel), rebind.REBIND_ECHO),
         ("0400", "000000"): Route(
             "reversal",
             (
@@ -131,7 +153,7 @@ class Pipeline:
         self.log_messages = config.log_level.lower() in ("debug", "info")
         self._terminals: dict[str, tuple[float, Terminal | None]] = {}
         self._sessions: dict[str, tuple[float, SessionKeys, bytes]] = {}
-        self._accounts: dict[str, tuple[float, AccountVersion | None]] = {}
+        self._accounts: dict[str, tuple[float, AccountVersion | None]] = {}  # (expires, ...)
         self._batches: dict[str, int] = {}
         self._account_tlv: dict[tuple[str, int], str] = {}
 
@@ -173,11 +195,19 @@ class Pipeline:
         return keys
 
     def account(self, tid: str, now: float) -> AccountVersion | None:
+        """The version in force at ``now``, cached until CACHE_SECONDS pass or the next
+        effective-from comes, whichever is first."""
         hit = self._accounts.get(tid)
-        if hit is not None and now - hit[0] < CACHE_SECONDS:
+        if hit is not None and now < hit[0]:
             return hit[1]
-        account = self.store.current_account(tid, now)
-        self._accounts[tid] = (now, account)
+        with self.store.transaction(write=False) as tx:
+            versions = tx.versions(tid)
+        account = rebind_flow.in_force(versions, now)
+        expires = now + CACHE_SECONDS
+        change = rebind_flow.next_change(versions, now)
+        if change is not None and change < expires:
+            expires = change
+        self._accounts[tid] = (expires, account)
         return account
 
     def account_tlv(self, account: AccountVersion) -> str:
@@ -230,6 +260,8 @@ class Pipeline:
         if effect.drop_session is not None:
             tid = effect.drop_session
             return Write(call=lambda store: store.drop_session(tid))
+        if effect.call is not None:
+            return Write(call=effect.call, pre=effect.pre)
         rrn = effect.reverse_rrn
         assert rrn is not None
         return Write(call=lambda store: store.reverse_sale(rrn))
@@ -254,10 +286,62 @@ class Pipeline:
             ctx.resp["37"] = result.rrn
             ctx.resp["38"] = effect.sale.auth_code
             ctx.resp["48"] = self.account_tlv(account)
+            if effect.sale.test and account.state != "VERIFIED":
+                try:
+                    self.ledger.enqueue(self._verify_write(account.tid, account.version))
+                except RuntimeError:  # shutting down: the next test sale verifies it
+                    self.log.warning("verify skipped", tid=account.tid, version=account.version)
+        elif effect.then is not None:
+            try:
+                effect.then(self, ctx, write.result)
+            except Decline as d:
+                self._decline(ctx, d)
         elif effect.session is not None:
             self.session_keys(effect.session.tid, reload=True)
         elif effect.drop_session is not None:
             self._sessions.pop(effect.drop_session, None)
+
+    # -- settlement-account changes taking effect -----------------------------------------------
+
+    def _verify_write(self, tid: str, version: int) -> Write:
+        """After an approved test sale on a version not yet VERIFIED: verify it (its answer
+        does not wait for this)."""
+        key, now = self.host_keys.data_key, self.clock()
+
+        def verify(store: Store) -> bool:
+            with store.transaction(tid) as tx:
+                return rebind_flow.verify(tx, key, tid, version, now)
+
+        def done(write: Write) -> None:
+            self._accounts.pop(tid, None)
+            if write.error is not None:
+                self.log.error("verify failed", tid=tid, version=version, error=repr(write.error))
+            elif write.result:
+                self.log.info("account verified", tid=tid, version=version)
+
+        return Write(call=verify, on_done=done)
+
+    def activation_write(self) -> Write:
+        """A write recording as ACTIVE every approved version whose effective-from has passed
+        (run every second by the server; sales already settle to them in the meantime)."""
+        key, now = self.host_keys.data_key, self.clock()
+
+        def activate(store: Store) -> list[AccountVersion]:
+            with store.transaction(write=False) as tx:
+                if not tx.due_versions(now):
+                    return []
+            with store.transaction() as tx:
+                return rebind_flow.activate_due(tx, key, now)
+
+        return Write(call=activate)
+
+    def after_activation(self, write: Write) -> None:
+        if write.error is not None:
+            self.log.error("activation failed", error=repr(write.error))
+            return
+        for version in write.result or ():
+            self._accounts.pop(version.tid, None)
+            self.log.info("account activated", tid=version.tid, version=version.version)
 
     def finish_and_log(self, ctx: Context) -> bytes:
         out = self.finish(ctx)
@@ -292,7 +376,7 @@ class Pipeline:
             ctx.resp["39"] = "30"
             return ctx
         mti = req["t"]
-        route = self.routes.get((mti, req.get("70" if mti == "0800" else "3", "")), UNKNOWN)
+        route = self.routes.get((mti, req.get(ROUTE_FIELD.get(mti, "3"), "")), UNKNOWN)
         ctx = Context(raw=frame, req=req, resp={"t": response_mti(mti)}, now=self.clock())
         ctx.started = started
         ctx.route = route.name
@@ -314,8 +398,11 @@ class Pipeline:
         ctx.resp["39"] = d.code
         ctx.reason = d.reason
         ctx.effect = None
+        elements = dict(d.elements) if d.elements else {}
         if d.code == "05" and d.reason:
-            ctx.resp["48"] = encode_tlv({"RS": d.reason})
+            elements["RS"] = d.reason
+        if elements:
+            ctx.resp["48"] = encode_tlv(elements)
         else:
             ctx.resp.pop("48", None)
         if d.code == "63":  # a bad or missing MAC or signature: a security event of its own

@@ -14,7 +14,7 @@ from acqhost.store.base import SaleRecord, Terminal
 if TYPE_CHECKING:
     from acqhost.pipeline.host import Pipeline
 
-__all__ = ("SALE_ECHO", "SALE_FIELDS", "authorise", "card")
+__all__ = ("SALE_ECHO", "SALE_FIELDS", "authorise", "card", "track2_card")
 
 # Auth codes are not secrets (they travel in the clear); a seeded PRNG is enough and cheap.
 _random = random.Random()
@@ -28,12 +28,7 @@ def card(host: Pipeline, ctx: Context) -> None:
     req = ctx.req
     track2 = req.get("35")
     if track2 is not None:
-        sep = track2.find("=")
-        if sep < 0:
-            sep = track2.find("D")
-        pan, expiry = track2[:sep], track2[sep + 1 : sep + 5]
-        if sep < 0 or len(expiry) != 4:
-            raise Decline("30", "FORMAT_35")
+        pan, expiry = track2_card(track2)
     elif "2" in req and "14" in req:
         pan, expiry = req["2"], req["14"]
     else:
@@ -41,6 +36,20 @@ def card(host: Pipeline, ctx: Context) -> None:
     if not (pan.isdigit() and pan.isascii() and expiry.isdigit() and expiry.isascii()):
         raise Decline("30", "FORMAT_CARD")
     ctx.card = (pan, expiry)
+
+
+def track2_card(track2: str) -> tuple[str, str]:
+    """(PAN, expiry YYMM) of a track 2 (``PAN=YYMM...``, ``D`` for ``=`` allowed); 30 when it
+    has no separator or no whole expiry, or either is not digits."""
+    sep = track2.find("=")
+    if sep < 0:
+        sep = track2.find("D")
+    pan, expiry = track2[:sep], track2[sep + 1 : sep + 5]
+    if sep < 0 or len(expiry) != 4:
+        raise Decline("30", "FORMAT_35")
+    if not (pan.isdigit() and pan.isascii() and expiry.isdigit() and expiry.isascii()):
+        raise Decline("30", "FORMAT_CARD")
+    return pan, expiry
 
 
 def _business_checks(ctx: Context, terminal: Terminal) -> tuple[int, bool]:

@@ -6,13 +6,16 @@ batching, not in their tables; the pieces both write the same way live here once
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 from acqhost.store.base import (
     TERMINAL_STATUSES,
+    AccountVersion,
+    AuditEntry,
     NewAccount,
     Operator,
+    RebindRequest,
     StoredSale,
     Terminal,
     format_rrn,
@@ -22,6 +25,7 @@ __all__ = (
     "ACCOUNT_COLUMNS",
     "SALE_SELECT",
     "TERMINAL_COLUMNS",
+    "SQLTx",
     "account_v1_params",
     "check_new_terminal",
     "operator_params",
@@ -85,3 +89,180 @@ def stored_sale(row: Sequence[Any]) -> StoredSale:
         status=row[11],
         batch_settled=bool(row[12]),
     )
+
+
+class _Cursor(Protocol):
+    @property
+    def rowcount(self) -> int: ...
+
+    def fetchone(self) -> Any: ...
+
+    def fetchall(self) -> list[Any]: ...
+
+
+_REQUEST_SELECT = (
+    "SELECT r.rf, r.tid, r.version, r.kind, r.operator_id, r.stan, r.transmission, r.source, "
+    "r.submitted_at, a.state, r.decided_by, r.decided_at, r.note, r.restores "
+    "FROM rebind_requests AS r "
+    "JOIN settlement_accounts AS a ON a.tid = r.tid AND a.version = r.version "
+)
+_AUDIT_COLUMNS = "seq, at, actor, action, tid, subject, detail, prev_digest, digest"
+
+
+class SQLTx:
+    """``StoreTx`` over one open transaction of either SQL backend.
+
+    The SQL is written once with ``?`` placeholders; ``execute`` is the backend's own (the
+    PostgreSQL store passes one that sends ``%s``). ``lock`` statements are what PostgreSQL
+    needs to serialise writers that SQLite's single write lock serialises already.
+    """
+
+    def __init__(
+        self,
+        execute: Callable[[str, tuple[Any, ...]], _Cursor],
+        *,
+        write: bool,
+        lock_audit: str | None = None,
+    ) -> None:
+        self._execute = execute
+        self._write = write
+        self._lock_audit = lock_audit
+
+    def _one(self, sql: str, params: tuple[Any, ...]) -> Any:
+        return self._execute(sql, params).fetchone()
+
+    def _all(self, sql: str, params: tuple[Any, ...] = ()) -> list[Any]:
+        return self._execute(sql, params).fetchall()
+
+    def terminal(self, tid: str) -> Terminal | None:
+        row = self._one(f"SELECT {TERMINAL_COLUMNS} FROM terminals WHERE tid = ?", (tid,))
+        return None if row is None else Terminal(*row)
+
+    def operator(self, tid: str, operator_id: str) -> Operator | None:
+        row = self._one(
+            "SELECT tid, operator_id, password_hash, failures FROM operators "
+            "WHERE tid = ? AND operator_id = ?",
+            (tid, operator_id),
+        )
+        return None if row is None else Operator(row[0], row[1], bytes(row[2]), row[3])
+
+    def set_operator_failures(self, tid: str, operator_id: str, failures: int) -> None:
+        self._execute(
+            "UPDATE operators SET failures = ? WHERE tid = ? AND operator_id = ?",
+            (failures, tid, operator_id),
+        )
+
+    def versions(self, tid: str) -> list[AccountVersion]:
+        rows = self._all(
+            f"SELECT {ACCOUNT_COLUMNS} FROM settlement_accounts WHERE tid = ? ORDER BY version",
+            (tid,),
+        )
+        return [account_version(row) for row in rows]
+
+    def insert_version(self, v: AccountVersion) -> None:
+        self._execute(
+            f"INSERT INTO settlement_accounts ({ACCOUNT_COLUMNS}) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (v.tid, v.version, v.sealed_account, v.account_hash, v.account_masked, v.holder,
+             v.bank_code, v.branch, v.state, v.effective_from, v.created_by, v.reason,
+             v.created_at),
+        )  # fmt: skip
+
+    def set_version_state(
+        self, tid: str, version: int, from_states: Sequence[str], state: str, effective_from: float
+    ) -> bool:
+        marks = ", ".join("?" * len(from_states))
+        cursor = self._execute(
+            "UPDATE settlement_accounts SET state = ?, effective_from = ? "
+            f"WHERE tid = ? AND version = ? AND state IN ({marks})",
+            (state, effective_from, tid, version, *from_states),
+        )
+        return cursor.rowcount == 1
+
+    def request(self, rf: str) -> RebindRequest | None:
+        row = self._one(_REQUEST_SELECT + "WHERE r.rf = ?", (rf,))
+        return None if row is None else RebindRequest(*row)
+
+    def request_for_message(self, tid: str, stan: str, transmission: str) -> RebindRequest | None:
+        row = self._one(
+            _REQUEST_SELECT + "WHERE r.tid = ? AND r.stan = ? AND r.transmission = ? "
+            "AND r.kind = 'rebind' ORDER BY r.submitted_at DESC LIMIT 1",
+            (tid, stan, transmission),
+        )
+        return None if row is None else RebindRequest(*row)
+
+    def latest_request(self, tid: str) -> RebindRequest | None:
+        row = self._one(_REQUEST_SELECT + "WHERE r.tid = ? ORDER BY r.version DESC LIMIT 1", (tid,))
+        return None if row is None else RebindRequest(*row)
+
+    def requests(self, state: str | None = None, tid: str | None = None) -> list[RebindRequest]:
+        where, params = [], []
+        if state is not None:
+            where.append("a.state = ?")
+            params.append(state)
+        if tid is not None:
+            where.append("r.tid = ?")
+            params.append(tid)
+        sql = _REQUEST_SELECT + (f"WHERE {' AND '.join(where)} " if where else "")
+        rows = self._all(sql + "ORDER BY r.submitted_at, r.rf", tuple(params))
+        return [RebindRequest(*row) for row in rows]
+
+    def insert_request(self, r: RebindRequest) -> None:
+        self._execute(
+            "INSERT INTO rebind_requests (rf, tid, version, kind, operator_id, stan, "
+            "transmission, source, submitted_at, decided_by, decided_at, note, restores) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (r.rf, r.tid, r.version, r.kind, r.operator_id, r.stan, r.transmission, r.source,
+             r.submitted_at, r.decided_by, r.decided_at, r.note, r.restores),
+        )  # fmt: skip
+
+    def decide_request(self, rf: str, decided_by: str, decided_at: float, note: str) -> None:
+        self._execute(
+            "UPDATE rebind_requests SET decided_by = ?, decided_at = ?, note = ? WHERE rf = ?",
+            (decided_by, decided_at, note, rf),
+        )
+
+    def due_versions(self, now: float) -> list[AccountVersion]:
+        rows = self._all(
+            f"SELECT {ACCOUNT_COLUMNS} FROM settlement_accounts "
+            "WHERE state = 'APPROVED' AND effective_from <= ? ORDER BY effective_from, tid",
+            (now,),
+        )
+        return [account_version(row) for row in rows]
+
+    def has_test_sale(self, tid: str, version: int) -> bool:
+        row = self._one(
+            "SELECT 1 FROM sales WHERE tid = ? AND account_version = ? AND test = ? "
+            "AND status = 'approved' LIMIT 1",
+            (tid, version, True),
+        )
+        return row is not None
+
+    def last_audit(self) -> AuditEntry | None:
+        if self._write and self._lock_audit is not None:
+            self._execute(self._lock_audit, ())
+        row = self._one(f"SELECT {_AUDIT_COLUMNS} FROM audit_log ORDER BY seq DESC LIMIT 1", ())
+        return None if row is None else audit_entry(row)
+
+    def insert_audit(self, e: AuditEntry) -> None:
+        self._execute(
+            f"INSERT INTO audit_log ({_AUDIT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (e.seq, e.at, e.actor, e.action, e.tid, e.subject, e.detail, e.prev_digest,
+             e.digest),
+        )  # fmt: skip
+
+    def audit_entries(self) -> list[AuditEntry]:
+        rows = self._all(f"SELECT {_AUDIT_COLUMNS} FROM audit_log ORDER BY seq")
+        return [audit_entry(row) for row in rows]
+
+
+def account_version(row: Sequence[Any]) -> AccountVersion:
+    """A row of ACCOUNT_COLUMNS."""
+    return AccountVersion(*row)
+
+
+def audit_entry(row: Sequence[Any]) -> AuditEntry:
+    """A row of the audit log (BLOBs as bytes whatever the driver returns)."""
+    seq, at, actor, action, tid, subject, detail, prev_digest, digest = row
+    return AuditEntry(seq, at, actor, action, tid, subject, detail, bytes(prev_digest),
+                      bytes(digest))  # fmt: skip

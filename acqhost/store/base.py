@@ -9,31 +9,51 @@ hashes for display and equality.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Protocol
 
 from acqhost.errors import AcqHostError
 
 __all__ = (
+    "ACCOUNT_STATES",
     "IN_FORCE_STATES",
+    "OPEN_REBIND_STATES",
     "TERMINAL_STATUSES",
     "AccountVersion",
+    "AuditEntry",
     "NewAccount",
     "Operator",
+    "RebindRequest",
     "SaleRecord",
     "SaleResult",
     "SchemaVersionError",
     "Session",
     "Store",
+    "StoreTx",
     "StoredSale",
     "Terminal",
     "format_rrn",
 )
 
 TERMINAL_STATUSES = frozenset({"active", "disabled"})
-# The account states in which a version is the one sales settle to (once effective):
-# VERIFIED is ACTIVE plus a first approved test sale.
-IN_FORCE_STATES = ("ACTIVE", "VERIFIED")
+# The account states in which a version is the one sales settle to, once its effective_from
+# has passed: VERIFIED is ACTIVE plus a first approved test sale; an APPROVED version becomes
+# ACTIVE at its effective_from, and until a host process records that (it may have been down
+# at that moment) it is already the one in force.
+IN_FORCE_STATES = ("APPROVED", "ACTIVE", "VERIFIED")
+# Every state a settlement account version can be in (PROTOCOL.md 5.3).
+ACCOUNT_STATES = (
+    "PENDING_REVIEW",
+    "APPROVED",
+    "ACTIVE",
+    "VERIFIED",
+    "REJECTED",
+    "CANCELLED",
+    "ROLLED_BACK",
+)
+# A rebind request in one of these states is open: a terminal has at most one.
+OPEN_REBIND_STATES = ("PENDING_REVIEW", "APPROVED")
 
 
 def format_rrn(rowid: int) -> str:
@@ -111,7 +131,7 @@ class AccountVersion:
     holder: str
     bank_code: str
     branch: str
-    state: str  # "ACTIVE" for version 1; the rebind states arrive with 0300 support
+    state: str  # one of ACCOUNT_STATES; version 1 starts ACTIVE
     effective_from: float
     created_by: str
     reason: str
@@ -164,6 +184,98 @@ class StoredSale:
     batch_settled: bool
 
 
+@dataclass(frozen=True, slots=True)
+class RebindRequest:
+    """A change of a terminal's settlement account: a 0300 submission (kind "rebind") or an
+    acquirer's rollback (kind "rollback", which restores version ``restores`` as a new
+    version). Its state is the state of the version it proposes."""
+
+    rf: str  # 16-character reference
+    tid: str
+    version: int  # the settlement account version it proposes
+    kind: str  # "rebind" or "rollback"
+    operator_id: str  # the terminal operator, or the acquirer's user for a rollback
+    stan: str  # field 11 of the 0300 ("" for a rollback)
+    transmission: str  # field 7 of the 0300 ("" for a rollback)
+    source: str  # "typed" (48 AC), "card" (35) or "acquirer"
+    submitted_at: float
+    state: str  # the version's state (read from settlement_accounts)
+    decided_by: str  # reviewer, terminal operator (cancel), "auto"; "" while undecided
+    decided_at: float | None
+    note: str  # why it was rejected or cancelled
+    restores: int | None  # the version a rollback restores
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEntry:
+    """One link of the append-only audit log: a state change, who made it, when and why.
+    ``detail`` is canonical JSON (masked account numbers only); ``digest`` is the keyed
+    BLAKE2b of the previous entry's digest and this entry's content."""
+
+    seq: int  # 1, 2, ... without gaps
+    at: float
+    actor: str
+    action: str
+    tid: str
+    subject: str  # an RF, or "v<N>" for a version
+    detail: str
+    prev_digest: bytes
+    digest: bytes
+
+
+class StoreTx(Protocol):
+    """What the rebind flow reads and writes inside ONE store transaction
+    (:meth:`Store.transaction`). Business outcomes are decided by ``acqhost.rebind`` from what
+    these return; the store only keeps its constraints (one open request per terminal, no
+    rewritten history)."""
+
+    def terminal(self, tid: str) -> Terminal | None: ...
+
+    def operator(self, tid: str, operator_id: str) -> Operator | None: ...
+
+    def set_operator_failures(self, tid: str, operator_id: str, failures: int) -> None: ...
+
+    def versions(self, tid: str) -> list[AccountVersion]:
+        """Every version of the terminal's account, oldest first."""
+
+    def insert_version(self, version: AccountVersion) -> None: ...
+
+    def set_version_state(
+        self, tid: str, version: int, from_states: Sequence[str], state: str, effective_from: float
+    ) -> bool:
+        """Move a version to ``state`` if it is in one of ``from_states``; False otherwise
+        (another process got there first)."""
+
+    def request(self, rf: str) -> RebindRequest | None: ...
+
+    def request_for_message(self, tid: str, stan: str, transmission: str) -> RebindRequest | None:
+        """The request a 0300 with these fields 41, 11 and 7 created (a retransmission)."""
+
+    def latest_request(self, tid: str) -> RebindRequest | None: ...
+
+    def requests(self, state: str | None = None, tid: str | None = None) -> list[RebindRequest]:
+        """Requests, oldest first, optionally of one state and/or one terminal."""
+
+    def insert_request(self, request: RebindRequest) -> None:
+        """ValueError if the terminal already has an open request (or the RF exists)."""
+
+    def decide_request(self, rf: str, decided_by: str, decided_at: float, note: str) -> None: ...
+
+    def due_versions(self, now: float) -> list[AccountVersion]:
+        """APPROVED versions, of every terminal, whose effective_from <= now."""
+
+    def has_test_sale(self, tid: str, version: int) -> bool:
+        """Whether an approved test sale settles to this version."""
+
+    def last_audit(self) -> AuditEntry | None:
+        """The newest audit entry; in a write transaction, appends wait for this one to end."""
+
+    def insert_audit(self, entry: AuditEntry) -> None: ...
+
+    def audit_entries(self) -> list[AuditEntry]:
+        """The whole audit log, in order."""
+
+
 class Store(Protocol):
     """Synchronous store. Each method is one transaction. Implementations are safe to call
     from one thread at a time per instance; the server gives the group committer its own
@@ -199,8 +311,15 @@ class Store(Protocol):
 
     # -- settlement accounts ---------------------------------------------------------------
     def current_account(self, tid: str, now: float) -> AccountVersion | None:
-        """The version in force: the latest ACTIVE (or VERIFIED, which is ACTIVE plus a first
-        approved test sale) version whose effective_from <= now."""
+        """The version in force: the latest ACTIVE, VERIFIED (ACTIVE plus a first approved
+        test sale) or APPROVED (ACTIVE once effective) version whose effective_from <= now."""
+
+    def transaction(
+        self, tid: str | None = None, *, write: bool = True
+    ) -> AbstractContextManager[StoreTx]:
+        """One transaction for the rebind flow, committed when the block ends normally and
+        rolled back if it raises. A write transaction naming ``tid`` is serialised with every
+        other one naming it, across processes; ``write=False`` only reads."""
 
     def account_history(self, tid: str) -> list[AccountVersion]: ...
 

@@ -6,20 +6,27 @@ what SQLite's constraints would refuse), nothing durable. One thread at a time.
 
 from __future__ import annotations
 
+import dataclasses
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from acqhost.store.base import (
     IN_FORCE_STATES,
+    OPEN_REBIND_STATES,
     TERMINAL_STATUSES,
     AccountVersion,
+    AuditEntry,
     NewAccount,
     Operator,
+    RebindRequest,
     SaleRecord,
     SaleResult,
     Session,
     StoredSale,
+    StoreTx,
     Terminal,
     format_rrn,
 )
@@ -49,10 +56,33 @@ class MemoryStore:
         self._sales_by_key: dict[tuple[str, str, str], _Sale] = {}  # (tid, stan, local_date)
         self._sales_by_tid: dict[str, list[_Sale]] = {}
         self._last_rowid = 0
+        self._requests: dict[str, _Request] = {}  # by rf, in insertion order
+        self._audit: list[AuditEntry] = []
+        self._lock = threading.RLock()
 
     # -- host ------------------------------------------------------------------------------
     def close(self) -> None:
         """Nothing to release."""
+
+    @contextmanager
+    def transaction(self, tid: str | None = None, *, write: bool = True) -> Iterator[StoreTx]:
+        """One transaction: the rebind flow's tables are copied first and restored if the
+        block raises (a write), or restored whatever happens (a read)."""
+        with self._lock:
+            saved = (
+                dict(self._operators),
+                {tid: list(v) for tid, v in self._accounts.items()},
+                {rf: dataclasses.replace(r) for rf, r in self._requests.items()},
+                list(self._audit),
+            )
+            try:
+                yield _MemoryTx(self)
+                if not write:
+                    raise _ReadOnly
+            except BaseException as error:
+                self._operators, self._accounts, self._requests, self._audit = saved
+                if not isinstance(error, _ReadOnly):
+                    raise
 
     # -- terminals -------------------------------------------------------------------------
     def add_terminal(
@@ -140,7 +170,7 @@ class MemoryStore:
 
     # -- settlement accounts ---------------------------------------------------------------
     def current_account(self, tid: str, now: float) -> AccountVersion | None:
-        """The version in force: the latest ACTIVE (or VERIFIED) version whose
+        """The version in force: the latest APPROVED, ACTIVE or VERIFIED version whose
         effective_from <= now."""
         for version in reversed(self._accounts.get(tid, ())):
             if version.state in IN_FORCE_STATES and version.effective_from <= now:
@@ -236,3 +266,148 @@ class MemoryStore:
             status=stored.status,
             batch_settled=self._batches[(record.tid, record.batch_no)],
         )
+
+
+class _ReadOnly(Exception):
+    """Ends a read transaction by restoring what it may have changed."""
+
+
+@dataclass(slots=True)
+class _Request:
+    tid: str
+    version: int
+    kind: str
+    operator_id: str
+    stan: str
+    transmission: str
+    source: str
+    submitted_at: float
+    decided_by: str
+    decided_at: float | None
+    note: str
+    restores: int | None
+
+
+class _MemoryTx:
+    """``StoreTx`` over a ``MemoryStore``'s dicts, with the constraints SQL would keep."""
+
+    def __init__(self, store: MemoryStore) -> None:
+        self._s = store
+
+    def terminal(self, tid: str) -> Terminal | None:
+        return self._s._terminals.get(tid)
+
+    def operator(self, tid: str, operator_id: str) -> Operator | None:
+        return self._s._operators.get((tid, operator_id))
+
+    def set_operator_failures(self, tid: str, operator_id: str, failures: int) -> None:
+        key = (tid, operator_id)
+        operator = self._s._operators.get(key)
+        if operator is not None:
+            self._s._operators[key] = dataclasses.replace(operator, failures=failures)
+
+    def versions(self, tid: str) -> list[AccountVersion]:
+        return list(self._s._accounts.get(tid, ()))
+
+    def insert_version(self, version: AccountVersion) -> None:
+        versions = self._s._accounts.get(version.tid)
+        if versions is None:
+            raise ValueError(f"rejected by the store: no terminal {version.tid!r}")
+        if version.version != len(versions) + 1:
+            raise ValueError(f"rejected by the store: version {version.version} exists")
+        if version.state in OPEN_REBIND_STATES and any(
+            v.state in OPEN_REBIND_STATES for v in versions
+        ):
+            raise ValueError("rejected by the store: the terminal has an open request")
+        versions.append(version)
+
+    def set_version_state(
+        self, tid: str, version: int, from_states: Sequence[str], state: str, effective_from: float
+    ) -> bool:
+        versions = self._s._accounts.get(tid, [])
+        if not 1 <= version <= len(versions) or versions[version - 1].state not in from_states:
+            return False
+        if state in OPEN_REBIND_STATES and any(
+            v.state in OPEN_REBIND_STATES for v in versions if v.version != version
+        ):
+            raise ValueError("rejected by the store: the terminal has an open request")
+        versions[version - 1] = dataclasses.replace(
+            versions[version - 1], state=state, effective_from=effective_from
+        )
+        return True
+
+    def _view(self, rf: str, r: _Request) -> RebindRequest:
+        state = self._s._accounts[r.tid][r.version - 1].state
+        return RebindRequest(rf, r.tid, r.version, r.kind, r.operator_id, r.stan,
+                             r.transmission, r.source, r.submitted_at, state, r.decided_by,
+                             r.decided_at, r.note, r.restores)  # fmt: skip
+
+    def request(self, rf: str) -> RebindRequest | None:
+        r = self._s._requests.get(rf)
+        return None if r is None else self._view(rf, r)
+
+    def request_for_message(self, tid: str, stan: str, transmission: str) -> RebindRequest | None:
+        found = [
+            self._view(rf, r)
+            for rf, r in self._s._requests.items()
+            if r.kind == "rebind" and (r.tid, r.stan, r.transmission) == (tid, stan, transmission)
+        ]
+        return max(found, key=lambda r: r.submitted_at) if found else None
+
+    def latest_request(self, tid: str) -> RebindRequest | None:
+        mine = self.requests(tid=tid)
+        return max(mine, key=lambda r: r.version) if mine else None
+
+    def requests(self, state: str | None = None, tid: str | None = None) -> list[RebindRequest]:
+        found = [
+            self._view(rf, r) for rf, r in self._s._requests.items() if tid is None or r.tid == tid
+        ]
+        found = [r for r in found if state is None or r.state == state]
+        return sorted(found, key=lambda r: (r.submitted_at, r.rf))
+
+    def insert_request(self, request: RebindRequest) -> None:
+        versions = self._s._accounts.get(request.tid, [])
+        if request.rf in self._s._requests:
+            raise ValueError(f"rejected by the store: request {request.rf!r} exists")
+        if not 1 <= request.version <= len(versions):
+            raise ValueError(f"rejected by the store: no version {request.version}")
+        if any(r.tid == request.tid and r.version == request.version
+               for r in self._s._requests.values()):  # fmt: skip
+            raise ValueError("rejected by the store: the version has a request")
+        r = request
+        self._s._requests[r.rf] = _Request(
+            r.tid, r.version, r.kind, r.operator_id, r.stan, r.transmission, r.source,
+            r.submitted_at, r.decided_by, r.decided_at, r.note, r.restores,
+        )  # fmt: skip
+
+    def decide_request(self, rf: str, decided_by: str, decided_at: float, note: str) -> None:
+        r = self._s._requests.get(rf)
+        if r is not None:
+            r.decided_by, r.decided_at, r.note = decided_by, decided_at, note
+
+    def due_versions(self, now: float) -> list[AccountVersion]:
+        due = [
+            v
+            for versions in self._s._accounts.values()
+            for v in versions
+            if v.state == "APPROVED" and v.effective_from <= now
+        ]
+        return sorted(due, key=lambda v: (v.effective_from, v.tid))
+
+    def has_test_sale(self, tid: str, version: int) -> bool:
+        return any(
+            s.record.test and s.record.account_version == version and s.status == "approved"
+            for s in self._s._sales_by_tid.get(tid, ())
+        )
+
+    def last_audit(self) -> AuditEntry | None:
+        return self._s._audit[-1] if self._s._audit else None
+
+    def insert_audit(self, entry: AuditEntry) -> None:
+        log = self._s._audit
+        if entry.seq != (log[-1].seq + 1 if log else 1):
+            raise ValueError(f"rejected by the store: audit entry {entry.seq} out of order")
+        log.append(entry)
+
+    def audit_entries(self) -> list[AuditEntry]:
+        return list(self._s._audit)

@@ -152,8 +152,83 @@ BEFORE TRUNCATE ON sales
 FOR EACH STATEMENT EXECUTE FUNCTION acqhost_refuse('sales are never deleted');
 """
 
+_V2 = """
+-- A change of a terminal's settlement account (PROTOCOL.md 5.3): a 0300 submission or an
+-- acquirer's rollback, proposing one new settlement account version. Its state is that
+-- version's state. Only the decision (who, when, why) is ever filled in later.
+CREATE TABLE rebind_requests (
+    rf           TEXT PRIMARY KEY,
+    tid          TEXT NOT NULL REFERENCES terminals (tid),
+    version      INTEGER NOT NULL,
+    kind         TEXT NOT NULL CHECK (kind IN ('rebind', 'rollback')),
+    operator_id  TEXT NOT NULL,
+    stan         TEXT NOT NULL,
+    transmission TEXT NOT NULL,
+    source       TEXT NOT NULL CHECK (source IN ('typed', 'card', 'acquirer')),
+    submitted_at DOUBLE PRECISION NOT NULL,
+    decided_by   TEXT NOT NULL DEFAULT '',
+    decided_at   DOUBLE PRECISION,
+    note         TEXT NOT NULL DEFAULT '',
+    restores     INTEGER,
+    UNIQUE (tid, version),
+    FOREIGN KEY (tid, version) REFERENCES settlement_accounts (tid, version)
+);
+
+-- A retransmitted 0300 (same fields 41, 11 and 7) finds the request it created.
+CREATE INDEX rebind_requests_message ON rebind_requests (tid, stan, transmission);
+
+-- At most one open request (a version waiting for review or for its effective-from) per
+-- terminal: two concurrent submissions yield exactly one.
+CREATE UNIQUE INDEX settlement_accounts_one_open ON settlement_accounts (tid)
+    WHERE state IN ('PENDING_REVIEW', 'APPROVED');
+
+CREATE TRIGGER rebind_requests_no_rewrite
+BEFORE UPDATE OF rf, tid, version, kind, operator_id, stan, transmission, source, submitted_at,
+    restores ON rebind_requests
+FOR EACH ROW EXECUTE FUNCTION
+    acqhost_refuse('rebind requests are never rewritten; only their decision is recorded');
+
+CREATE TRIGGER rebind_requests_no_delete
+BEFORE DELETE ON rebind_requests
+FOR EACH ROW EXECUTE FUNCTION acqhost_refuse('rebind requests are never deleted');
+
+CREATE TRIGGER rebind_requests_no_truncate
+BEFORE TRUNCATE ON rebind_requests
+FOR EACH STATEMENT EXECUTE FUNCTION acqhost_refuse('rebind requests are never deleted');
+
+-- Append-only, hash-chained log of every state change (acqhost.audit). The triggers stop
+-- accidents; `acqhost audit verify` detects deliberate edits made around them.
+CREATE TABLE audit_log (
+    seq         BIGINT PRIMARY KEY CHECK (seq >= 1),
+    at          DOUBLE PRECISION NOT NULL,
+    actor       TEXT NOT NULL,
+    action      TEXT NOT NULL,
+    tid         TEXT NOT NULL,
+    subject     TEXT NOT NULL,
+    detail      TEXT NOT NULL,
+    prev_digest BYTEA NOT NULL,
+    digest      BYTEA NOT NULL
+);
+
+CREATE TRIGGER audit_log_no_update
+BEFORE UPDATE ON audit_log
+FOR EACH ROW EXECUTE FUNCTION acqhost_refuse('the audit log is append-only');
+
+CREATE TRIGGER audit_log_no_delete
+BEFORE DELETE ON audit_log
+FOR EACH ROW EXECUTE FUNCTION acqhost_refuse('the audit log is append-only');
+
+CREATE TRIGGER audit_log_no_truncate
+BEFORE TRUNCATE ON audit_log
+FOR EACH STATEMENT EXECUTE FUNCTION acqhost_refuse('the audit log is append-only');
+
+-- The first approved test sale on a version verifies it.
+CREATE INDEX sales_test ON sales (tid, account_version) WHERE test;
+"""
+
 MIGRATIONS: list[tuple[int, str]] = [
     (1, _V1),
+    (2, _V2),
 ]
 
 

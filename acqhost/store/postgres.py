@@ -25,6 +25,7 @@ from acqhost.store._sql import (
     ACCOUNT_COLUMNS,
     SALE_SELECT,
     TERMINAL_COLUMNS,
+    SQLTx,
     account_v1_params,
     check_new_terminal,
     operator_params,
@@ -42,6 +43,7 @@ from acqhost.store.base import (
     SchemaVersionError,
     Session,
     StoredSale,
+    StoreTx,
     Terminal,
     format_rrn,
 )
@@ -51,6 +53,8 @@ __all__ = ("PostgresStore",)
 # pg_advisory_xact_lock key serialising migrations of one database (advisory locks are per
 # database, so databases on one server do not wait for each other). "acqhost" in ASCII.
 MIGRATION_LOCK = 0x61_63_71_68_6F_73_74
+# pg_advisory_xact_lock key serialising appends to the audit log's hash chain.
+AUDIT_LOCK = MIGRATION_LOCK + 1
 
 # Every sale of a call in one statement (one round trip): one array per column, unnested in
 # order, so the identity hands out RRNs in the order of the call.
@@ -135,6 +139,25 @@ class PostgresStore:
                 yield cur
         except psycopg.errors.IntegrityError as error:
             raise ValueError(f"rejected by the store: {error}") from error
+
+    @contextmanager
+    def transaction(self, tid: str | None = None, *, write: bool = True) -> Iterator[StoreTx]:
+        """One transaction for the rebind flow. A write transaction naming ``tid`` first locks
+        the terminal's row, so writers of one terminal (in any process) go one at a time;
+        appends to the audit log take an advisory lock, so its chain has one order."""
+        with self._transaction() as cur:
+            statements: dict[str, str] = {}
+
+            def execute(sql: str, params: tuple[Any, ...]) -> psycopg.Cursor[tuple[Any, ...]]:
+                text = statements.get(sql)
+                if text is None:
+                    text = statements[sql] = sql.replace("?", "%s")
+                return cur.execute(text, params)
+
+            if write and tid is not None:
+                cur.execute("SELECT 1 FROM terminals WHERE tid = %s FOR UPDATE", (tid,))
+            lock = f"SELECT pg_advisory_xact_lock({AUDIT_LOCK})" if write else None
+            yield SQLTx(execute, write=write, lock_audit=lock)
 
     # -- terminals -------------------------------------------------------------------------
     def add_terminal(
@@ -226,12 +249,12 @@ class PostgresStore:
 
     # -- settlement accounts ---------------------------------------------------------------
     def current_account(self, tid: str, now: float) -> AccountVersion | None:
-        """The version in force: the latest ACTIVE (or VERIFIED) version whose
-        effective_from <= now."""
+        """The version in force: the latest APPROVED, ACTIVE or VERIFIED version whose
+        effective_from <= now (APPROVED is ACTIVE from then on, recorded or not)."""
         with self._transaction() as cur:
             row = cur.execute(
                 f"SELECT {ACCOUNT_COLUMNS} FROM settlement_accounts "
-                "WHERE tid = %s AND state IN (%s, %s) AND effective_from <= %s "
+                "WHERE tid = %s AND state IN (%s, %s, %s) AND effective_from <= %s "
                 "ORDER BY version DESC LIMIT 1",
                 (tid, *IN_FORCE_STATES, now),
             ).fetchone()

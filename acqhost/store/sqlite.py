@@ -20,6 +20,7 @@ from acqhost.store._sql import (
     ACCOUNT_COLUMNS,
     SALE_SELECT,
     TERMINAL_COLUMNS,
+    SQLTx,
     account_v1_params,
     check_new_terminal,
     operator_params,
@@ -37,6 +38,7 @@ from acqhost.store.base import (
     SchemaVersionError,
     Session,
     StoredSale,
+    StoreTx,
     Terminal,
     format_rrn,
 )
@@ -99,6 +101,22 @@ class SQLiteStore:
         except BaseException:
             self._rollback()
             raise
+
+    @contextmanager
+    def transaction(self, tid: str | None = None, *, write: bool = True) -> Iterator[StoreTx]:
+        """One transaction for the rebind flow. A write transaction holds the file's write
+        lock from its start (which serialises it with every writer, of any terminal); a read
+        transaction sees one snapshot and never waits for the writer."""
+        if write:
+            with self._write() as conn:
+                yield SQLTx(conn.execute, write=True)
+            return
+        conn = self._conn
+        conn.execute("BEGIN")
+        try:
+            yield SQLTx(conn.execute, write=False)
+        finally:
+            self._rollback()
 
     def _rollback(self) -> None:
         # SQLite may already have rolled back on its own (e.g. a full disk).
@@ -186,11 +204,11 @@ class SQLiteStore:
 
     # -- settlement accounts ---------------------------------------------------------------
     def current_account(self, tid: str, now: float) -> AccountVersion | None:
-        """The version in force: the latest ACTIVE (or VERIFIED) version whose
-        effective_from <= now."""
+        """The version in force: the latest APPROVED, ACTIVE or VERIFIED version whose
+        effective_from <= now (APPROVED is ACTIVE from then on, recorded or not)."""
         row = self._conn.execute(
             f"SELECT {ACCOUNT_COLUMNS} FROM settlement_accounts "
-            "WHERE tid = ? AND state IN (?, ?) AND effective_from <= ? "
+            "WHERE tid = ? AND state IN (?, ?, ?) AND effective_from <= ? "
             "ORDER BY version DESC LIMIT 1",
             (tid, *IN_FORCE_STATES, now),
         ).fetchone()

@@ -1,0 +1,192 @@
+"""Settlement-account change, 0300 -> 0310 (PROTOCOL.md 5.3): submit, inquire, cancel.
+
+The stages check formats (30) and retransmissions (94) from what the event loop may read
+cheaply; everything else is decided by :mod:`acqhost.rebind` inside one store transaction run
+by the ledger writer, after the operator's password was checked with argon2id in a thread of
+its own (a tenth of a second that must not stall the loop or the group commit).
+
+Order of the checks of a submit, first failure wins (PROTOCOL.md 3 puts formats first):
+30 formats (OP, PW, NM, BK of 12 digits, AC digits or a readable track 2, a PW that opens under
+the session key) -> 94 retransmission of an accepted submit (same 41, 11, 7; the answer names
+its request) -> 55/75 operator password -> 14 account number -> 05 NAME_MISMATCH -> 05
+SAME_ACCOUNT -> 05 PENDING_EXISTS -> 65 too soon after the last accepted change.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from acqhost import crypto, rebind
+from acqhost.errors import Decline
+from acqhost.pipeline.context import Context, Effect
+from acqhost.pipeline.sale import track2_card
+from acqhost.store.base import Store
+from acqhost.tlv import encode_tlv
+
+if TYPE_CHECKING:
+    from acqhost.pipeline.host import Pipeline
+
+__all__ = (
+    "FILE_NAME",
+    "REBIND_ECHO",
+    "REBIND_FIELDS",
+    "cancel",
+    "file_name",
+    "inquire",
+    "submit",
+)
+
+FILE_NAME = "SETTLEACCT"  # field 101 of a settlement-account change
+REBIND_FIELDS = ("7", "11", "41", "42")
+REBIND_ECHO = ("7", "11", "41", "42", "91", "101")
+
+
+def file_name(host: Pipeline, ctx: Context) -> None:
+    """A submit must name the file it changes (30 without 101); any file but SETTLEACCT is
+    one this host does not keep (12)."""
+    name = ctx.req.get("101")
+    if name is None:
+        if ctx.req.get("91") == "2":
+            raise Decline("30", "MISSING_101")
+        return
+    if name.strip() != FILE_NAME:
+        raise Decline("12", "UNKNOWN_FILE")
+
+
+def _text(ctx: Context, tag: str) -> str:
+    value = ctx.tlv.get(tag, "").strip()
+    if not value:
+        raise Decline("30", f"MISSING_{tag}")
+    return value
+
+
+class _SubmitJob:
+    """One submit's work off the event loop: the password check (``pre``, its own thread),
+    then the decision (``call``, in the ledger writer's transaction)."""
+
+    def __init__(
+        self,
+        host: Pipeline,
+        sub: rebind.Submission,
+        password: str,
+        password_hash: bytes | None,
+        now: float,
+    ) -> None:
+        self.host = host
+        self.sub = sub
+        self._password = password
+        self._hash = password_hash
+        self.now = now
+        self.password_ok = False
+
+    def check_password(self) -> None:
+        if self._hash is not None:
+            self.password_ok = crypto.verify_password(self._hash, self._password)
+        self._password = ""
+
+    def apply(self, store: Store) -> rebind.Outcome:
+        host = self.host
+        with store.transaction(self.sub.tid) as tx:
+            return rebind.submit(
+                tx,
+                host.host_keys.data_key,
+                self.sub,
+                password_ok=self.password_ok,
+                policy=host.config.rebind,
+                now=self.now,
+            )
+
+
+def submit(host: Pipeline, ctx: Context) -> None:
+    """91 = 2: format checks, the retransmission check, then the effect that decides."""
+    req, terminal, keys = ctx.req, ctx.terminal, ctx.keys
+    assert terminal is not None and keys is not None
+    operator_id = _text(ctx, "OP")
+    sealed_password = _text(ctx, "PW")
+    holder = _text(ctx, "NM")
+    bank_code = _text(ctx, "BK")
+    if len(bank_code) != 12 or not (bank_code.isdigit() and bank_code.isascii()):
+        raise Decline("30", "FORMAT_BK")
+    account = ctx.tlv.get("AC", "").strip()
+    if account:
+        if not (account.isdigit() and account.isascii()):
+            raise Decline("30", "FORMAT_AC")
+        source = "typed"
+    elif "35" in req:
+        account = track2_card(req["35"])[0]
+        source = "card"
+    else:
+        raise Decline("30", "MISSING_AC")
+    try:
+        password = crypto.decrypt_password(keys.rx_enc, sealed_password)
+    except crypto.CryptoError:
+        raise Decline("30", "FORMAT_PW") from None
+    with host.store.transaction(write=False) as tx:
+        earlier = tx.request_for_message(terminal.tid, req["11"], req["7"])
+        if earlier is not None:
+            raise Decline("94", "DUPLICATE", rebind.describe(tx, earlier))
+        operator = tx.operator(terminal.tid, operator_id)
+    locked = operator is not None and operator.failures >= host.config.rebind.operator_max_failures
+    job = _SubmitJob(
+        host,
+        rebind.Submission(
+            tid=terminal.tid,
+            operator_id=operator_id,
+            stan=req["11"],
+            transmission=req["7"],
+            holder=holder,
+            bank_code=bank_code,
+            branch=ctx.tlv.get("BR", "").strip(),
+            account=account,
+            source=source,
+        ),
+        password,
+        None if operator is None else operator.password_hash,
+        ctx.now,
+    )
+    # No argon2id for an unknown or locked-out operator: the answer is 55 or 75 regardless.
+    pre = None if operator is None or locked else job.check_password
+    ctx.effect = Effect(call=job.apply, pre=pre, then=_answer)
+    ctx.log["operator"] = operator_id
+    ctx.log["source"] = source
+
+
+def inquire(host: Pipeline, ctx: Context) -> None:
+    """91 = 5: the request named by 48 RF, or the terminal's latest; 25 when there is none."""
+    assert ctx.terminal is not None
+    with host.store.transaction(write=False) as tx:
+        request = rebind.find(tx, ctx.terminal.tid, ctx.tlv.get("RF", "").strip() or None)
+        if request is None:
+            raise Decline("25", "NO_SUCH_REQUEST")
+        ctx.resp["48"] = _elements(rebind.describe(tx, request))
+    ctx.log["rf"] = request.rf
+
+
+def cancel(host: Pipeline, ctx: Context) -> None:
+    """91 = 3: cancel the pending request named by 48 RF (decided in the ledger writer)."""
+    assert ctx.terminal is not None
+    rf = _text(ctx, "RF")
+    tid, now = ctx.terminal.tid, ctx.now
+    key = host.host_keys.data_key
+
+    def apply(store: Store) -> rebind.Outcome:
+        with store.transaction(tid) as tx:
+            return rebind.cancel(tx, key, tid, rf, now)
+
+    ctx.effect = Effect(call=apply, then=_answer)
+    ctx.log["rf"] = rf
+
+
+def _answer(host: Pipeline, ctx: Context, outcome: Any) -> None:
+    """The 0310 from what the transaction decided."""
+    assert isinstance(outcome, rebind.Outcome)
+    if outcome.request is not None:
+        ctx.log["rf"] = outcome.request.rf
+    if outcome.code != "00":
+        raise Decline(outcome.code, outcome.reason, outcome.elements)
+    ctx.resp["48"] = _elements(outcome.elements)
+    ctx.log["state"] = outcome.elements.get("ST")
+
+
+def _elements(elements: dict[str, str]) -> str:
+    return encode_tlv(elements)
