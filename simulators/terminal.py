@@ -262,6 +262,58 @@ class TerminalClient:
             }
         )
 
+    # -- settlement-account change (rebind), PROTOCOL.md 5.3 --------------------------------
+
+    def rebind_fields(self, code: str, elements: dict[str, str], **extra: str) -> dict[str, str]:
+        t = self.now_fields()
+        fields = {"t": "0300", "7": t["7"], "11": self.stan(), "41": self.tid, "42": self.mid,
+                  "91": code, "101": "SETTLEACCT", **extra}  # fmt: skip
+        if elements:
+            fields["48"] = encode_tlv(elements)
+        return fields
+
+    def submit_fields(
+        self,
+        *,
+        operator_id: str,
+        password: str,
+        holder: str,
+        bank_code: str,
+        account: str | None = None,
+        card_track2: str | None = None,
+        branch: str = "",
+    ) -> dict[str, str]:
+        """A submit: the new card typed (48 AC) or inserted (its track 2 in field 35). The
+        operator password travels encrypted under the session (48 PW)."""
+        if self.keys is None:
+            raise TerminalError("not signed on")
+        elements = {"OP": operator_id, "PW": crypto.encrypt_password(self.keys.tx_enc, password),
+                    "NM": holder, "BK": bank_code}  # fmt: skip
+        if branch:
+            elements["BR"] = branch
+        extra: dict[str, str] = {}
+        if account is not None:
+            elements["AC"] = account
+        if card_track2 is not None:
+            extra["35"] = card_track2
+        return self.rebind_fields("2", elements, **extra)
+
+    async def rebind_submit(self, **kwargs: Any) -> Exchange:
+        """Submit a change of settlement account (see :meth:`submit_fields`)."""
+        return await self.request(self.submit_fields(**kwargs))
+
+    async def rebind_inquire(self, rf: str | None = None) -> Exchange:
+        """The state of request ``rf``, or of the terminal's latest request."""
+        fields = self.rebind_fields("5", {"RF": rf} if rf else {})
+        del fields["101"]
+        return await self.request(fields)
+
+    async def rebind_cancel(self, rf: str) -> Exchange:
+        """Cancel a request still waiting for review."""
+        fields = self.rebind_fields("3", {"RF": rf})
+        del fields["101"]
+        return await self.request(fields)
+
 
 # -- command line ----------------------------------------------------------------------------
 
@@ -273,7 +325,13 @@ def describe(title: str, ex: Exchange) -> str:
         if name in r:
             parts.append(f"{label}={r[name]}")
     tlv = ex.tlv if "48" in r else {}
-    if "SA" in tlv:
+    if "RF" in tlv:
+        parts.append(f"request {tlv['RF']} {tlv.get('ST', '')}")
+        if "SA" in tlv:
+            parts.append(f"new account {tlv['SA']}")
+        if "EF" in tlv:
+            parts.append(f"effective from {tlv['EF']} UTC")
+    elif "SA" in tlv:
         parts.append(f"settles to {tlv['SA']} (version {tlv.get('SV')}, bank {tlv.get('BK')})")
     if "RS" in tlv:
         parts.append(f"reason={tlv['RS']}")
