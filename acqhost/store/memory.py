@@ -67,8 +67,11 @@ class MemoryStore:
     @contextmanager
     def transaction(self, tid: str | None = None, *, write: bool = True) -> Iterator[StoreTx]:
         """One transaction: the rebind flow's tables are copied first and restored if the
-        block raises (a write), or restored whatever happens (a read)."""
+        block raises (a read only reads: nothing to copy)."""
         with self._lock:
+            if not write:
+                yield _MemoryTx(self)
+                return
             saved = (
                 dict(self._operators),
                 {tid: list(v) for tid, v in self._accounts.items()},
@@ -77,12 +80,9 @@ class MemoryStore:
             )
             try:
                 yield _MemoryTx(self)
-                if not write:
-                    raise _ReadOnly
-            except BaseException as error:
+            except BaseException:
                 self._operators, self._accounts, self._requests, self._audit = saved
-                if not isinstance(error, _ReadOnly):
-                    raise
+                raise
 
     # -- terminals -------------------------------------------------------------------------
     def add_terminal(
@@ -266,10 +266,6 @@ class MemoryStore:
             status=stored.status,
             batch_settled=self._batches[(record.tid, record.batch_no)],
         )
-
-
-class _ReadOnly(Exception):
-    """Ends a read transaction by restoring what it may have changed."""
 
 
 @dataclass(slots=True)
