@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import sqlite3
 from collections.abc import Iterator
+from contextlib import closing
 from dataclasses import replace
 from pathlib import Path
 
@@ -52,21 +53,15 @@ def open_backend(kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> S
 
 @pytest.fixture(params=["memory", "sqlite", "postgres"])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
-    opened = open_backend(request.param, request, tmp_path)
-    try:
+    with closing(open_backend(request.param, request, tmp_path)) as opened:
         yield opened
-    finally:
-        opened.close()
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
 def database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
     """The durable backends only: what has triggers to drop and rows to tamper with."""
-    opened = open_backend(request.param, request, tmp_path)
-    try:
+    with closing(open_backend(request.param, request, tmp_path)) as opened:
         yield opened
-    finally:
-        opened.close()
 
 
 def sub(account: str = NEW, **changes: object) -> Submission:
