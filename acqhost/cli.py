@@ -1,4 +1,6 @@
-"""The ``acqhost`` command: initialise a store, register terminals, serve."""
+"""The ``acqhost`` command: initialise a store, register terminals, serve; and the acquirer's
+side of settlement-account changes: review, account history and rollback, signed vouchers,
+operator unlock and the audit log's check."""
 
 from __future__ import annotations
 
@@ -9,7 +11,8 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Sequence
+import unicodedata
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -179,11 +182,22 @@ def cmd_terminal_list(args: argparse.Namespace) -> int:
             )
     finally:
         store.close()
-    header = ("TID", "MID", "STATUS", "ACCOUNT", "VER", "MERCHANT")
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    for row in [header, *rows]:
-        print("  ".join(str(v).ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+    _table(("TID", "MID", "STATUS", "ACCOUNT", "VER", "MERCHANT"), rows)
     return 0
+
+
+def _width(text: str) -> int:
+    """Columns ``text`` takes on a terminal: holder names in Chinese take two per character."""
+    return sum(2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
+    """Print rows under a header, each column as wide as its widest value."""
+    cells = [[str(v) for v in row] for row in [header, *rows]]
+    widths = [max(_width(r[i]) for r in cells) for i in range(len(header))]
+    for row in cells:
+        padded = (v + " " * (w - _width(v)) for v, w in zip(row, widths, strict=True))
+        print("  ".join(padded).rstrip())
 
 
 def cmd_terminal_disable(args: argparse.Namespace) -> int:
@@ -324,7 +338,83 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.add_argument("tid")
     p.set_defaults(func=cmd_terminal_disable)
+    _add_account_commands(sub)
     return parser
+
+
+def _group(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser], name: str, text: str
+) -> argparse._SubParsersAction[argparse.ArgumentParser]:
+    group = sub.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
+    return group.add_subparsers(dest=f"{name}_command", required=True, metavar="ACTION")
+
+
+def _command(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser],
+    name: str,
+    text: str,
+    func: Callable[[argparse.Namespace], int],
+) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
+    _add_common(p)
+    p.set_defaults(func=func)
+    return p
+
+
+def _add_account_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """The acquirer's commands for settlement-account changes (acqhost.cli_rebind)."""
+    from acqhost import cli_rebind as c  # it imports this module's helpers
+
+    def by(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--by", required=True, metavar="NAME", help="who (kept in the audit log)")
+
+    g = _group(sub, "rebind", "review settlement-account change requests")
+    p = _command(g, "list", "list change requests, oldest first", c.cmd_rebind_list)
+    p.add_argument("--state", help="only requests in this state (e.g. PENDING_REVIEW)")
+    p.add_argument("--tid", help="only this terminal's requests")
+    p = _command(g, "show", "everything about one request", c.cmd_rebind_show)
+    p.add_argument("rf", metavar="RF", type=str.upper, help="rebind reference (16 characters)")
+    p = _command(g, "approve", "approve a pending request", c.cmd_rebind_approve)
+    p.add_argument("rf", metavar="RF", type=str.upper)
+    by(p)
+    p = _command(g, "reject", "reject a pending request, saying why", c.cmd_rebind_reject)
+    p.add_argument("rf", metavar="RF", type=str.upper)
+    by(p)
+    p.add_argument("--reason", required=True, metavar="TEXT", help="why (the merchant sees it)")
+    text = "a voucher of a change signed by the host, for the merchant to keep"
+    p = _command(g, "voucher", text, c.cmd_rebind_voucher)
+    p.add_argument("rf", metavar="RF", type=str.upper)
+    p.add_argument("--out", metavar="FILE", help="write it to FILE (never overwritten)")
+
+    g = _group(sub, "account", "show, trace and roll back a terminal's settlement account")
+    p = _command(g, "show", "the account in force now and any open change", c.cmd_account_show)
+    p.add_argument("tid", metavar="TID")
+    p = _command(g, "history", "every version of the account", c.cmd_account_history)
+    p.add_argument("tid", metavar="TID")
+    p = _command(
+        g, "rollback", "restore an earlier version as a new version", c.cmd_account_rollback
+    )
+    p.add_argument("tid", metavar="TID")
+    p.add_argument("--to-version", type=int, required=True, metavar="N", help="version to restore")
+    by(p)
+    p.add_argument("--reason", metavar="TEXT", help="why (kept with the new version)")
+
+    g = _group(sub, "voucher", "check a change voucher")
+    p = _command(g, "verify", "check a voucher's signature and content", c.cmd_voucher_verify)
+    p.add_argument("file", metavar="FILE")
+    text = "the host's Ed25519 public key, hex (default: the host key file's)"
+    p.add_argument("--host-public-key", metavar="HEX", help=text)
+
+    g = _group(sub, "audit", "check the audit log")
+    _command(g, "verify", "check the audit log's hash chain and states", c.cmd_audit_verify)
+
+    g = _group(sub, "operator", "manage terminal operators")
+    p = _command(
+        g, "unlock", "clear an operator's wrong-password count (after 75)", c.cmd_operator_unlock
+    )
+    p.add_argument("tid", metavar="TID")
+    p.add_argument("operator_id", metavar="OPERATOR_ID")
+    by(p)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
