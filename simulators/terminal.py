@@ -1,4 +1,5 @@
-"""POS terminal simulator: signs on, echoes, sells, test-sells and reverses against a host.
+"""POS terminal simulator: signs on, echoes, sells, test-sells, reverses and changes its
+settlement account (submit, inquire, cancel) against a host.
 
 ``TerminalClient`` is the terminal side of PROTOCOL.md (sign-on with Ed25519 and crypto_kx,
 MAC'd requests, verified responses) over anyio, so tests drive it on asyncio and trio alike;
@@ -318,9 +319,36 @@ class TerminalClient:
 # -- command line ----------------------------------------------------------------------------
 
 
+# What a response code means (PROTOCOL.md 3), printed beside a code other than 00.
+RESPONSE_CODES = {
+    "03": "unknown terminal",
+    "05": "do not honour",
+    "12": "invalid transaction",
+    "13": "invalid amount",
+    "14": "invalid card or account number",
+    "25": "original not found",
+    "30": "format error",
+    "54": "expired card",
+    "55": "incorrect operator password",
+    "58": "not permitted to terminal",
+    "61": "exceeds amount limit",
+    "63": "security violation",
+    "65": "exceeds frequency limit",
+    "75": "operator password tries exceeded",
+    "94": "duplicate transmission",
+    "95": "reconcile error",
+    "96": "system malfunction",
+}
+
+
 def describe(title: str, ex: Exchange) -> str:
+    """One line for an exchange: its MTIs, response code and what field 48 says (account
+    numbers only as the host masked them)."""
     r = ex.response
-    parts = [f"{title}: {ex.request['t']} -> {r.get('t')} rc={ex.rc}"]
+    rc = ex.rc
+    meaning = RESPONSE_CODES.get(rc)
+    parts = [f"{title}: {ex.request['t']} -> {r.get('t')} rc={rc}"
+             + (f" ({meaning})" if meaning else "")]  # fmt: skip
     for name, label in (("37", "rrn"), ("38", "auth")):
         if name in r:
             parts.append(f"{label}={r[name]}")
@@ -358,6 +386,8 @@ async def run_demo(client: TerminalClient, amount: int) -> list[Exchange]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """``acqhost-terminal``: 0 when the host answered the last request 00, 1 when it declined,
+    2 when it could not be reached or trusted."""
     parser = argparse.ArgumentParser(
         prog="acqhost-terminal", description="POS terminal simulator for acqhost (ACQ1)."
     )
@@ -372,8 +402,45 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("amount", type=int)
     p.add_argument("--test", action="store_true", help="a test sale (48 TS=1)")
     sub.add_parser("echo", help="an echo test")
+    p = sub.add_parser(
+        "rebind",
+        help="sign on, then ask to change the settlement account (0300, 91=2)",
+        description="Sign on, then submit a change of the terminal's settlement account. The "
+        "new card is typed (--account) or inserted (--card-track2).",
+    )
+    p.add_argument("--operator-id", required=True, help="the terminal operator's id (48 OP)")
+    p.add_argument("--password", required=True, help="the operator's password (sent encrypted)")
+    p.add_argument("--holder", required=True, help="account holder name (48 NM)")
+    p.add_argument("--bank-code", required=True, help="12-digit CNAPS bank code (48 BK)")
+    card = p.add_mutually_exclusive_group(required=True)
+    card.add_argument("--account", help="the new account number, typed (48 AC)")
+    card.add_argument("--card-track2", help="track 2 of the inserted new card (field 35)")
+    p.add_argument("--branch", default="", help="branch name (48 BR)")
+    p = sub.add_parser("inquire", help="sign on, then ask how a settlement-account change stands")
+    p.add_argument("--rf", help="the request's reference (default: the latest request)")
+    p = sub.add_parser("cancel", help="sign on, then cancel a change still waiting for review")
+    p.add_argument("--rf", required=True, help="the request's reference")
     args = parser.parse_args(argv)
     client = TerminalClient.from_file(args.key_file, host=args.host, port=args.port)
+
+    async def signed_on_request() -> tuple[str, Exchange]:
+        if args.command == "sale":
+            return "test sale" if args.test else "sale", await client.sale(
+                args.amount, test=args.test
+            )
+        if args.command == "rebind":
+            return "rebind", await client.rebind_submit(
+                operator_id=args.operator_id,
+                password=args.password,
+                holder=args.holder,
+                bank_code=args.bank_code,
+                account=args.account,
+                card_track2=args.card_track2,
+                branch=args.branch,
+            )
+        if args.command == "inquire":
+            return "rebind inquiry", await client.rebind_inquire(args.rf)
+        return "rebind cancel", await client.rebind_cancel(args.rf)
 
     async def go() -> int:
         if args.command == "demo":
@@ -388,8 +455,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(describe("sign-on", ex))
             if ex.rc != "00":
                 return 1
-            ex = await client.sale(args.amount, test=args.test)
-            print(describe("test sale" if args.test else "sale", ex))
+            title, ex = await signed_on_request()
+            print(describe(title, ex))
             return 0 if ex.rc == "00" else 1
 
     try:
