@@ -202,6 +202,11 @@ def submit(
     if not (12 <= len(account) <= 19 and crypto.luhn_ok(account)):
         return Outcome("14", "BAD_ACCOUNT")
     versions = tx.versions(sub.tid)
+    if any(v.state == "APPROVED" and v.effective_from <= now for v in versions):
+        # In force (ACTIVE) since its effective-from, but not yet recorded so (host processes
+        # do that every second): record it now, or it would be taken for an open request.
+        activate_due(tx, key, now)
+        versions = tx.versions(sub.tid)
     current = in_force(versions, now)
     if current is None:  # every terminal is registered with version 1: our fault
         raise RuntimeError(f"terminal {sub.tid} has no settlement account in force")

@@ -139,18 +139,6 @@ def reading(setup: HostSetup) -> Iterator[StoreTx]:
         store.close()
 
 
-@contextmanager
-def writing(setup: HostSetup, tid: str | None = None) -> Iterator[tuple[StoreTx, bytes]]:
-    """A write transaction (as the acquirer's tools make one) and the host data key."""
-    key = crypto.HostKeys.load(setup.config.key_path).data_key
-    store = open_store(setup.config.db)
-    try:
-        with store.transaction(tid) as tx:
-            yield tx, key
-    finally:
-        store.close()
-
-
 async def wait_state(client: TerminalClient, rf: str, state: str, seconds: float = 5.0) -> None:
     """Inquire until the request is in ``state`` (activation runs every second)."""
     with anyio.fail_after(seconds):
@@ -224,14 +212,16 @@ async def test_auto_review_approves_at_once_and_changes_are_paced(tmp_path: Path
         # An approved change not yet in force is still open (PENDING_EXISTS comes before 65).
         third = submit_fields(client, account=THIRD_ACCOUNT)
         expect(await client.request(third), "05", RS="PENDING_EXISTS", RF=rf)
+        # From EF on the change is in force (ACTIVE), whether or not a host process has
+        # recorded that yet: no longer open, and another change is too soon (min_interval).
+        await sleep_until(version.effective_from)
+        tlv = expect(await client.request(submit_fields(client, account=ACCOUNT)), "65")
+        assert "RF" not in tlv
+        expect(await client.request(submit_fields(client)), "05", RS="SAME_ACCOUNT")
         await wait_state(client, rf, "ACTIVE")
         sale = await client.sale(100)
         assert (sale.tlv["SA"], sale.tlv["SV"]) == (NEW_SA, "2")
-        # The new account is now the current one; another change is too soon (min_interval).
-        same = submit_fields(client)
-        expect(await client.request(same), "05", RS="SAME_ACCOUNT")
-        tlv = expect(await client.request(submit_fields(client, account=ACCOUNT)), "65")
-        assert "RF" not in tlv
+        expect(await client.request(third), "65")
         with reading(setup) as tx:
             assert len(tx.requests(tid="TERM0001")) == 1
         await client.close()
@@ -441,18 +431,13 @@ def postgres_host(folder: Path, url: str) -> HostSetup:
     return HostSetup(load_config(None, overrides, environ={}), files, folder)
 
 
-def approve(setup: HostSetup, rf: str) -> float:
-    """A reviewer approves ``rf``; when it takes effect."""
-    with writing(setup, "TERM0001") as (tx, key):
-        return rebind.approve(tx, key, rf, "reviewer", setup.config.rebind, time.time())
-
-
-def roll_back(setup: HostSetup, to_version: int) -> str:
-    """The acquirer restores ``to_version`` as a new version; the rollback's RF."""
-    with writing(setup, "TERM0001") as (tx, key):
-        now = time.time()
-        request = rebind.rollback(tx, key, "TERM0001", to_version, "ops", "merchant asked", now)
-    return request.rf
+async def acquirer(setup: HostSetup, toml: Path, *argv: str) -> float:
+    """An acquirer's command (``acqhost ...``) on the host's store and config file, while the
+    host runs; the effective-from of terminal TERM0001's newest version afterwards."""
+    where = ["--config", str(toml), "--db", setup.config.db, "--keys", str(setup.config.key_path)]
+    assert await anyio.to_thread.run_sync(cli, [*argv, *where]) == 0
+    with reading(setup) as tx:
+        return tx.versions("TERM0001")[-1].effective_from
 
 
 async def sale_on(
@@ -506,7 +491,9 @@ async def test_the_whole_story(
         setup = make_host(tmp_path)
     else:
         setup = postgres_host(tmp_path, request.getfixturevalue("pg_url"))
-    with_policy(setup, cooling_off=3.0)
+    toml = tmp_path / "acqhost.toml"  # the host and the acquirer's commands read one policy
+    toml.write_text('[rebind]\nreview = "manual"\ncooling_off = 3\nmin_interval = 0\n')
+    setup.config = dataclasses.replace(setup.config, rebind=load_config(toml, environ={}).rebind)
     sold: dict[str, str] = {}  # RRN -> the SV the 0210 named
 
     async def sale(boundary: float, before: str, after: str, *, test: bool = False) -> Exchange:
@@ -520,7 +507,7 @@ async def test_the_whole_story(
         ex = await client.request(submit_fields(client, branch="Chaoyang"))
         rf = expect_accepted(ex, "PENDING_REVIEW", NEW_SA, now + 3.0)
         await sale(float("inf"), "1", "")
-        ef = await anyio.to_thread.run_sync(approve, setup, rf)
+        ef = await acquirer(setup, toml, "rebind", "approve", rf, "--by", "reviewer")
         assert time.time() + 2.5 < ef  # 3 s of cooling-off from the approval
         tlv = expect(await client.rebind_inquire(rf), "00", RF=rf, ST="APPROVED", SA=NEW_SA)
         assert tlv["EF"] == rebind.ef_text(ef)
@@ -535,16 +522,16 @@ async def test_the_whole_story(
         expect(await client.rebind_inquire(rf), "00", RF=rf, ST="VERIFIED", SA=NEW_SA)
         assert (await client.sale(100)).tlv["SV"] == "2"
 
-        back_rf = await anyio.to_thread.run_sync(roll_back, setup, 1)
-        with reading(setup) as tx:
-            back_ef = tx.versions("TERM0001")[2].effective_from
+        rollback = ("account", "rollback", "TERM0001", "--to-version", "1", "--by", "ops")
+        back_ef = await acquirer(setup, toml, *rollback, "--reason", "merchant asked")
         assert back_ef >= time.time() + rebind.DECISION_LEAD - 0.5
         await sale(back_ef, "2", "3")
         await sleep_until(back_ef)
         ex = await sale(back_ef, "2", "3")
         assert (ex.tlv["SA"], ex.tlv["SV"]) == (OLD_SA, "3")
         await wait_state(client, rf, "ROLLED_BACK")
-        expect(await client.rebind_inquire(), "00", RF=back_rf, ST="ACTIVE", SA=OLD_SA)
+        # The terminal's latest request is now the acquirer's rollback.
+        latest = expect(await client.rebind_inquire(), "00", ST="ACTIVE", SA=OLD_SA)
         await client.close()
 
         with reading(setup) as tx:
@@ -553,7 +540,7 @@ async def test_the_whole_story(
         assert [v.state for v in versions] == ["ACTIVE", "ROLLED_BACK", "ACTIVE"]
         assert [v.account_masked for v in versions] == [OLD_SA, NEW_SA, OLD_SA]
         assert versions[2].account_hash == versions[0].account_hash
-        assert [r.rf for r in requests] == [rf, back_rf]
+        assert [r.rf for r in requests] == [rf, latest["RF"]]
         has(requests[0], kind="rebind", state="ROLLED_BACK", decided_by="reviewer")
         has(requests[1], kind="rollback", state="ACTIVE", restores=1, source="acquirer")
         # Every sale is in the ledger with the version its 0210 named.
