@@ -315,17 +315,22 @@ def cancel(tx: StoreTx, key: bytes, tid: str, rf: str, now: float) -> Outcome:
     if request.state == "CANCELLED":
         return Outcome("00", "", request, describe(tx, request))
     if request.state != "PENDING_REVIEW":
-        return Outcome("05", "NOT_PENDING", request, describe(tx, request))
+        return Outcome("05", "NOT_PENDING", request, describe(tx, request, now))
     _decide(tx, key, request, "CANCELLED", "terminal", "cancelled by the terminal", now)
     request = tx.request(rf)
     assert request is not None
     return Outcome("00", "", request, describe(tx, request))
 
 
-def describe(tx: StoreTx, request: RebindRequest) -> dict[str, str]:
-    """48 RF, ST, EF and SA for a request (no EF once it was rejected or cancelled)."""
+def describe(tx: StoreTx, request: RebindRequest, now: float | None = None) -> dict[str, str]:
+    """48 RF, ST, EF and SA for a request (no EF once it was rejected or cancelled). Given
+    ``now``, an approved change whose effective-from has passed is ACTIVE, as it is in force
+    even before a host process records it so."""
     version = tx.versions(request.tid)[request.version - 1]
-    elements = {"RF": request.rf, "ST": request.state}
+    state = request.state
+    if now is not None and state == "APPROVED" and version.effective_from <= now:
+        state = "ACTIVE"
+    elements = {"RF": request.rf, "ST": state}
     if request.state not in ("REJECTED", "CANCELLED"):
         elements["EF"] = ef_text(version.effective_from)
     elements["SA"] = version.account_masked

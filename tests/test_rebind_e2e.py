@@ -215,6 +215,7 @@ async def test_auto_review_approves_at_once_and_changes_are_paced(tmp_path: Path
         # From EF on the change is in force (ACTIVE), whether or not a host process has
         # recorded that yet: no longer open, and another change is too soon (min_interval).
         await sleep_until(version.effective_from)
+        expect(await client.rebind_inquire(rf), "00", RF=rf, ST="ACTIVE", SA=NEW_SA)
         tlv = expect(await client.request(submit_fields(client, account=ACCOUNT)), "65")
         assert "RF" not in tlv
         expect(await client.request(submit_fields(client)), "05", RS="SAME_ACCOUNT")

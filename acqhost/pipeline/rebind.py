@@ -124,7 +124,7 @@ def submit(host: Pipeline, ctx: Context) -> None:
     with host.store.transaction(write=False) as tx:
         earlier = tx.request_for_message(terminal.tid, req["11"], req["7"])
         if earlier is not None:
-            raise Decline("94", "DUPLICATE", rebind.describe(tx, earlier))
+            raise Decline("94", "DUPLICATE", rebind.describe(tx, earlier, ctx.now))
         operator = tx.operator(terminal.tid, operator_id)
     locked = operator is not None and operator.failures >= host.config.rebind.operator_max_failures
     job = _SubmitJob(
@@ -158,7 +158,7 @@ def inquire(host: Pipeline, ctx: Context) -> None:
         request = rebind.find(tx, ctx.terminal.tid, ctx.tlv.get("RF", "").strip() or None)
         if request is None:
             raise Decline("25", "NO_SUCH_REQUEST")
-        ctx.resp["48"] = _elements(rebind.describe(tx, request))
+        ctx.resp["48"] = _elements(rebind.describe(tx, request, ctx.now))
     ctx.log["rf"] = request.rf
 
 
