@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib.util
 import signal
 from collections import deque
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,7 +28,7 @@ from acqhost.ledger import Ledger, Write
 from acqhost.logging import get_logger
 from acqhost.pipeline.host import Pipeline
 
-__all__ = ("Server", "run_backend")
+__all__ = ("Server", "Service", "run_backend")
 
 log = get_logger("acqhost.server")
 
@@ -86,6 +87,11 @@ class _Connection:
     reading: anyio.CancelScope = field(default_factory=anyio.CancelScope)
 
 
+# A task that lives as long as the server: started with ``task_status`` before the server
+# listens (it calls ``task_status.started()`` when ready), cancelled after the drain.
+Service = Callable[..., Coroutine[Any, Any, None]]
+
+
 class Server:
     """Serves one pipeline on one listener until :meth:`shutdown`."""
 
@@ -98,6 +104,7 @@ class Server:
         self._connections: set[_Connection] = set()
         self._accepting: anyio.CancelScope | None = None  # made inside the event loop
         self._stopping = False
+        self.services: list[Service] = []
 
     def shutdown(self) -> None:
         """Stop accepting and reading; answer what was read; then :meth:`run` returns."""
@@ -130,6 +137,8 @@ class Server:
                     if handle_signals:
                         tg.start_soon(self._watch_signals)
                     tg.start_soon(self._activate_changes)
+                    for service in self.services:
+                        await tg.start(service)
                     log.info("listening", host=cfg.host, port=self.port, framing=cfg.framing)
                     task_status.started(self.port)
                     self._accepting = anyio.CancelScope()

@@ -230,6 +230,28 @@ class Pipeline:
     def sale_seen(self, tid: str, stan: str, local_date: str) -> bool:
         return self.store.sale_exists(tid, stan, local_date)
 
+    def invalidate(self, kind: str, tid: str) -> None:
+        """Forget what is cached of terminal ``tid`` because it changed in the store (another
+        process says so): ``kind`` "terminal", "session" or "account" drops that entry, any
+        other kind every entry of the terminal, and "*" (notifications may have been missed)
+        every cache. Call it in the event loop's thread: the caches are not locked."""
+        if kind == "*":
+            self._terminals.clear()
+            self._sessions.clear()
+            self._accounts.clear()
+            self._batches.clear()
+        elif kind == "terminal":
+            self._terminals.pop(tid, None)
+        elif kind == "session":
+            self._sessions.pop(tid, None)
+        elif kind == "account":
+            self._accounts.pop(tid, None)
+        else:
+            self._terminals.pop(tid, None)
+            self._sessions.pop(tid, None)
+            self._accounts.pop(tid, None)
+            self._batches.pop(tid, None)
+
     # -- one message ---------------------------------------------------------------------------
 
     async def handle(self, frame: bytes) -> bytes | None:

@@ -8,13 +8,20 @@ concurrent writer of the same key and then skips, and the next statement sees th
 row. ``synchronous_commit`` is never left ``off``: an approved sale is durable before its 0210
 leaves.
 
+Several host processes share one database, each caching terminals, session keys and accounts
+for a moment. Every transaction that changes one of those (but not the sales of the hot path)
+also sends ``pg_notify('acqhost_cache', '<kind>:<tid>')``, kind ``terminal``, ``session`` or
+``account``: PostgreSQL delivers it at commit (never for a rollback) to every process listening
+through :meth:`PostgresStore.cache_listener` (``acqhost.store.pg_listen``), which then drops the
+entry at once instead of letting it expire.
+
 The connection string may hold a password: it is kept only to reconnect and never shown.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -47,6 +54,7 @@ from acqhost.store.base import (
     Terminal,
     format_rrn,
 )
+from acqhost.store.pg_listen import CHANNEL, CacheListener
 
 __all__ = ("PostgresStore",)
 
@@ -78,6 +86,10 @@ _EXISTING_SALES = (
     "ON s.tid = k.tid AND s.stan = k.stan AND s.local_date = k.local_date"
 )
 
+# One notification per terminal named, in one round trip (PostgreSQL folds repeats of one
+# payload within a transaction into one).
+_NOTIFY = "SELECT pg_notify(%s::text, %s::text || ':' || tid) FROM unnest(%s::text[]) AS t (tid)"
+
 _Key = tuple[str, str, str]  # (tid, stan, local_date): the duplicate key
 _DEADLOCK_ATTEMPTS = 3
 
@@ -103,6 +115,11 @@ class PostgresStore:
 
     def __repr__(self) -> str:
         return f"<PostgresStore {self._where}>"
+
+    def cache_listener(self, callback: Callable[[str, str], None]) -> CacheListener:
+        """A listener (not yet started) for this database's cache notifications: it calls
+        ``callback(kind, tid)`` from a thread of its own (see ``acqhost.store.pg_listen``)."""
+        return CacheListener(self._conninfo, callback)
 
     def _connect(self) -> psycopg.Connection[tuple[Any, ...]]:
         conn = psycopg.connect(self._conninfo, autocommit=False)
@@ -144,7 +161,9 @@ class PostgresStore:
     def transaction(self, tid: str | None = None, *, write: bool = True) -> Iterator[StoreTx]:
         """One transaction for the rebind flow. A write transaction naming ``tid`` first locks
         the terminal's row, so writers of one terminal (in any process) go one at a time;
-        appends to the audit log take an advisory lock, so its chain has one order."""
+        appends to the audit log take an advisory lock, so its chain has one order. The
+        terminals whose settlement-account versions it adds or moves are announced
+        (``account:<tid>``) when it commits."""
         with self._transaction() as cur:
             statements: dict[str, str] = {}
 
@@ -157,7 +176,11 @@ class PostgresStore:
             if write and tid is not None:
                 cur.execute("SELECT 1 FROM terminals WHERE tid = %s FOR UPDATE", (tid,))
             lock = f"SELECT pg_advisory_xact_lock({AUDIT_LOCK})" if write else None
-            yield SQLTx(execute, write=write, lock_audit=lock)
+            tx = _AnnouncingTx(execute, write=write, lock_audit=lock)
+            yield tx
+            # Not reached when the block raised: nothing is announced for a rollback.
+            if tx.changed:
+                _notify(cur, "account", tx.changed)
 
     # -- terminals -------------------------------------------------------------------------
     def add_terminal(
@@ -196,6 +219,8 @@ class PostgresStore:
                     "VALUES (%s, %s, %s, %s)",
                     operator_params(operator),
                 )
+            # A host that was asked about this tid has "no such terminal" cached.
+            _notify(cur, "terminal", (terminal.tid,))
 
     def get_terminal(self, tid: str) -> Terminal | None:
         """The terminal, or None."""
@@ -219,7 +244,10 @@ class PostgresStore:
             raise ValueError(f"terminal status must be active or disabled: {status!r}")
         with self._transaction() as cur:
             cur.execute("UPDATE terminals SET status = %s WHERE tid = %s", (status, tid))
-            return cur.rowcount == 1
+            if cur.rowcount != 1:
+                return False
+            _notify(cur, "terminal", (tid,))
+            return True
 
     # -- sessions --------------------------------------------------------------------------
     def save_session(self, session: Session) -> None:
@@ -232,6 +260,7 @@ class PostgresStore:
                 "signed_on_at = excluded.signed_on_at",
                 (session.tid, session.sealed_rx, session.sealed_tx, session.signed_on_at),
             )
+            _notify(cur, "session", (session.tid,))
 
     def get_session(self, tid: str) -> Session | None:
         """The terminal's session, or None when it is not signed on."""
@@ -246,6 +275,8 @@ class PostgresStore:
         """Forget the terminal's session keys (sign-off); no error if there are none."""
         with self._transaction() as cur:
             cur.execute("DELETE FROM sessions WHERE tid = %s", (tid,))
+            if cur.rowcount:
+                _notify(cur, "session", (tid,))
 
     # -- settlement accounts ---------------------------------------------------------------
     def current_account(self, tid: str, now: float) -> AccountVersion | None:
@@ -399,6 +430,32 @@ class PostgresStore:
         with self._transaction() as cur:
             rows = cur.execute(SALE_SELECT + "WHERE s.tid = %s ORDER BY s.rrn", (tid,)).fetchall()
         return [stored_sale(row) for row in rows]
+
+
+class _AnnouncingTx(SQLTx):
+    """``SQLTx`` that remembers the terminals whose settlement-account versions it wrote,
+    whichever function of ``acqhost.rebind`` did it (activation names no terminal up front)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.changed: set[str] = set()
+
+    def insert_version(self, v: AccountVersion) -> None:
+        super().insert_version(v)
+        self.changed.add(v.tid)
+
+    def set_version_state(
+        self, tid: str, version: int, from_states: Sequence[str], state: str, effective_from: float
+    ) -> bool:
+        moved = super().set_version_state(tid, version, from_states, state, effective_from)
+        if moved:
+            self.changed.add(tid)
+        return moved
+
+
+def _notify(cur: psycopg.Cursor[tuple[Any, ...]], kind: str, tids: Iterable[str]) -> None:
+    """Announce, at commit, that ``kind`` of these terminals changed (see the module doc)."""
+    cur.execute(_NOTIFY, (CHANNEL, kind, sorted(tids)))
 
 
 def _migrate(conn: psycopg.Connection[tuple[Any, ...]]) -> None:
