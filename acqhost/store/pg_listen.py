@@ -150,10 +150,12 @@ class CacheListener:
 
     def _listen(self, conn: psycopg.Connection[Any]) -> None:
         """Deliver notifications until stopped (returns) or the connection fails (raises)."""
-        fd = conn.fileno()
+        # poll, not select: a busy host's descriptors may be numbered past select's 1024.
+        poller = select.poll()
+        poller.register(conn.fileno(), select.POLLIN)
+        poller.register(self._wake_r, select.POLLIN)
         while True:
-            readable, _, _ = select.select([fd, self._wake_r], [], [])
-            if self._wake_r in readable:
+            if any(fd == self._wake_r for fd, _ in poller.poll()):
                 return
             # timeout=0: what has arrived, without waiting. A connection that died shows up
             # as readable too; reading it raises OperationalError.
