@@ -5,8 +5,9 @@ from __future__ import annotations
 import io
 import json
 import logging
+import re
 from collections.abc import Iterator
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -15,7 +16,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from acqhost.crypto import encrypt_password
-from acqhost.logging import configure_logging, get_logger, mask_sensitive, mask_text
+from acqhost.logging import (
+    configure_logging,
+    get_logger,
+    mask_sensitive,
+    mask_text,
+    message_logger,
+)
 
 PAN = "6222021234567890128"  # Luhn-valid, 19 digits
 PAN16 = "4111111111111111"
@@ -330,3 +337,209 @@ def test_no_more_than_ten_digits_of_a_card_number_survive(
     masked = mask_text(prefix + pan + suffix)
     assert sum(c.isdigit() for c in masked) <= 10
     assert pan not in masked
+
+
+# --- the per-message event's own writer ------------------------------------------------------
+
+_STAMP = re.compile(r'"timestamp": "([^"]*)"')
+# One for the whole module, so that what it remembers between events is tested too.
+_MESSAGES = message_logger("acqhost.message")
+
+
+def _both(
+    stream: io.StringIO,
+    route: Any = "sale",
+    tid: Any = "TERM0001",
+    mti: Any = "0200",
+    stan: Any = "000123",
+    rc: Any = "00",
+    reason: Any = None,
+    latency_ms: Any = 1.25,
+    **extra: Any,
+) -> tuple[str, str]:
+    """The line MessageLogger writes and the line structlog writes for the same event."""
+    start = len(stream.getvalue())
+    _MESSAGES.message(route, tid, mti, stan, rc, reason, latency_ms, dict(extra))
+    middle = len(stream.getvalue())
+    get_logger("acqhost.message").info(
+        "message", route=route, tid=tid, mti=mti, stan=stan, rc=rc, reason=reason,
+        latency_ms=latency_ms, **extra,
+    )  # fmt: skip
+    text = stream.getvalue()
+    return text[start:middle], text[middle:]
+
+
+def _same_line(fast: str, slow: str) -> dict[str, Any]:
+    """Both lines are one JSON object each, equal byte for byte apart from the time; returns
+    the parsed line."""
+    assert fast.endswith("\n") and fast.count("\n") == 1
+    assert _STAMP.sub('"timestamp": "T"', fast) == _STAMP.sub('"timestamp": "T"', slow)
+    parsed_fast, parsed_slow = json.loads(fast), json.loads(slow)
+    assert list(parsed_fast) == list(parsed_slow)  # same keys, same order
+    del parsed_fast["timestamp"], parsed_slow["timestamp"]
+    assert parsed_fast == parsed_slow
+    return dict(json.loads(fast))
+
+
+def _timestamp_shape(stamp: str) -> None:
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{6})?Z", stamp), stamp
+
+
+@pytest.mark.parametrize(
+    "event",
+    [
+        {},
+        {"amount": 12345},
+        {"amount": 12345, "test": True},
+        {"amount": 999_999_999_999},  # above the fast path's range: same line via the chain
+        {"rrn": "000000000042"},
+        {"rc": "94", "reason": "DUPLICATE", "amount": 1},
+        {"route": "undecodable", "tid": None, "stan": None, "rc": "30", "reason": "FORMAT"},
+        {"route": "unknown", "mti": "0100", "rc": "12", "reason": "NO_ROUTE"},
+        {"tid": "张三丰", "reason": 'quote " and \\ and \n'},
+        {"latency_ms": 0.0, "note": None, "ok": False},
+        {"rc": 1, "reason": 1.0},  # equal to True as dict keys, but not the same JSON
+        {"rc": True, "reason": True},
+    ],
+)
+def test_the_message_line_is_the_structlog_line(output: io.StringIO, event: dict[str, Any]) -> None:
+    fast, slow = _both(output, **event)
+    line = _same_line(fast, slow)
+    assert line["event"] == "message"
+    assert line["logger"] == "acqhost.message"
+    assert line["level"] == "info"
+    _timestamp_shape(line["timestamp"])
+    _timestamp_shape(_STAMP.findall(slow)[0])
+
+
+def test_ordinary_sales_take_the_fast_path() -> None:
+    configure_logging("info", stream=io.StringIO())
+    log = message_logger("acqhost.message")
+    assert log._line("sale", "TERM0001", "0200", "000123", "00", None, 0.5, {"amount": 10})
+    assert log._line("reversal", "TERM0001", "0400", "000124", "00", None, 0.5,
+                     {"rrn": "000000000042"})  # fmt: skip
+    assert log._line("sale", "TERM0001", "0200", "000125", "05", "OVER_LIMIT", 0.5, {})
+    # Card data, or an unknown key, leaves it to the chain.
+    assert log._line("sale", "TERM0001", "0200", "000126", "00", PAN, 0.5, {}) is None
+    assert log._line("sale", "TERM0001", "0200", "000127", "00", None, 0.5, {"pan": PAN}) is None
+
+
+def test_card_data_in_the_message_event_is_masked(output: io.StringIO) -> None:
+    fast, slow = _both(
+        output,
+        tid=PAN16,
+        reason=f"card {PAN} track {TRACK2}",
+        stan=PAN,
+        pan=PAN,
+        track2=TRACK2,
+        account=ACCOUNT,
+        password=PASSWORD,
+        field48=FIELD48,
+        note=f"acct {ACCOUNT}",
+        **{PAN: "as a key"},
+    )
+    _secrets_absent(fast)
+    line = _same_line(fast, slow)
+    assert line["reason"] == "card 622202*********0128 track 622202*********0128=*****"
+    assert line["tid"] == "411111******1111"
+    assert line["stan"] == "622202*********0128"
+    assert line["pan"] == "622202*********0128"
+    assert line["track2"] == line["password"] == "***"
+    assert line["account"] == "6217********7890"
+    assert line["622202*********0128"] == "as a key"
+
+
+_ANY_TEXT = st.one_of(
+    st.none(),
+    st.text(max_size=30),
+    st.from_regex(r"[0-9]{1,20}", fullmatch=True),
+    st.sampled_from([PAN, PAN16, TRACK2, ACCOUNT, FIELD48, "PW003abc", "AC0161234", "00"]),
+)
+_ANY_FIELD = st.one_of(_ANY_TEXT, st.integers(), st.booleans(), st.floats())
+_EXTRA_KEYS = st.sampled_from(
+    ["amount", "test", "rrn", "note", "pan", "password", "account", "2", "35", PAN, "x" * 20]
+)
+_EXTRA_VALUES = st.one_of(
+    _ANY_TEXT,
+    st.integers(),
+    st.floats(),
+    st.booleans(),
+    st.lists(st.integers(), max_size=2),
+)
+
+
+@given(
+    route=_ANY_FIELD,
+    tid=_ANY_FIELD,
+    mti=_ANY_FIELD,
+    stan=_ANY_FIELD,
+    rc=_ANY_FIELD,
+    reason=_ANY_FIELD,
+    latency_ms=st.one_of(st.floats(), st.integers()),
+    extra=st.dictionaries(_EXTRA_KEYS, _EXTRA_VALUES, max_size=4),
+)
+def test_any_message_event_is_written_as_structlog_writes_it(
+    route: Any, tid: Any, mti: Any, stan: Any, rc: Any, reason: Any, latency_ms: Any,
+    extra: dict[str, Any],
+) -> None:  # fmt: skip
+    stream = io.StringIO()
+    configure_logging("info", stream=stream)
+    fast, slow = _both(stream, route, tid, mti, stan, rc, reason, latency_ms, **extra)
+    _same_line(fast, slow)
+    for secret in (PAN, PAN16, ACCOUNT, PASSWORD, PW_HEX, "25122011234567800"):
+        assert secret not in fast  # (random digits may hold shorter pieces of them)
+
+
+def test_the_message_event_follows_the_configured_level_and_stream() -> None:
+    quiet, loud = io.StringIO(), io.StringIO()
+    log = message_logger("acqhost.message")
+    configure_logging("warning", stream=quiet)
+    log.message("sale", "TERM0001", "0200", "000123", "00", None, 1.0, {})
+    configure_logging("info", stream=loud)
+    log.message("sale", "TERM0001", "0200", "000124", "00", None, 1.0, {})
+    assert quiet.getvalue() == ""
+    assert [line["stan"] for line in _lines(loud)] == ["000124"]
+
+
+def test_the_message_event_is_seen_by_capture_logs_and_carries_bound_context(
+    output: io.StringIO,
+) -> None:
+    log = message_logger("acqhost.message")
+    with structlog.testing.capture_logs() as captured:
+        log.message("sale", "TERM0001", "0200", "000123", "00", None, 1.0, {"amount": 5})
+    assert captured == [{"route": "sale", "tid": "TERM0001", "mti": "0200", "stan": "000123",
+                         "rc": "00", "reason": None, "latency_ms": 1.0, "amount": 5,
+                         "event": "message", "log_level": "info"}]  # fmt: skip
+    assert output.getvalue() == ""
+    structlog.contextvars.bind_contextvars(peer="127.0.0.1:4000", card=PAN)
+    try:
+        fast, slow = _both(output)
+    finally:
+        structlog.contextvars.clear_contextvars()
+    line = _same_line(fast, slow)
+    assert line["peer"] == "127.0.0.1:4000"
+    assert line["card"] == "622202*********0128"
+    fast, slow = _both(output)  # cleared again: back to the event's own keys
+    assert "peer" not in _same_line(fast, slow)
+
+
+@pytest.mark.parametrize(
+    "ns",
+    [0, 1_700_000_000_000_000_000, 1_700_000_000_000_001_999, 1_700_000_000_999_999_999,
+     4_102_444_799_123_456_789],
+)  # fmt: skip
+def test_the_message_timestamp_is_structlogs_iso_format(ns: int) -> None:
+    log = message_logger("acqhost.message")
+    second, micros = divmod(ns // 1000, 1_000_000)
+    expected = datetime.fromtimestamp(second, UTC).replace(microsecond=micros)
+    assert log._timestamp(ns) == expected.isoformat().replace("+00:00", "Z")
+    assert log._timestamp(ns + 1000) == (expected + timedelta(microseconds=1)).isoformat().replace(
+        "+00:00", "Z"
+    )
+
+
+def test_message_extras_may_not_repeat_the_events_keys(output: io.StringIO) -> None:
+    log = message_logger("acqhost.message")
+    for key in ("tid", "event"):
+        with pytest.raises(TypeError):
+            log.message("sale", "TERM0001", "0200", "000123", "00", None, 1.0, {key: "x"})

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 
 import anyio
@@ -43,3 +44,27 @@ def test_our_own_bug_in_a_stage_is_answered_96_and_logged(json_logs: io.StringIO
     assert any(e["event"] == "stage failed" and "store exploded" in e.get("exception", "")
                for e in events)  # fmt: skip
     assert pipeline.store.sales(bench.TID) == []
+
+
+@pytest.mark.parametrize(
+    ("expiry", "now", "expired"),
+    [
+        ("2511", "2025-11-30T23:59:59", False),  # valid through its last second
+        ("2511", "2025-12-01T00:00:00", True),
+        ("2512", "2025-12-31T23:59:59", False),
+        ("2512", "2026-01-01T00:00:00", True),
+        ("2601", "2025-12-31T23:59:59", False),
+        ("9912", "2026-01-01T00:00:00", False),
+        ("2600", "2025-01-01T00:00:00", True),  # no month 0 or 13
+        ("2613", "2025-01-01T00:00:00", True),
+    ],
+)
+def test_a_card_is_valid_through_its_expiry_month(expiry: str, now: str, expired: bool) -> None:
+    from acqhost.pipeline.sale import _expired
+
+    at = datetime.fromisoformat(now).replace(tzinfo=UTC).timestamp()
+    year_2000 = datetime(2000, 1, 1, tzinfo=UTC).timestamp()
+    # Another day asked in between: the month remembered for one day is not used on another.
+    assert _expired(expiry, at) is expired
+    assert _expired(expiry, year_2000) is (expiry[2:] in ("00", "13"))
+    assert _expired(expiry, at) is expired

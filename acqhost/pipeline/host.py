@@ -19,7 +19,7 @@ from acqhost.config import Config
 from acqhost.crypto import HostKeys, SessionKeys
 from acqhost.errors import Decline
 from acqhost.ledger import Ledger, Write
-from acqhost.logging import get_logger
+from acqhost.logging import get_logger, message_logger
 from acqhost.pipeline import network, rebind, reversal, sale
 from acqhost.pipeline.context import Context
 from acqhost.pipeline.stages import (
@@ -149,6 +149,7 @@ class Pipeline:
         self.clock = clock
         self.routes = build_routes()
         self.log = get_logger("acqhost.message")
+        self.message_log = message_logger("acqhost.message")
         # One event per message at level info; checked here so a quieter host pays nothing.
         self.log_messages = config.log_level.lower() in ("debug", "info")
         self._terminals: dict[str, tuple[float, Terminal | None]] = {}
@@ -369,16 +370,17 @@ class Pipeline:
         out = self.finish(ctx)
         if not self.log_messages:
             return out
-        self.log.info(
-            "message",
-            route=ctx.route,
-            tid=ctx.req.get("41"),
-            mti=ctx.req.get("t"),
-            stan=ctx.req.get("11"),
-            rc=ctx.resp.get("39"),
-            reason=ctx.reason or None,
-            latency_ms=round((time.perf_counter() - ctx.started) * 1000, 3),
-            **ctx.log,
+        req = ctx.req
+        # What self.log.info("message", route=..., ..., **ctx.log) writes, without the chain.
+        self.message_log.message(
+            ctx.route,
+            req.get("41"),
+            req.get("t"),
+            req.get("11"),
+            ctx.resp.get("39"),
+            ctx.reason or None,
+            round((time.perf_counter() - ctx.started) * 1000, 3),
+            ctx.log,
         )
         return out
 

@@ -117,9 +117,19 @@ def authorise(host: Pipeline, ctx: Context) -> None:
         ctx.log["test"] = True
 
 
+# (UTC day number, year * 12 + month of that day): gmtime once a day, not once a sale.
+_this_month: list[tuple[int, int]] = [(0, 0)]
+
+
 def _expired(yymm: str, now: float) -> bool:
+    """Is the card expiring in YYMM (20YY) past at ``now``? It is valid through its month."""
     month = int(yymm[2:])
     if not 1 <= month <= 12:
         return True
-    today = time.gmtime(now)
-    return (2000 + int(yymm[:2]), month) < (today.tm_year, today.tm_mon)
+    day = int(now // 86400)  # a UTC day never spans two months
+    cached_day, this_month = _this_month[0]
+    if day != cached_day or not this_month:
+        today = time.gmtime(now)
+        this_month = today.tm_year * 12 + today.tm_mon
+        _this_month[0] = (day, this_month)
+    return (2000 + int(yymm[:2])) * 12 + month < this_month
