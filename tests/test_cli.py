@@ -151,10 +151,13 @@ def test_readme_demo_runs_start_to_finish(tmp_path: Path) -> None:
     out = result.stdout
     for line in ("sign-on: 0800 -> 0810 rc=00", "sale: 0200 -> 0210 rc=00",
                  "test sale: 0200 -> 0210 rc=00", "reversal of the sale: 0400 -> 0410 rc=00",
-                 "settles to 6222***********3446 (version 1", "host stopped (exit 0)"):  # fmt: skip
+                 "settles to 6222***********3446 (version 1", "PENDING_REVIEW",
+                 "settles to 6222***********3453 (version 2", "voucher OK:",
+                 "host stopped (exit 0)"):  # fmt: skip
         assert line in out
     log = (tmp_path / "demo" / "host.log").read_text()
     assert ACCOUNT not in log and "6222021234567890128" not in log
+    assert "6222020200112233453" not in log + out  # the new account: masked everywhere
     json.loads(log.splitlines()[0])  # JSON lines
 
 
