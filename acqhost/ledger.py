@@ -22,7 +22,10 @@ from acqhost.store.base import SaleRecord, SaleResult, Store
 
 log = get_logger("acqhost.ledger")
 
-__all__ = ("Ledger", "Write")
+__all__ = ("PRE_THREADS", "Ledger", "Write")
+
+# Threads for the ``pre`` work of writes (argon2id password checks) at one time.
+PRE_THREADS = 2
 
 
 @dataclass(slots=True)
@@ -86,8 +89,13 @@ class Ledger:
         self._queue: list[Write] = []
         self._wakeup = anyio.Event()
         self._closed = False
-        self._preparing: list[Write] = []  # writes whose ``pre`` is still to run
-        self._pre_running = 0
+        self._preparing: list[Write] = []  # writes whose ``pre`` is still to start
+        self._pre_pending = 0  # writes whose ``pre`` has not finished (queued or running)
+        # Made in run() (they belong to the event loop): the writer has a thread of its own,
+        # so password checks never wait for it nor it for them; at most PRE_THREADS checks
+        # (argon2id, 64 MiB each) run at once.
+        self._write_limiter: anyio.CapacityLimiter | None = None
+        self._pre_limiter: anyio.CapacityLimiter | None = None
         self.flushes = 0  # worker-thread calls (each one fsync per group of sales)
         self.written = 0
 
@@ -114,6 +122,7 @@ class Ledger:
         if self._closed:
             raise RuntimeError("ledger is closed")
         if w.pre is not None:
+            self._pre_pending += 1
             self._preparing.append(w)
         else:
             self._queue.append(w)
@@ -128,6 +137,8 @@ class Ledger:
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None:
         """The writer task: drain the queue until :meth:`close` and the queue is empty."""
+        self._write_limiter = anyio.CapacityLimiter(1)
+        self._pre_limiter = anyio.CapacityLimiter(PRE_THREADS)
         task_status.started()
         async with anyio.create_task_group() as tg:
             await self._write_loop(tg)
@@ -137,7 +148,7 @@ class Ledger:
             while self._preparing:
                 tg.start_soon(self._prepare, self._preparing.pop(0))
             if not self._queue:
-                if self._closed and not self._pre_running:
+                if self._closed and not self._pre_pending:
                     return
                 await self._wakeup.wait()
                 self._wakeup = anyio.Event()
@@ -145,7 +156,9 @@ class Ledger:
             writes, self._queue = self._queue, []
             # Shielded: a cancelled host still finishes (and reports) what it started writing.
             with anyio.CancelScope(shield=True):
-                await anyio.to_thread.run_sync(apply_writes, self.store, writes, self._batch)
+                await anyio.to_thread.run_sync(
+                    apply_writes, self.store, writes, self._batch, limiter=self._write_limiter
+                )
             self.flushes += 1
             self.written += len(writes)
             for w in writes:
@@ -159,12 +172,11 @@ class Ledger:
 
     async def _prepare(self, w: Write) -> None:
         """Run ``w.pre`` in a thread, then queue ``w`` for the writer."""
-        self._pre_running += 1
         try:
             with anyio.CancelScope(shield=True):  # finish what was started, as writes do
-                await anyio.to_thread.run_sync(self._run_pre, w)
+                await anyio.to_thread.run_sync(self._run_pre, w, limiter=self._pre_limiter)
         finally:
-            self._pre_running -= 1
+            self._pre_pending -= 1
             self._queue.append(w)
             self._wakeup.set()
 

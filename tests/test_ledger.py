@@ -106,3 +106,57 @@ async def test_a_failing_callback_does_not_stop_the_writer(tmp_path: Path) -> No
         await ledger.submit(second)
         ledger.close()
     assert second.error is None and not second.result.duplicate
+
+
+async def test_a_write_with_slow_pre_work_is_applied_even_when_the_ledger_closes_at_once(
+    tmp_path: Path,
+) -> None:
+    store_with_terminal(tmp_path / "l.db")
+    ledger = Ledger(SQLiteStore(tmp_path / "l.db"))
+    done: list[Write] = []
+    w = Write(
+        pre=lambda: time.sleep(0.2),
+        call=lambda store: store.set_terminal_status("TERM0001", "disabled"),
+        on_done=done.append,
+    )
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            await tg.start(ledger.run)
+            ledger.enqueue(w)
+            ledger.close()  # before the pre work has even started
+    assert done == [w] and w.error is None and w.result is True
+    terminal = ledger.store.get_terminal("TERM0001")
+    assert terminal is not None and terminal.status == "disabled"
+
+
+async def test_slow_pre_work_neither_blocks_other_writes_nor_runs_unbounded(
+    tmp_path: Path,
+) -> None:
+    from acqhost.ledger import PRE_THREADS
+
+    store_with_terminal(tmp_path / "l.db")
+    ledger = Ledger(SQLiteStore(tmp_path / "l.db"))
+    running, most = 0, 0
+
+    def slow() -> None:
+        nonlocal running, most
+        running += 1
+        most = max(most, running)
+        time.sleep(0.1)
+        running -= 1
+
+    finished: list[str] = []
+    async with anyio.create_task_group() as tg:
+        await tg.start(ledger.run)
+        for _ in range(8):
+            ledger.enqueue(Write(pre=slow, call=lambda store: None,
+                                 on_done=lambda w: finished.append("slow")))  # fmt: skip
+        await anyio.sleep(0.01)
+        started = time.perf_counter()
+        await ledger.submit(Write(sale=sale(1)))
+        sale_wait = time.perf_counter() - started
+        finished.append("sale")
+        ledger.close()
+    assert sale_wait < 0.1  # not behind the 0.4 s of password checks
+    assert finished[0] == "sale" and finished.count("slow") == 8
+    assert most <= PRE_THREADS
