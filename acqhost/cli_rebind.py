@@ -74,15 +74,18 @@ def _record_due(store: Store, key: bytes, now: float) -> None:
 
 
 @contextmanager
-def _deciding(store: Store, key: bytes, tid: str, now: float) -> Iterator[StoreTx]:
-    """The write transaction of an acquirer's decision about ``tid``. Due activations are
-    recorded first, so that when a host was down at an effective-from, that activation is on
-    record before anything else is decided. A refusal rolls back the whole transaction (those
+def _deciding(store: Store, key: bytes, tid: str) -> Iterator[tuple[StoreTx, float]]:
+    """The write transaction of an acquirer's decision about ``tid``, and the time of the
+    decision: read once the transaction holds its lock, so that waiting for the lock can never
+    eat into the lead between a decision and its effective-from. Due activations are recorded
+    first, so that when a host was down at an effective-from, that activation is on record
+    before anything else is decided. A refusal rolls back the whole transaction (those
     activations too: the running host or the next command records them)."""
     try:
         with store.transaction(tid) as tx:
+            now = time.time()
             rebind.activate_due(tx, key, now)
-            yield tx
+            yield tx, now
     except ValueError as e:  # RebindError, or a store constraint (one open request)
         raise CliError(str(e)) from None
 
@@ -176,10 +179,9 @@ def cmd_rebind_approve(args: argparse.Namespace) -> int:
     cfg = _config(args)
     keys = _host_keys(cfg)
     by = _named(args.by, "--by")
-    now = time.time()
     with _opened(cfg) as store:
         tid = _tid_of(store, args.rf)
-        with _deciding(store, keys.data_key, tid, now) as tx:
+        with _deciding(store, keys.data_key, tid) as (tx, now):
             ef = rebind.approve(tx, keys.data_key, args.rf, by, cfg.rebind, now)
             version = _request(tx, args.rf).version
     print(
@@ -193,10 +195,9 @@ def cmd_rebind_reject(args: argparse.Namespace) -> int:
     cfg = _config(args)
     keys = _host_keys(cfg)
     by, reason = _named(args.by, "--by"), _named(args.reason, "--reason")
-    now = time.time()
     with _opened(cfg) as store:
         tid = _tid_of(store, args.rf)
-        with _deciding(store, keys.data_key, tid, now) as tx:
+        with _deciding(store, keys.data_key, tid) as (tx, now):
             rebind.reject(tx, keys.data_key, args.rf, by, reason, now)
     print(f"{args.rf} of {tid} rejected by {by}: {reason}")
     return 0
@@ -258,8 +259,7 @@ def cmd_account_rollback(args: argparse.Namespace) -> int:
     cfg = _config(args)
     keys = _host_keys(cfg)
     by = _named(args.by, "--by")
-    now = time.time()
-    with _opened(cfg) as store, _deciding(store, keys.data_key, args.tid, now) as tx:
+    with _opened(cfg) as store, _deciding(store, keys.data_key, args.tid) as (tx, now):
         r = rebind.rollback(
             tx, keys.data_key, args.tid, args.to_version, by, args.reason or "", now
         )
@@ -342,8 +342,7 @@ def cmd_operator_unlock(args: argparse.Namespace) -> int:
     keys = _host_keys(cfg)
     by = _named(args.by, "--by")
     tid, operator_id = args.tid, args.operator_id
-    now = time.time()
-    with _opened(cfg) as store, _deciding(store, keys.data_key, tid, now) as tx:
+    with _opened(cfg) as store, _deciding(store, keys.data_key, tid) as (tx, now):
         operator = tx.operator(tid, operator_id)
         if operator is None:
             raise CliError(f"no operator {operator_id} on terminal {tid}")

@@ -17,6 +17,7 @@ store, switches to the new account: none answers with the old one after it.
 
 from __future__ import annotations
 
+import math
 import secrets
 import time
 import unicodedata
@@ -44,11 +45,13 @@ __all__ = (
     "cancel",
     "describe",
     "ef_text",
+    "effective_from",
     "find",
     "in_force",
     "new_rf",
     "next_change",
     "normalise_name",
+    "password_outcome",
     "reject",
     "rollback",
     "submit",
@@ -107,6 +110,12 @@ def normalise_name(name: str) -> str:
 def ef_text(at: float) -> str:
     """48 EF: UTC ``YYYYMMDDhhmmss``."""
     return time.strftime("%Y%m%d%H%M%S", time.gmtime(at))
+
+
+def effective_from(decided_at: float, delay: float) -> float:
+    """When a decision made at ``decided_at`` takes effect: ``delay`` later, but never sooner
+    than DECISION_LEAD, and on a whole second, so that 48 EF (to the second) is exact."""
+    return float(math.ceil(decided_at + max(delay, DECISION_LEAD)))
 
 
 def in_force(versions: Sequence[AccountVersion], now: float) -> AccountVersion | None:
@@ -193,6 +202,9 @@ def submit(
     password 55/75, account number 14, holder name, same account, open request (05 with
     NAME_MISMATCH, SAME_ACCOUNT, PENDING_EXISTS), min_interval 65), then a new version
     PENDING_REVIEW (or APPROVED at once under ``review = "auto"``) and its request."""
+    earlier = tx.request_for_message(sub.tid, sub.stan, sub.transmission)
+    if earlier is not None:  # a retransmission (pipelined behind the original, say)
+        return Outcome("94", "DUPLICATE", earlier, describe(tx, earlier, now))
     refused = password_outcome(
         tx, key, sub.tid, sub.operator_id, password_ok, policy.operator_max_failures, now
     )
@@ -225,7 +237,7 @@ def submit(
         return Outcome("65", "TOO_FREQUENT")
     masked = crypto.mask_account(account)
     number = versions[-1].version + 1
-    ef = now + max(policy.cooling_off, DECISION_LEAD)  # an estimate until it is approved
+    ef = effective_from(now, policy.cooling_off)  # an estimate until it is approved
     actor = f"operator {sub.operator_id}"
     tx.insert_version(
         AccountVersion(
@@ -378,7 +390,7 @@ def _pending(tx: StoreTx, rf: str) -> RebindRequest:
 
 def _approve(tx: StoreTx, key: bytes, rf: str, by: str, policy: RebindPolicy, now: float) -> float:
     request = _pending(tx, rf)
-    ef = now + max(policy.cooling_off, DECISION_LEAD)
+    ef = effective_from(now, policy.cooling_off)
     _decide(tx, key, request, "APPROVED", by, "", now, effective_from=ef)
     return ef
 
@@ -500,7 +512,7 @@ def rollback(
         raise RebindError(f"version {to_version} is already the one in force")
     number = versions[-1].version + 1
     why = f"rollback to version {to_version}" + (f": {reason.strip()}" if reason.strip() else "")
-    ef = now + DECISION_LEAD
+    ef = effective_from(now, 0.0)
     tx.insert_version(
         AccountVersion(
             tid=tid,

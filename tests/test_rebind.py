@@ -447,3 +447,21 @@ def test_the_store_refuses_to_edit_or_delete_audit_entries(database: Store) -> N
         with pytest.raises(Exception, match="append-only"):
             execute_sql(store, statement)
     assert audit.verify(store, KEY) == (9, [])
+
+
+def test_a_retransmitted_submit_is_a_duplicate_naming_the_first_request(store: Store) -> None:
+    first = submit(store)
+    assert first.request is not None
+    again = submit(store, ok=False)  # decided after the first committed: no password counted
+    assert (again.code, again.reason) == ("94", "DUPLICATE")
+    assert again.elements["RF"] == first.request.rf
+    with store.transaction(write=False) as tx:
+        operator = tx.operator(TID, "01")
+    assert operator is not None and operator.failures == 0
+
+
+def test_effective_from_falls_on_a_whole_second_never_sooner_than_the_lead(store: Store) -> None:
+    out = submit(store, now=T0 + 0.25)
+    assert out.request is not None
+    ef = approve(store, out.request.rf, T0 + 0.25, replace(MANUAL, cooling_off=0.0))
+    assert ef == T0 + 3 and ef >= T0 + 0.25 + rebind.DECISION_LEAD

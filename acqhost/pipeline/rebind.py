@@ -14,6 +14,7 @@ SAME_ACCOUNT -> 05 PENDING_EXISTS -> 65 too soon after the last accepted change.
 
 from __future__ import annotations
 
+import secrets
 from typing import TYPE_CHECKING, Any
 
 from acqhost import crypto, rebind
@@ -65,36 +66,45 @@ class _SubmitJob:
     then the decision (``call``, in the ledger writer's transaction)."""
 
     def __init__(
-        self,
-        host: Pipeline,
-        sub: rebind.Submission,
-        password: str,
-        password_hash: bytes | None,
-        now: float,
+        self, host: Pipeline, sub: rebind.Submission, password: str, password_hash: bytes | None
     ) -> None:
         self.host = host
         self.sub = sub
         self._password = password
         self._hash = password_hash
-        self.now = now
         self.password_ok = False
 
     def check_password(self) -> None:
-        if self._hash is not None:
-            self.password_ok = crypto.verify_password(self._hash, self._password)
+        # An unknown operator costs the same argon2id as a known one: the answer's timing
+        # does not tell which operator ids exist.
+        stored = self._hash if self._hash is not None else _dummy_hash()
+        ok = crypto.verify_password(stored, self._password)
+        self.password_ok = ok and self._hash is not None
         self._password = ""
 
     def apply(self, store: Store) -> rebind.Outcome:
         host = self.host
         with store.transaction(self.sub.tid) as tx:
+            # The time of the decision is taken once the transaction holds its lock, so no
+            # wait before it can eat into the lead before an effective-from.
             return rebind.submit(
                 tx,
                 host.host_keys.data_key,
                 self.sub,
                 password_ok=self.password_ok,
                 policy=host.config.rebind,
-                now=self.now,
+                now=host.clock(),
             )
+
+
+_dummy: list[bytes] = []
+
+
+def _dummy_hash() -> bytes:
+    """An argon2id hash of a random password, made once, with the real limits."""
+    if not _dummy:
+        _dummy.append(crypto.hash_password(secrets.token_hex(16)))
+    return _dummy[0]
 
 
 def submit(host: Pipeline, ctx: Context) -> None:
@@ -126,7 +136,6 @@ def submit(host: Pipeline, ctx: Context) -> None:
         if earlier is not None:
             raise Decline("94", "DUPLICATE", rebind.describe(tx, earlier, ctx.now))
         operator = tx.operator(terminal.tid, operator_id)
-    locked = operator is not None and operator.failures >= host.config.rebind.operator_max_failures
     job = _SubmitJob(
         host,
         rebind.Submission(
@@ -142,11 +151,8 @@ def submit(host: Pipeline, ctx: Context) -> None:
         ),
         password,
         None if operator is None else operator.password_hash,
-        ctx.now,
     )
-    # No argon2id for an unknown or locked-out operator: the answer is 55 or 75 regardless.
-    pre = None if operator is None or locked else job.check_password
-    ctx.effect = Effect(call=job.apply, pre=pre, then=_answer)
+    ctx.effect = Effect(call=job.apply, pre=job.check_password, then=_answer)
     ctx.log["operator"] = operator_id
     ctx.log["source"] = source
 
@@ -166,12 +172,12 @@ def cancel(host: Pipeline, ctx: Context) -> None:
     """91 = 3: cancel the pending request named by 48 RF (decided in the ledger writer)."""
     assert ctx.terminal is not None
     rf = _text(ctx, "RF")
-    tid, now = ctx.terminal.tid, ctx.now
-    key = host.host_keys.data_key
+    tid = ctx.terminal.tid
+    key, clock = host.host_keys.data_key, host.clock
 
     def apply(store: Store) -> rebind.Outcome:
         with store.transaction(tid) as tx:
-            return rebind.cancel(tx, key, tid, rf, now)
+            return rebind.cancel(tx, key, tid, rf, clock())
 
     ctx.effect = Effect(call=apply, then=_answer)
     ctx.log["rf"] = rf
