@@ -4,12 +4,19 @@ Each entry says who (``actor``), when (``at``), what (``action``, the terminal, 
 RF or a version) and the details (``detail``: canonical JSON with the state before and after,
 masked account numbers only, the reason). Its ``digest`` is the keyed BLAKE2b of the previous
 entry's digest and this entry's content (:func:`acqhost.crypto.audit_digest`, keyed with the
-host data key), so :func:`verify` finds any entry that was edited, removed from the middle or
-inserted; an entry removed from the end is found because the states the log last recorded no
-longer match the states in the store. The store refuses updates and deletes as well.
+host data key), and an entry that creates a version (a registration, a submission, a
+rollback) carries that version's :func:`fingerprint`. :func:`verify` finds:
 
-Appends happen inside the transaction that makes the change, so a change and its entry are
-durable together or not at all.
+- an entry edited, inserted, or removed from anywhere but the end (the chain breaks);
+- removed entries at the end that recorded a state the store still shows otherwise, and
+  versions the log recorded that the store no longer has;
+- a settlement-account version whose account, holder, bank or branch was edited (against its
+  fingerprint), or whose sealed account number no longer matches its hash and masked form.
+
+What it cannot find: the newest entries removed together with the changes they recorded (a
+database restored from an older backup looks the same); keeping the latest digest elsewhere
+would. The store refuses updates and deletes as well. Appends happen inside the transaction
+that makes the change, so a change and its entry are durable together or not at all.
 """
 
 from __future__ import annotations
@@ -19,9 +26,9 @@ from collections.abc import Mapping
 from typing import Any
 
 from acqhost import crypto
-from acqhost.store.base import AuditEntry, Store, StoreTx
+from acqhost.store.base import AccountVersion, AuditEntry, Store, StoreTx
 
-__all__ = ("GENESIS", "append", "content", "verify")
+__all__ = ("GENESIS", "append", "content", "fingerprint", "verify")
 
 # The "previous digest" of the first entry.
 GENESIS = bytes(32)
@@ -33,6 +40,14 @@ def content(
     """The bytes an entry's digest covers: its fields as a canonical JSON array."""
     fields = [seq, repr(float(at)), actor, action, tid, subject, detail]
     return json.dumps(fields, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+def fingerprint(data_key: bytes, v: AccountVersion) -> str:
+    """What an audit entry records of a version it creates: a keyed digest (hex) of the
+    terminal, the version number and everything that says where the money goes."""
+    fields = [v.tid, v.version, v.account_hash.hex(), v.holder, v.bank_code, v.branch]
+    body = json.dumps(fields, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    return crypto.audit_digest(data_key, b"version", body)[:16].hex()
 
 
 def append(
@@ -67,6 +82,7 @@ def verify(store: Store, data_key: bytes) -> tuple[int, list[str]]:
         entries = tx.audit_entries()
         prev = GENESIS
         recorded: dict[tuple[str, int], str] = {}
+        fingerprints: dict[tuple[str, int], str] = {}
         for expected_seq, e in enumerate(entries, start=1):
             if e.seq != expected_seq:
                 problems.append(f"entry {e.seq}: expected entry {expected_seq} here (a gap)")
@@ -78,19 +94,58 @@ def verify(store: Store, data_key: bytes) -> tuple[int, list[str]]:
             prev = e.digest
             try:
                 detail = json.loads(e.detail)
-            except ValueError:
-                problems.append(f"entry {e.seq}: detail is not JSON")
+                version = (
+                    int(detail["version"])
+                    if isinstance(detail, dict) and "version" in detail
+                    else None
+                )
+            except (ValueError, TypeError):
+                problems.append(f"entry {e.seq}: detail is not what the host writes (edited)")
                 continue
-            if isinstance(detail, dict) and "version" in detail and "after" in detail:
-                recorded[(e.tid, int(detail["version"]))] = str(detail["after"])
+            if version is None:
+                continue
+            if "after" in detail:
+                recorded[(e.tid, version)] = str(detail["after"])
+            if "fingerprint" in detail:
+                fingerprints[(e.tid, version)] = str(detail["fingerprint"])
         tids = {t.tid for t in store.list_terminals()} | {tid for tid, _ in recorded}
         for tid in sorted(tids):
-            for v in tx.versions(tid):
-                # Version 1 is registered ACTIVE; every other version enters the log when made.
-                expected = recorded.get((tid, v.version), "ACTIVE" if v.version == 1 else None)
-                if expected != v.state:
+            versions = tx.versions(tid)
+            for v in versions:
+                problems.extend(_check_version(data_key, v, recorded, fingerprints))
+            for (recorded_tid, number), state in recorded.items():
+                if recorded_tid == tid and number > len(versions):
                     problems.append(
-                        f"{tid} version {v.version}: state {v.state} but the audit log "
-                        f"last recorded {expected or 'nothing'} (entries removed or state edited)"
+                        f"{tid} version {number}: recorded {state} in the audit log but not in "
+                        "the store (deleted)"
                     )
     return len(entries), problems
+
+
+def _check_version(
+    data_key: bytes,
+    v: AccountVersion,
+    recorded: dict[tuple[str, int], str],
+    fingerprints: dict[tuple[str, int], str],
+) -> list[str]:
+    problems = []
+    where = f"{v.tid} version {v.version}"
+    # Version 1 is registered ACTIVE; every other version enters the log when made.
+    expected = recorded.get((v.tid, v.version), "ACTIVE" if v.version == 1 else None)
+    if expected != v.state:
+        problems.append(
+            f"{where}: state {v.state} but the audit log last recorded "
+            f"{expected or 'nothing'} (entries removed or state edited)"
+        )
+    known = fingerprints.get((v.tid, v.version))
+    if known is not None and known != fingerprint(data_key, v):
+        problems.append(f"{where}: account, holder, bank or branch differ from when it was made")
+    try:
+        account = crypto.unseal(data_key, v.sealed_account).decode("ascii")
+        sound = crypto.account_hash(data_key, account) == v.account_hash
+        sound = sound and crypto.mask_account(account) == v.account_masked
+    except (crypto.CryptoError, UnicodeDecodeError):
+        sound = False
+    if not sound:
+        problems.append(f"{where}: the sealed account number does not match its hash or mask")
+    return problems

@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from acqhost import crypto
+from acqhost import audit, crypto
 from acqhost.config import Config, ConfigError, load_config
 from acqhost.store import open_store
-from acqhost.store.base import NewAccount, Operator, Terminal
+from acqhost.store.base import NewAccount, Operator, Store, Terminal
 
 __all__ = ("main",)
 
@@ -74,6 +74,30 @@ def cmd_init(args: argparse.Namespace) -> int:
 def _check(condition: bool, message: str) -> None:
     if not condition:
         raise CliError(message)
+
+
+def _audit_registration(store: Store, data_key: bytes, tid: str) -> None:
+    """The audit log's first entry about a terminal: its version 1 and that version's
+    fingerprint, so that an edit of it is found later."""
+    with store.transaction(tid) as tx:
+        first = tx.versions(tid)[0]
+        audit.append(
+            tx,
+            data_key,
+            at=first.created_at,
+            actor=first.created_by,
+            action="terminal.registered",
+            tid=tid,
+            subject="v1",
+            detail={
+                "version": 1,
+                "before": None,
+                "after": first.state,
+                "account": first.account_masked,
+                "bank_code": first.bank_code,
+                "fingerprint": audit.fingerprint(data_key, first),
+            },
+        )
 
 
 def cmd_terminal_add(args: argparse.Namespace) -> int:
@@ -138,6 +162,7 @@ def cmd_terminal_add(args: argparse.Namespace) -> int:
     store = open_store(cfg.db)
     try:
         store.add_terminal(terminal, new_account, operator)
+        _audit_registration(store, keys.data_key, args.tid)
     except ValueError as e:
         raise CliError(str(e)) from None
     finally:

@@ -314,8 +314,8 @@ def cmd_voucher_verify(args: argparse.Namespace) -> int:
     except OSError as e:
         raise CliError(f"cannot read {args.file}: {e.strerror}") from None
     try:
-        doc = voucher.verify_voucher(json.loads(raw.decode("utf-8")), expected)
-    except ValueError as e:  # VoucherError, or not UTF-8 JSON at all
+        doc = voucher.verify_voucher(voucher.load_voucher(raw.decode("utf-8")), expected)
+    except ValueError as e:  # VoucherError, or not UTF-8 at all
         why = e if isinstance(e, voucher.VoucherError) else "not a JSON document"
         print(f"voucher INVALID: {why}")
         return 1

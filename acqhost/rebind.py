@@ -37,6 +37,7 @@ from acqhost.store.base import (
 
 __all__ = (
     "DECISION_LEAD",
+    "ONCE_IN_FORCE",
     "Outcome",
     "RebindError",
     "Submission",
@@ -63,7 +64,7 @@ DECISION_LEAD = 2.0
 
 _RF_ALPHABET = "ABCDEFGHJKLMNPQRSTUVWXYZ23456789"  # no 0/O or 1/I to misread on a voucher
 # States of a version that was once in force (and so may be restored by a rollback).
-_ONCE_IN_FORCE = ("ACTIVE", "VERIFIED", "ROLLED_BACK")
+ONCE_IN_FORCE = ("ACTIVE", "VERIFIED", "ROLLED_BACK")
 
 
 class RebindError(AcqHostError, ValueError):
@@ -239,23 +240,22 @@ def submit(
     number = versions[-1].version + 1
     ef = effective_from(now, policy.cooling_off)  # an estimate until it is approved
     actor = f"operator {sub.operator_id}"
-    tx.insert_version(
-        AccountVersion(
-            tid=sub.tid,
-            version=number,
-            sealed_account=crypto.seal(key, account.encode("ascii")),
-            account_hash=account_hash,
-            account_masked=masked,
-            holder=sub.holder.strip(),
-            bank_code=sub.bank_code,
-            branch=sub.branch,
-            state="PENDING_REVIEW",
-            effective_from=ef,
-            created_by=actor,
-            reason=f"rebind from the terminal ({sub.source} card number)",
-            created_at=now,
-        )
+    proposed = AccountVersion(
+        tid=sub.tid,
+        version=number,
+        sealed_account=crypto.seal(key, account.encode("ascii")),
+        account_hash=account_hash,
+        account_masked=masked,
+        holder=sub.holder.strip(),
+        bank_code=sub.bank_code,
+        branch=sub.branch,
+        state="PENDING_REVIEW",
+        effective_from=ef,
+        created_by=actor,
+        reason=f"rebind from the terminal ({sub.source} card number)",
+        created_at=now,
     )
+    tx.insert_version(proposed)
     rf = new_rf()
     tx.insert_request(
         RebindRequest(
@@ -289,6 +289,7 @@ def submit(
         account=masked,
         bank_code=sub.bank_code,
         source=sub.source,
+        fingerprint=audit.fingerprint(key, proposed),
     )
     if policy.review == "auto":
         _approve(tx, key, rf, "auto", policy, now)
@@ -499,7 +500,7 @@ def rollback(
     if not 1 <= to_version <= len(versions):
         raise RebindError(f"{tid} has no version {to_version}")
     target = versions[to_version - 1]
-    if target.state not in _ONCE_IN_FORCE:
+    if target.state not in ONCE_IN_FORCE:
         raise RebindError(f"version {to_version} is {target.state}: it was never in force")
     open_ = [v for v in versions if v.state in OPEN_REBIND_STATES]
     if open_:
@@ -513,23 +514,22 @@ def rollback(
     number = versions[-1].version + 1
     why = f"rollback to version {to_version}" + (f": {reason.strip()}" if reason.strip() else "")
     ef = effective_from(now, 0.0)
-    tx.insert_version(
-        AccountVersion(
-            tid=tid,
-            version=number,
-            sealed_account=target.sealed_account,
-            account_hash=target.account_hash,
-            account_masked=target.account_masked,
-            holder=target.holder,
-            bank_code=target.bank_code,
-            branch=target.branch,
-            state="APPROVED",
-            effective_from=ef,
-            created_by=by,
-            reason=why,
-            created_at=now,
-        )
+    restored = AccountVersion(
+        tid=tid,
+        version=number,
+        sealed_account=target.sealed_account,
+        account_hash=target.account_hash,
+        account_masked=target.account_masked,
+        holder=target.holder,
+        bank_code=target.bank_code,
+        branch=target.branch,
+        state="APPROVED",
+        effective_from=ef,
+        created_by=by,
+        reason=why,
+        created_at=now,
     )
+    tx.insert_version(restored)
     rf = new_rf()
     tx.insert_request(
         RebindRequest(
@@ -564,6 +564,7 @@ def rollback(
         account=target.account_masked,
         effective_from=ef_text(ef),
         why=why,
+        fingerprint=audit.fingerprint(key, restored),
     )
     request = tx.request(rf)
     assert request is not None

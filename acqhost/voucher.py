@@ -17,7 +17,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from acqhost import crypto
+from acqhost import crypto, rebind
 from acqhost.errors import AcqHostError
 from acqhost.store.base import AccountVersion, RebindRequest, Terminal
 
@@ -25,6 +25,7 @@ __all__ = (
     "VOUCHER_TYPE",
     "VoucherError",
     "canonical",
+    "load_voucher",
     "make_voucher",
     "previous_version",
     "summary",
@@ -38,7 +39,7 @@ VOUCHER_TYPE = "ACQ1 settlement account change voucher 1"
 
 # States in which a version has been in force at some time (ROLLED_BACK ones were, until a
 # rollback took effect).
-_WAS_IN_FORCE = ("ACTIVE", "VERIFIED", "ROLLED_BACK")
+_WAS_IN_FORCE = rebind.ONCE_IN_FORCE
 # States of a request whose version will never take effect: it has no effective-from.
 _NEVER_EFFECTIVE = ("REJECTED", "CANCELLED")
 
@@ -132,6 +133,26 @@ def _hex(value: object, size: int, what: str) -> bytes:
         return bytes.fromhex(value)
     except ValueError:
         raise VoucherError(f"{what} is not {2 * size} hex digits") from None
+
+
+def load_voucher(text: str) -> object:
+    """Parse a voucher file. A key given twice is refused: a reader would see one value and
+    the signature check another (JSON parsers keep the last)."""
+
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        seen: dict[str, Any] = {}
+        for key, value in items:
+            if key in seen:
+                raise VoucherError(f"the field {key!r} appears twice")
+            seen[key] = value
+        return seen
+
+    try:
+        return json.loads(text, object_pairs_hook=pairs)
+    except VoucherError:
+        raise
+    except ValueError:
+        raise VoucherError("not a JSON document") from None
 
 
 def verify_voucher(voucher: object, host_public_key: bytes) -> dict[str, Any]:

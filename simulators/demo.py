@@ -14,7 +14,6 @@ import sys
 import time
 from pathlib import Path
 
-from acqhost import rebind
 from acqhost.cli import main as acqhost
 from acqhost.store import open_store
 from simulators.processes import free_port, wait_listening
@@ -60,7 +59,15 @@ def rebind_story(db: str, config: Path, key_file: Path, port: int) -> bool:
     print(f"== the acquirer reviews and approves request {rf}:", flush=True)
     if acqhost(["rebind", "approve", rf, "--by", "demo-reviewer", *common]) != 0:
         return False
-    time.sleep(rebind.DECISION_LEAD + 0.5)
+    store = open_store(db)
+    try:
+        with store.transaction(write=False) as tx:
+            request = tx.request(rf)
+            assert request is not None
+            ef = tx.versions(request.tid)[request.version - 1].effective_from
+    finally:
+        store.close()
+    time.sleep(max(0.0, ef - time.time()) + 0.3)  # the effective-from: whole seconds
     print("== after the effective-from, a test sale shows the new account:", flush=True)
     if terminal(key_file, port, "sale", "1", "--test") != 0:
         return False

@@ -185,7 +185,7 @@ def test_list_show_approve_and_reject_with_their_refusals(
     status, _, err = run(capsys, host, "rebind", "approve", rf2, "--by", "alice")
     assert status == 2 and "REJECTED" in err
     status, out, _ = run(capsys, host, "audit", "verify")
-    assert status == 0 and "4 entries; audit log OK" in out
+    assert status == 0 and "6 entries; audit log OK" in out
 
 
 def test_account_show_history_and_rollback_with_its_refusals(
@@ -349,6 +349,11 @@ def test_an_edited_voucher_or_another_hosts_voucher_is_invalid(
     path.write_text("{not json")
     status, out, _ = run(capsys, host, "voucher", "verify", str(path))
     assert status == 1 and out == "voucher INVALID: not a JSON document\n"
+    # A field given twice: a reader sees the first, JSON parsers keep the last (genuine) one.
+    text = json.dumps(genuine, ensure_ascii=False)
+    path.write_text('{"account_masked": "6217***********9999", ' + text[1:])
+    status, out, _ = run(capsys, host, "voucher", "verify", str(path))
+    assert status == 1 and "'account_masked' appears twice" in out
 
     path.write_text(json.dumps(genuine))
     other_key = crypto.verify_key_of(other).hex()
@@ -390,7 +395,7 @@ def test_audit_verify_detects_an_entry_edited_around_the_trigger(
     rf = pending(host)
     assert run(capsys, host, "rebind", "approve", rf, "--by", "alice")[0] == 0
     status, out, _ = run(capsys, host, "audit", "verify")
-    assert status == 0 and out == "2 entries; audit log OK\n"
+    assert status == 0 and out == "4 entries; audit log OK\n"
     raw = sqlite3.connect(host.db)
     try:
         with pytest.raises(sqlite3.DatabaseError, match="append-only"):
@@ -404,7 +409,7 @@ def test_audit_verify_detects_an_entry_edited_around_the_trigger(
     status, out, _ = run(capsys, host, "audit", "verify")
     assert status == 1
     assert "entry 1: content does not match its digest (edited)" in out
-    assert "2 entries; audit log BROKEN: 1 problem(s)" in out
+    assert "4 entries; audit log BROKEN: 1 problem(s)" in out
 
 
 def test_audit_verify_detects_a_deleted_last_entry(
@@ -513,7 +518,7 @@ def test_review_voucher_unlock_and_audit_on_postgresql(
     status, out, _ = run(capsys, host, "operator", "unlock", "TERM0001", "01", "--by", "carol")
     assert status == 0 and "unlocked by carol" in out
     status, out, _ = run(capsys, host, "audit", "verify")
-    assert status == 0 and "7 entries; audit log OK" in out
+    assert status == 0 and "8 entries; audit log OK" in out
 
     with psycopg.connect(pg_url, autocommit=True) as raw:
         raw.execute("ALTER TABLE audit_log DISABLE TRIGGER audit_log_no_update")

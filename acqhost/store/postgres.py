@@ -163,7 +163,7 @@ class PostgresStore:
         the terminal's row, so writers of one terminal (in any process) go one at a time;
         appends to the audit log take an advisory lock, so its chain has one order. The
         terminals whose settlement-account versions it adds or moves are announced
-        (``account:<tid>``) when it commits."""
+        (``account:<tid>``) when it commits. A read transaction reads one snapshot."""
         with self._transaction() as cur:
             statements: dict[str, str] = {}
 
@@ -173,7 +173,11 @@ class PostgresStore:
                     text = statements[sql] = sql.replace("?", "%s")
                 return cur.execute(text, params)
 
-            if write and tid is not None:
+            if not write:
+                # One snapshot for every read (audit verify compares two tables), as SQLite's
+                # read transactions have.
+                cur.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            elif tid is not None:
                 cur.execute("SELECT 1 FROM terminals WHERE tid = %s FOR UPDATE", (tid,))
             lock = f"SELECT pg_advisory_xact_lock({AUDIT_LOCK})" if write else None
             tx = _AnnouncingTx(execute, write=write, lock_audit=lock)
