@@ -10,6 +10,10 @@ Order of the checks of a submit, first failure wins (PROTOCOL.md 3 puts formats 
 the session key) -> 94 retransmission of an accepted submit (same 41, 11, 7; the answer names
 its request) -> 55/75 operator password -> 14 account number -> 05 NAME_MISMATCH -> 05
 SAME_ACCOUNT -> 05 PENDING_EXISTS -> 65 too soon after the last accepted change.
+
+Requests pipelined on one connection are answered in order, but an inquire reads the store
+when it arrives: one sent behind a submit before its 0310 came back may not see that submit
+yet. (A terminal needs the submit's RF to ask about it, so it waits for the 0310 anyway.)
 """
 
 from __future__ import annotations
