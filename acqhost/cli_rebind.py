@@ -21,6 +21,7 @@ from pathlib import Path
 from acqhost import audit, rebind, voucher
 from acqhost.cli import CliError, _check, _config, _host_keys, _table
 from acqhost.config import Config
+from acqhost.crypto import HostKeys
 from acqhost.store import open_store
 from acqhost.store.base import (
     ACCOUNT_STATES,
@@ -71,6 +72,17 @@ def _record_due(store: Store, key: bytes, now: float) -> None:
             return
     with store.transaction() as tx:
         rebind.activate_due(tx, key, now)
+
+
+@contextmanager
+def _reading(cfg: Config, keys: HostKeys) -> Iterator[tuple[StoreTx, float]]:
+    """A read transaction on the configured store, and the time it reads at; due activations
+    are recorded first, so what a command shows is current even when no host runs."""
+    now = time.time()
+    with _opened(cfg) as store:
+        _record_due(store, keys.data_key, now)
+        with store.transaction(write=False) as tx:
+            yield tx, now
 
 
 @contextmanager
@@ -127,19 +139,17 @@ def cmd_rebind_list(args: argparse.Namespace) -> int:
     state = args.state.upper() if args.state else None
     _check(state in (None, *ACCOUNT_STATES), f"--state must be one of {', '.join(ACCOUNT_STATES)}")
     rows = []
-    with _opened(cfg) as store:
-        _record_due(store, keys.data_key, time.time())
-        with store.transaction(write=False) as tx:
-            versions: dict[str, list[AccountVersion]] = {}
-            for r in tx.requests(state=state, tid=args.tid):
-                if r.tid not in versions:
-                    versions[r.tid] = tx.versions(r.tid)
-                v = versions[r.tid][r.version - 1]
-                times = (_utc(r.submitted_at), r.decided_by or "-", _utc(r.decided_at))
-                ef = _utc(_effective(r, v))
-                rows.append(
-                    (r.rf, r.tid, r.kind, r.state, f"v{r.version}", v.account_masked, *times, ef)
-                )
+    with _reading(cfg, keys) as (tx, _):
+        versions: dict[str, list[AccountVersion]] = {}
+        for r in tx.requests(state=state, tid=args.tid):
+            if r.tid not in versions:
+                versions[r.tid] = tx.versions(r.tid)
+            v = versions[r.tid][r.version - 1]
+            times = (_utc(r.submitted_at), r.decided_by or "-", _utc(r.decided_at))
+            ef = _utc(_effective(r, v))
+            rows.append(
+                (r.rf, r.tid, r.kind, r.state, f"v{r.version}", v.account_masked, *times, ef)
+            )
     header = ("RF", "TID", "KIND", "STATE", "VER", "NEW ACCOUNT", "SUBMITTED", "DECIDED BY")
     _table((*header, "DECIDED AT", "EFFECTIVE FROM"), rows)
     return 0
@@ -148,13 +158,10 @@ def cmd_rebind_list(args: argparse.Namespace) -> int:
 def cmd_rebind_show(args: argparse.Namespace) -> int:
     cfg = _config(args)
     keys = _host_keys(cfg)
-    now = time.time()
-    with _opened(cfg) as store:
-        _record_due(store, keys.data_key, now)
-        with store.transaction(write=False) as tx:
-            r = _request(tx, args.rf)
-            terminal = tx.terminal(r.tid)
-            versions = tx.versions(r.tid)
+    with _reading(cfg, keys) as (tx, now):
+        r = _request(tx, args.rf)
+        terminal = tx.terminal(r.tid)
+        versions = tx.versions(r.tid)
     proposed = versions[r.version - 1]
     by = "" if r.kind == "rollback" else f", {r.source} card number, operator {r.operator_id}"
     merchant = f" (merchant {terminal.mid}, {terminal.merchant_name})" if terminal else ""
@@ -206,15 +213,12 @@ def cmd_rebind_reject(args: argparse.Namespace) -> int:
 def cmd_account_show(args: argparse.Namespace) -> int:
     cfg = _config(args)
     keys = _host_keys(cfg)
-    now = time.time()
-    with _opened(cfg) as store:
-        _record_due(store, keys.data_key, now)
-        with store.transaction(write=False) as tx:
-            terminal = tx.terminal(args.tid)
-            if terminal is None:
-                raise CliError(f"no terminal {args.tid}")
-            versions = tx.versions(args.tid)
-            requests = {r.version: r for r in tx.requests(tid=args.tid)}
+    with _reading(cfg, keys) as (tx, now):
+        terminal = tx.terminal(args.tid)
+        if terminal is None:
+            raise CliError(f"no terminal {args.tid}")
+        versions = tx.versions(args.tid)
+        requests = {r.version: r for r in tx.requests(tid=args.tid)}
     print(f"terminal {terminal.tid} (merchant {terminal.mid}, {terminal.merchant_name})")
     print(f"in force now: {_version_text(rebind.in_force(versions, now))}")
     changes = [v for v in versions if v.state in OPEN_REBIND_STATES]
@@ -229,11 +233,8 @@ def cmd_account_show(args: argparse.Namespace) -> int:
 def cmd_account_history(args: argparse.Namespace) -> int:
     cfg = _config(args)
     keys = _host_keys(cfg)
-    now = time.time()
-    with _opened(cfg) as store:
-        _record_due(store, keys.data_key, now)
-        with store.transaction(write=False) as tx:
-            versions = tx.versions(args.tid)
+    with _reading(cfg, keys) as (tx, now):
+        versions = tx.versions(args.tid)
     _check(bool(versions), f"no terminal {args.tid}")
     current = rebind.in_force(versions, now)
     rows = [
@@ -277,13 +278,10 @@ def cmd_rebind_voucher(args: argparse.Namespace) -> int:
     keys = _host_keys(cfg)
     out = Path(args.out) if args.out else None
     _check(out is None or not out.exists(), f"{out} exists: refusing to overwrite it")
-    now = time.time()
-    with _opened(cfg) as store:
-        _record_due(store, keys.data_key, now)
-        with store.transaction(write=False) as tx:
-            request = _request(tx, args.rf)
-            terminal = tx.terminal(request.tid)
-            versions = tx.versions(request.tid)
+    with _reading(cfg, keys) as (tx, now):
+        request = _request(tx, args.rf)
+        terminal = tx.terminal(request.tid)
+        versions = tx.versions(request.tid)
     assert terminal is not None  # a request's terminal is never deleted
     doc = voucher.make_voucher(request, terminal, versions, signing_seed=keys.signing_seed, now=now)
     text = json.dumps(doc, ensure_ascii=False, indent=2) + "\n"

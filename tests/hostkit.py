@@ -69,6 +69,18 @@ def make_host(folder: Path, **settings: Any) -> HostSetup:
     return setup
 
 
+def make_postgres_host(folder: Path, url: str) -> HostSetup:
+    """``make_host`` on a PostgreSQL database, its host keys in a file of their own."""
+    keys = str(folder / "host.keys")
+    assert cli(["init", "--db", url, "--keys", keys]) == 0
+    files = {
+        tid: add_terminal(folder, url, tid, f"MERCHANT000000{n}", "--keys", keys)
+        for n, tid in ((1, "TERM0001"), (2, "TERM0002"))
+    }
+    overrides = {"db": url, "keys": keys, "port": 0, "read_timeout": 5.0}
+    return HostSetup(load_config(None, overrides, environ={}), files, folder)
+
+
 @asynccontextmanager
 async def running(setup: HostSetup) -> AsyncIterator[Server]:
     """The host serving on a free loopback port until the block ends (then drained)."""

@@ -27,7 +27,16 @@ from acqhost.store.base import Store, StoreTx
 from acqhost.tlv import decode_tlv, encode_tlv
 from simulators.terminal import Exchange, TerminalClient
 from simulators.terminal import main as terminal_main
-from tests.hostkit import ACCOUNT, BANK, HOLDER, HostSetup, add_terminal, make_host, running
+from tests.hostkit import (
+    ACCOUNT,
+    BANK,
+    HOLDER,
+    HostSetup,
+    add_terminal,
+    make_host,
+    make_postgres_host,
+    running,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -420,18 +429,6 @@ async def test_the_first_failing_check_wins(tmp_path: Path) -> None:
 # -- the whole story, on SQLite and PostgreSQL ---------------------------------------------------
 
 
-def postgres_host(folder: Path, url: str) -> HostSetup:
-    """``make_host`` on a PostgreSQL database: the host keys in a file of their own."""
-    keys = str(folder / "host.keys")
-    assert cli(["init", "--db", url, "--keys", keys]) == 0
-    files = {
-        tid: add_terminal(folder, url, tid, f"MERCHANT000000{n}", "--keys", keys)
-        for n, tid in ((1, "TERM0001"), (2, "TERM0002"))
-    }
-    overrides = {"db": url, "keys": keys, "port": 0, "read_timeout": 5.0}
-    return HostSetup(load_config(None, overrides, environ={}), files, folder)
-
-
 async def acquirer(setup: HostSetup, toml: Path, *argv: str) -> float:
     """An acquirer's command (``acqhost ...``) on the host's store and config file, while the
     host runs; the effective-from of terminal TERM0001's newest version afterwards."""
@@ -491,7 +488,7 @@ async def test_the_whole_story(
     if store_kind == "sqlite":
         setup = make_host(tmp_path)
     else:
-        setup = postgres_host(tmp_path, request.getfixturevalue("pg_url"))
+        setup = make_postgres_host(tmp_path, request.getfixturevalue("pg_url"))
     toml = tmp_path / "acqhost.toml"  # the host and the acquirer's commands read one policy
     toml.write_text('[rebind]\nreview = "manual"\ncooling_off = 3\nmin_interval = 0\n')
     setup.config = dataclasses.replace(setup.config, rebind=load_config(toml, environ={}).rebind)

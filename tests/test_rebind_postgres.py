@@ -24,13 +24,21 @@ import pytest
 from acqhost import crypto, rebind
 from acqhost.app import build_server
 from acqhost.cli import main as cli
-from acqhost.config import RebindPolicy, load_config
+from acqhost.config import RebindPolicy
 from acqhost.store import open_store
 from acqhost.store.base import AccountVersion, SaleRecord, Store
 from acqhost.store.pg_listen import APPLICATION_NAME, EVERYTHING
 from simulators.processes import free_port, wait_listening
 from simulators.terminal import Exchange, TerminalClient
-from tests.hostkit import ACCOUNT, BANK, HOLDER, HostSetup, add_terminal, make_host, running
+from tests.hostkit import (
+    ACCOUNT,
+    BANK,
+    HOLDER,
+    HostSetup,
+    make_host,
+    make_postgres_host,
+    running,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 TID = "TERM0001"
@@ -38,18 +46,6 @@ TID = "TERM0001"
 NEW_ACCOUNTS = ("6217000100200030007", "6228480012345678903")
 CLOCK_SLACK = 0.005  # seconds: timestamps of the test and of the hosts are not exact
 PROMPTLY = 0.5  # seconds: well under the caches' own lifetime (CACHE_SECONDS = 1)
-
-
-def postgres_host(folder: Path, url: str) -> HostSetup:
-    """``make_host`` on a PostgreSQL database, its host keys in a file of their own."""
-    keys = str(folder / "host.keys")
-    assert cli(["init", "--db", url, "--keys", keys]) == 0
-    files = {
-        tid: add_terminal(folder, url, tid, f"MERCHANT000000{n}", "--keys", keys)
-        for n, tid in ((1, "TERM0001"), (2, "TERM0002"))
-    }
-    overrides = {"db": url, "keys": keys, "port": 0, "read_timeout": 5.0}
-    return HostSetup(load_config(None, overrides, environ={}), files, folder)
 
 
 def data_key(setup: HostSetup) -> bytes:
@@ -126,7 +122,7 @@ async def answered_within(seconds: float, rc: str, request: Any, meanwhile: str 
 async def test_two_host_processes_switch_to_the_new_account_at_effective_from(
     tmp_path: Path, pg_url: str
 ) -> None:
-    setup = postgres_host(tmp_path, pg_url)
+    setup = make_postgres_host(tmp_path, pg_url)
     policy = RebindPolicy(review="manual", cooling_off=2.0, min_interval=0.0)
     config = tmp_path / "acqhost.toml"
     config.write_text('[rebind]\nreview = "manual"\ncooling_off = 2\nmin_interval = 0\n')
@@ -194,7 +190,7 @@ async def test_two_host_processes_switch_to_the_new_account_at_effective_from(
 async def test_sign_on_and_disable_reach_the_other_host_at_once(
     tmp_path: Path, pg_url: str
 ) -> None:
-    setup = postgres_host(tmp_path, pg_url)
+    setup = make_postgres_host(tmp_path, pg_url)
     with host_processes(setup, 2) as ports:
         a, b = clients(setup, ports)
         async with a, b:
@@ -225,7 +221,7 @@ async def test_sign_on_and_disable_reach_the_other_host_at_once(
 def test_the_store_announces_committed_changes_to_what_hosts_cache(
     tmp_path: Path, pg_url: str
 ) -> None:
-    setup = postgres_host(tmp_path, pg_url)
+    setup = make_postgres_host(tmp_path, pg_url)
     key = data_key(setup)
     events: queue.Queue[tuple[str, str]] = queue.Queue()
 
@@ -288,7 +284,7 @@ def new_version(v1: AccountVersion, number: int, state: str = "PENDING_REVIEW") 
 async def test_the_host_listens_again_after_its_connection_is_cut(
     tmp_path: Path, pg_url: str
 ) -> None:
-    setup = postgres_host(tmp_path, pg_url)
+    setup = make_postgres_host(tmp_path, pg_url)
 
     import psycopg
 
@@ -381,7 +377,7 @@ def test_concurrent_submissions_for_one_terminal_leave_one_pending_request(
     if db_kind == "sqlite":
         setup = make_host(tmp_path)
     else:
-        setup = postgres_host(tmp_path, request.getfixturevalue("pg_url"))
+        setup = make_postgres_host(tmp_path, request.getfixturevalue("pg_url"))
     key = data_key(setup)
     stores = [open_store(setup.config.db) for _ in range(2)]  # two processes, as it were
     try:
