@@ -251,6 +251,8 @@ async def test_operator_password_and_lockout(tmp_path: Path) -> None:
         expect(await client.request(submit_fields(client, operator_id="99")), "55")
         wrong = submit_fields(client, password="9999")
         expect(await client.request(wrong), "55")
+        expect(await client.request(wrong), "55")  # retransmitted: the same answer ...
+        assert failures() == 1  # ... but one wrong password
         expect(await client.request(submit_fields(client, password="1234")), "55")
         assert failures() == 2
         # The right password resets the count, even when the request fails a later check.

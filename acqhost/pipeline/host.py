@@ -9,6 +9,7 @@ encode the response. Only an undecodable frame gets no answer.
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -157,6 +158,9 @@ class Pipeline:
         self._accounts: dict[str, tuple[float, AccountVersion | None]] = {}  # (expires, ...)
         self._batches: dict[str, int] = {}
         self._account_tlv: dict[tuple[str, int], str] = {}
+        # Submits (41, 11, 7) this process refused lately, with the answer they got: a
+        # retransmission gets the same answer instead of counting a wrong password twice.
+        self.rebind_refusals: OrderedDict[tuple[str, str, str], Decline] = OrderedDict()
 
     # -- host state the stages read (cached) -------------------------------------------------
 

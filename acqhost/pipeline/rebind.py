@@ -44,6 +44,7 @@ __all__ = (
 FILE_NAME = "SETTLEACCT"  # field 101 of a settlement-account change
 REBIND_FIELDS = ("7", "11", "41", "42")
 REBIND_ECHO = ("7", "11", "41", "42", "91", "101")
+REFUSALS_KEPT = 1024  # refused submits remembered per host process, for retransmissions
 
 
 def file_name(host: Pipeline, ctx: Context) -> None:
@@ -135,6 +136,12 @@ def submit(host: Pipeline, ctx: Context) -> None:
         password = crypto.decrypt_password(keys.rx_enc, sealed_password)
     except crypto.CryptoError:
         raise Decline("30", "FORMAT_PW") from None
+    # A retransmission of a refused submit gets the same answer (its wrong password is not
+    # counted twice), one of an accepted submit a 94 naming its request, both without a
+    # password check; the decision's transaction checks again, for one still in flight.
+    refused = host.rebind_refusals.get((terminal.tid, req["11"], req["7"]))
+    if refused is not None:
+        raise Decline(refused.code, refused.reason, refused.elements)
     with host.store.transaction(write=False) as tx:
         earlier = tx.request_for_message(terminal.tid, req["11"], req["7"])
         if earlier is not None:
@@ -193,7 +200,13 @@ def _answer(host: Pipeline, ctx: Context, outcome: Any) -> None:
     if outcome.request is not None:
         ctx.log["rf"] = outcome.request.rf
     if outcome.code != "00":
-        raise Decline(outcome.code, outcome.reason, outcome.elements)
+        refusal = Decline(outcome.code, outcome.reason, outcome.elements)
+        if ctx.route == "rebind_submit" and outcome.code != "94":
+            refusals = host.rebind_refusals
+            refusals[(ctx.req["41"], ctx.req["11"], ctx.req["7"])] = refusal
+            if len(refusals) > REFUSALS_KEPT:
+                refusals.popitem(last=False)
+        raise refusal
     ctx.resp["48"] = _elements(outcome.elements)
     ctx.log["state"] = outcome.elements.get("ST")
 
