@@ -197,8 +197,10 @@ async def test_submit_for_review_inquire_and_cancel(tmp_path: Path) -> None:
         with reading(setup) as tx:
             has(tx.request(rf), state="CANCELLED", decided_by="terminal")
             assert [v.state for v in tx.versions("TERM0001")] == ["ACTIVE", "CANCELLED"]
+        # The refused message again is a retransmission: its first answer, not a new decision.
+        expect(await client.request(other), "05", RS="PENDING_EXISTS", RF=rf)
         # Once cancelled, a new request may be made, and it is the latest.
-        ex = await client.request(other)
+        ex = await client.request(submit_fields(client, account=THIRD_ACCOUNT))
         third_sa = crypto.mask_account(THIRD_ACCOUNT)
         rf2 = expect_accepted(ex, "PENDING_REVIEW", third_sa, time.time() + 3600)
         assert rf2 != rf
@@ -231,7 +233,7 @@ async def test_auto_review_approves_at_once_and_changes_are_paced(tmp_path: Path
         await wait_state(client, rf, "ACTIVE")
         sale = await client.sale(100)
         assert (sale.tlv["SA"], sale.tlv["SV"]) == (NEW_SA, "2")
-        expect(await client.request(third), "65")
+        expect(await client.request(submit_fields(client, account=THIRD_ACCOUNT)), "65")
         with reading(setup) as tx:
             assert len(tx.requests(tid="TERM0001")) == 1
         await client.close()
