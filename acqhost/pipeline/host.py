@@ -262,7 +262,12 @@ class Pipeline:
             return None
         if ctx.effect is None:
             return self.finish_and_log(ctx)
-        return await self.complete(ctx)
+        write = self.write_for(ctx)
+        # An inline ledger (in-memory store) applies the write at once: no coroutine for it.
+        if not self.ledger.apply_now(write):
+            await self.ledger.submit(write)
+        self.after_write(ctx, write)
+        return self.finish_and_log(ctx)
 
     async def complete(self, ctx: Context) -> bytes:
         """Make the route's effect durable, then answer."""
