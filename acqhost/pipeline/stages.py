@@ -3,6 +3,7 @@ matching merchant (03), active and signed on (58), MAC (63), mandatory fields (3
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
@@ -109,12 +110,20 @@ def fields(required: tuple[str, ...], numeric: tuple[str, ...]) -> Stage:
     sometimes = tuple(n for n in numeric if n not in need)
     check_required = require(*required)
     check_digits = digits(*numeric)
+    # The values of ``always`` in one C call (one name gives the value itself, which joins
+    # to the same text).
+    get_always: Callable[[dict[str, str]], Iterable[str]] = (
+        operator.itemgetter(*always) if always else lambda req: ()
+    )
 
     def stage(host: Pipeline, ctx: Context) -> None:
         req = ctx.req
         if not need.issubset(req):
             check_required(host, ctx)  # names the first missing field
-        text = "".join([req[n] for n in always] + [req[n] for n in sometimes if n in req])
+        text = "".join(get_always(req))
+        for n in sometimes:
+            if n in req:
+                text += req[n]
         if text and not (text.isdigit() and text.isascii()):
             check_digits(host, ctx)  # raises, naming the first bad field
 
