@@ -128,6 +128,10 @@ def response_mti(mti: str) -> str:
     return mti[:2] + str(int(mti[2]) | 1) + mti[3] if mti[2].isdigit() else mti
 
 
+# response_mti of the MTIs seen (~0.6 us each time otherwise).
+_response_mtis: dict[str, str] = {}
+
+
 class Pipeline:
     """Everything that happens to a message between the framing and the socket."""
 
@@ -406,7 +410,12 @@ class Pipeline:
             return ctx
         mti = req["t"]
         route = self.routes.get((mti, req.get(ROUTE_FIELD.get(mti, "3"), "")), UNKNOWN)
-        ctx = Context(raw=frame, req=req, resp={"t": response_mti(mti)}, now=self.clock())
+        answer_mti = _response_mtis.get(mti)
+        if answer_mti is None:
+            answer_mti = response_mti(mti)
+            if len(_response_mtis) < 1000:
+                _response_mtis[mti] = answer_mti
+        ctx = Context(raw=frame, req=req, resp={"t": answer_mti}, now=self.clock())
         ctx.started = started
         ctx.route = route.name
         echo(ctx, route.echo)
