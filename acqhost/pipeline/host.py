@@ -285,7 +285,7 @@ class Pipeline:
         effect = ctx.effect
         assert effect is not None
         if effect.sale is not None:
-            return Write(sale=effect.sale)
+            return Write(effect.sale)
         if effect.session is not None:
             session = effect.session
             return Write(call=lambda store: store.save_session(session))
@@ -415,9 +415,7 @@ class Pipeline:
             answer_mti = response_mti(mti)
             if len(_response_mtis) < 1000:
                 _response_mtis[mti] = answer_mti
-        ctx = Context(raw=frame, req=req, resp={"t": answer_mti}, now=self.clock())
-        ctx.started = started
-        ctx.route = route.name
+        ctx = Context(frame, req, {"t": answer_mti}, self.clock(), started, route.name)
         echo(ctx, route.echo)
         try:
             for stage in route.stages:

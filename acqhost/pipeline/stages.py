@@ -48,9 +48,11 @@ def active(host: Pipeline, ctx: Context) -> None:
 
 def signed_on(host: Pipeline, ctx: Context) -> None:
     """58 for a disabled terminal or one without session keys."""
-    active(host, ctx)
-    assert ctx.terminal is not None
-    keys = host.session_keys(ctx.terminal.tid)
+    terminal = ctx.terminal
+    assert terminal is not None
+    if terminal.status != "active":  # active(), without a call
+        raise Decline("58", "TERMINAL_DISABLED")
+    keys = host.session_keys(terminal.tid)
     if keys is None:
         raise Decline("58", "NOT_SIGNED_ON")
     ctx.keys = keys
