@@ -388,7 +388,8 @@ class Pipeline:
             req.get("11"),
             ctx.resp.get("39"),
             ctx.reason or None,
-            round((time.perf_counter() - ctx.started) * 1000, 3),
+            # ms to three decimals, as round(x * 1000, 3) gives them at half its cost
+            round((time.perf_counter() - ctx.started) * 1_000_000) / 1000,
             ctx.log,
         )
         return out
