@@ -418,8 +418,8 @@ def _mask_short(text: str) -> str:
     return "*" * (n - 4) + text[-4:]
 
 
-# Every digit doubled, minus 9 when above 9, as the translation table of str.translate.
-_LUHN_DOUBLED: Final = str.maketrans("0123456789", "0246813579")
+# Every digit doubled, minus 9 when above 9, as the translation table of bytes.translate.
+_LUHN_DOUBLED: Final = bytes.maketrans(b"0123456789", b"0246813579")
 
 
 def luhn_ok(digits: str) -> bool:
@@ -428,9 +428,8 @@ def luhn_ok(digits: str) -> bool:
         return False
     # From the right: the check digit and every second one plain, the others doubled. The
     # digit sum of a string is its bytes' sum minus 48 per character.
-    plain = digits[::-1][::2]
-    doubled = digits[::-1][1::2].translate(_LUHN_DOUBLED)
-    total = sum(plain.encode()) + sum(doubled.encode()) - 48 * len(digits)
+    data = digits.encode()
+    total = sum(data[::-2]) + sum(data[-2::-2].translate(_LUHN_DOUBLED)) - 48 * len(data)
     return total % 10 == 0
 
 

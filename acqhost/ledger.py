@@ -128,8 +128,23 @@ class Ledger:
             self._queue.append(w)
         self._wakeup.set()
 
+    def apply_now(self, w: Write) -> bool:
+        """Apply ``w`` at once when the ledger is inline and ``w`` has no ``pre`` (what
+        :meth:`submit` would do, without a coroutine); False, and nothing done, otherwise."""
+        if not self._inline or w.pre is not None:
+            return False
+        self._apply_inline(w)
+        return True
+
     def _apply_inline(self, w: Write) -> None:
-        apply_writes(self.store, [w], self._batch)
+        sale = w.sale
+        if sale is not None:  # apply_writes for one sale, without its grouping
+            try:
+                w.result = self.store.record_sales((sale,))[0]
+            except Exception as e:
+                w.error = e
+        else:
+            apply_writes(self.store, (w,), self._batch)
         self.flushes += 1
         self.written += 1
 

@@ -129,6 +129,10 @@ def response_mti(mti: str) -> str:
     return mti[:2] + str(int(mti[2]) | 1) + mti[3] if mti[2].isdigit() else mti
 
 
+# response_mti of the MTIs seen (~0.6 us each time otherwise).
+_response_mtis: dict[str, str] = {}
+
+
 class Pipeline:
     """Everything that happens to a message between the framing and the socket."""
 
@@ -266,7 +270,12 @@ class Pipeline:
             return None
         if ctx.effect is None:
             return self.finish_and_log(ctx)
-        return await self.complete(ctx)
+        write = self.write_for(ctx)
+        # An inline ledger (in-memory store) applies the write at once: no coroutine for it.
+        if not self.ledger.apply_now(write):
+            await self.ledger.submit(write)
+        self.after_write(ctx, write)
+        return self.finish_and_log(ctx)
 
     async def complete(self, ctx: Context) -> bytes:
         """Make the route's effect durable, then answer."""
@@ -280,7 +289,7 @@ class Pipeline:
         effect = ctx.effect
         assert effect is not None
         if effect.sale is not None:
-            return Write(sale=effect.sale)
+            return Write(effect.sale)
         if effect.session is not None:
             session = effect.session
             return Write(call=lambda store: store.save_session(session))
@@ -383,7 +392,8 @@ class Pipeline:
             req.get("11"),
             ctx.resp.get("39"),
             ctx.reason or None,
-            round((time.perf_counter() - ctx.started) * 1000, 3),
+            # ms to three decimals, as round(x * 1000, 3) gives them at half its cost
+            round((time.perf_counter() - ctx.started) * 1_000_000) / 1000,
             ctx.log,
         )
         return out
@@ -405,9 +415,12 @@ class Pipeline:
             return ctx
         mti = req["t"]
         route = self.routes.get((mti, req.get(ROUTE_FIELD.get(mti, "3"), "")), UNKNOWN)
-        ctx = Context(raw=frame, req=req, resp={"t": response_mti(mti)}, now=self.clock())
-        ctx.started = started
-        ctx.route = route.name
+        answer_mti = _response_mtis.get(mti)
+        if answer_mti is None:
+            answer_mti = response_mti(mti)
+            if len(_response_mtis) < 1000:
+                _response_mtis[mti] = answer_mti
+        ctx = Context(frame, req, {"t": answer_mti}, self.clock(), started, route.name)
         echo(ctx, route.echo)
         try:
             for stage in route.stages:

@@ -93,23 +93,28 @@ def authorise(host: Pipeline, ctx: Context) -> None:
     if account is None:  # every terminal is registered with version 1: our fault
         raise RuntimeError(f"terminal {terminal.tid} has no settlement account in force")
     ctx.account = account
-    auth_code = f"{_random.randrange(1_000_000):06d}"
+    # random() * 10**6 is uniform over the codes to within 2**-33, at a quarter of the cost
+    # of randrange.
+    auth_code = f"{int(_random.random() * 1_000_000):06d}"
+    # Positional: fourteen keyword arguments cost ~0.8 us more a sale (fields in the order
+    # of SaleRecord: tid, mid, stan, local_date, local_time, transmission, amount, currency,
+    # pan_masked, auth_code, test, account_version, batch_no, received_at).
     ctx.effect = Effect(
-        sale=SaleRecord(
-            tid=terminal.tid,
-            mid=terminal.mid,
-            stan=req["11"],
-            local_date=req["13"],
-            local_time=req["12"],
-            transmission=req["7"],
-            amount=amount,
-            currency=req["49"],
-            pan_masked=crypto.mask_pan(pan),
-            auth_code=auth_code,
-            test=test,
-            account_version=account.version,
-            batch_no=host.batch(terminal.tid),
-            received_at=ctx.now,
+        SaleRecord(
+            terminal.tid,
+            terminal.mid,
+            req["11"],
+            req["13"],
+            req["12"],
+            req["7"],
+            amount,
+            req["49"],
+            crypto.mask_pan(pan),
+            auth_code,
+            test,
+            account.version,
+            host.batch(terminal.tid),
+            ctx.now,
         )
     )
     ctx.log["amount"] = amount
@@ -119,10 +124,28 @@ def authorise(host: Pipeline, ctx: Context) -> None:
 
 # (UTC day number, year * 12 + month of that day): gmtime once a day, not once a sale.
 _this_month: list[tuple[int, int]] = [(0, 0)]
+# The answers of _expired for the UTC day _expiry_day[0] (a day never spans two months).
+_expiry_day: list[int] = [-1]
+_expiry: dict[str, bool] = {}
 
 
 def _expired(yymm: str, now: float) -> bool:
     """Is the card expiring in YYMM (20YY) past at ``now``? It is valid through its month."""
+    day = int(now // 86400)
+    if day == _expiry_day[0]:
+        hit = _expiry.get(yymm)
+        if hit is not None:
+            return hit
+    else:
+        _expiry.clear()
+        _expiry_day[0] = day
+    expired = _expired_uncached(yymm, now)
+    if len(_expiry) < 10_000:  # YYMM is four digits (card() checks): at most 10,000 keys
+        _expiry[yymm] = expired
+    return expired
+
+
+def _expired_uncached(yymm: str, now: float) -> bool:
     month = int(yymm[2:])
     if not 1 <= month <= 12:
         return True

@@ -3,6 +3,7 @@ matching merchant (03), active and signed on (58), MAC (63), mandatory fields (3
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
@@ -47,9 +48,11 @@ def active(host: Pipeline, ctx: Context) -> None:
 
 def signed_on(host: Pipeline, ctx: Context) -> None:
     """58 for a disabled terminal or one without session keys."""
-    active(host, ctx)
-    assert ctx.terminal is not None
-    keys = host.session_keys(ctx.terminal.tid)
+    terminal = ctx.terminal
+    assert terminal is not None
+    if terminal.status != "active":  # active(), without a call
+        raise Decline("58", "TERMINAL_DISABLED")
+    keys = host.session_keys(terminal.tid)
     if keys is None:
         raise Decline("58", "NOT_SIGNED_ON")
     ctx.keys = keys
@@ -109,12 +112,20 @@ def fields(required: tuple[str, ...], numeric: tuple[str, ...]) -> Stage:
     sometimes = tuple(n for n in numeric if n not in need)
     check_required = require(*required)
     check_digits = digits(*numeric)
+    # The values of ``always`` in one C call (one name gives the value itself, which joins
+    # to the same text).
+    get_always: Callable[[dict[str, str]], Iterable[str]] = (
+        operator.itemgetter(*always) if always else lambda req: ()
+    )
 
     def stage(host: Pipeline, ctx: Context) -> None:
         req = ctx.req
         if not need.issubset(req):
             check_required(host, ctx)  # names the first missing field
-        text = "".join([req[n] for n in always] + [req[n] for n in sometimes if n in req])
+        text = "".join(get_always(req))
+        for n in sometimes:
+            if n in req:
+                text += req[n]
         if text and not (text.isdigit() and text.isascii()):
             check_digits(host, ctx)  # raises, naming the first bad field
 
