@@ -87,7 +87,13 @@ def host_processes(setup: HostSetup, count: int, *extra: str) -> Iterator[list[i
     finally:
         for proc in procs:
             proc.send_signal(signal.SIGTERM)
-        codes = [proc.wait(timeout=20) for proc in procs]
+        codes = []
+        for proc in procs:
+            try:
+                codes.append(proc.wait(timeout=20))
+            except subprocess.TimeoutExpired:  # never leave a host behind
+                proc.kill()
+                codes.append(proc.wait())
     assert codes == [0] * count
 
 
