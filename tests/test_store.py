@@ -678,3 +678,18 @@ def test_failed_migration_leaves_the_database_as_it_was(
         assert conn.execute("SELECT name FROM sqlite_master WHERE name = 'half'").fetchone() is None
     finally:
         conn.close()
+
+
+def test_the_once_a_second_activation_query_reads_only_approved_versions(db_path: Path) -> None:
+    store = with_terminal(SQLiteStore(db_path))
+    try:
+        statements: list[str] = []
+        store._conn.set_trace_callback(statements.append)
+        with store.transaction(write=False) as tx:
+            assert tx.due_versions(CREATED + 10) == []
+        store._conn.set_trace_callback(None)
+        query = next(s for s in statements if "effective_from <=" in s)
+        plan = store._conn.execute("EXPLAIN QUERY PLAN " + query).fetchall()
+        assert any("USING INDEX settlement_accounts_due" in row[-1] for row in plan), plan
+    finally:
+        store.close()

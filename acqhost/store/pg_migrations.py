@@ -226,9 +226,18 @@ FOR EACH STATEMENT EXECUTE FUNCTION acqhost_refuse('the audit log is append-only
 CREATE INDEX sales_test ON sales (tid, account_version) WHERE test;
 """
 
+# Every host process asks once a second for the approved versions whose effective-from has
+# passed: an index of just those, so the question does not read every version of every
+# terminal.
+_V3 = """
+CREATE INDEX settlement_accounts_due ON settlement_accounts (effective_from)
+    WHERE state = 'APPROVED';
+"""
+
 MIGRATIONS: list[tuple[int, str]] = [
     (1, _V1),
     (2, _V2),
+    (3, _V3),
 ]
 
 
