@@ -76,6 +76,16 @@ def _check(condition: bool, message: str) -> None:
         raise CliError(message)
 
 
+def _write_new(path: Path, text: str, mode: int) -> None:
+    """Write ``text`` (UTF-8) to a file that must not exist yet, created with ``mode``."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    except FileExistsError:
+        raise CliError(f"{path} exists: refusing to overwrite it") from None
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
 def _audit_registration(store: Store, data_key: bytes, tid: str) -> None:
     """The audit log's first entry about a terminal: its version 1 and that version's
     fingerprint, so that an edit of it is found later."""
@@ -177,10 +187,7 @@ def cmd_terminal_add(args: argparse.Namespace) -> int:
         "framing": cfg.framing,
         "spec": cfg.spec,
     }
-    fd = os.open(key_out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump(key_file, f, indent=2)
-        f.write("\n")
+    _write_new(key_out, json.dumps(key_file, indent=2) + "\n", 0o600)
     print(
         f"terminal {args.tid} added (merchant {args.mid}, settles to "
         f"{new_account.account_masked} at {args.bank_code}); key file {key_out}"

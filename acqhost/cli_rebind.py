@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from collections.abc import Iterator
@@ -19,7 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from acqhost import audit, rebind, voucher
-from acqhost.cli import CliError, _check, _config, _host_keys, _table
+from acqhost.cli import CliError, _check, _config, _host_keys, _table, _write_new
 from acqhost.config import Config
 from acqhost.crypto import HostKeys
 from acqhost.store import open_store
@@ -130,7 +129,7 @@ def _named(value: str, option: str) -> str:
 
 def _effective(request: RebindRequest, version: AccountVersion) -> float | None:
     """A request's effective-from, or None for one that will never take effect."""
-    return None if request.state in ("REJECTED", "CANCELLED") else version.effective_from
+    return None if request.state in rebind.NEVER_EFFECTIVE else version.effective_from
 
 
 def cmd_rebind_list(args: argparse.Namespace) -> int:
@@ -288,12 +287,7 @@ def cmd_rebind_voucher(args: argparse.Namespace) -> int:
     if out is None:
         sys.stdout.write(text)
         return 0
-    try:
-        fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    except FileExistsError:
-        raise CliError(f"{out} exists: refusing to overwrite it") from None
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
+    _write_new(out, text, 0o644)
     print(f"voucher of {request.rf} ({request.state}) written to {out}")
     return 0
 

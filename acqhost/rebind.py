@@ -17,6 +17,7 @@ store, switches to the new account: none answers with the old one after it.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import secrets
 import time
@@ -37,6 +38,7 @@ from acqhost.store.base import (
 
 __all__ = (
     "DECISION_LEAD",
+    "NEVER_EFFECTIVE",
     "ONCE_IN_FORCE",
     "Outcome",
     "RebindError",
@@ -63,6 +65,8 @@ __all__ = (
 DECISION_LEAD = 2.0
 
 _RF_ALPHABET = "ABCDEFGHJKLMNPQRSTUVWXYZ23456789"  # no 0/O or 1/I to misread on a voucher
+# States of a request whose version will never take effect: it has no effective-from.
+NEVER_EFFECTIVE = ("REJECTED", "CANCELLED")
 # States of a version that was once in force (and so may be restored by a rollback).
 ONCE_IN_FORCE = ("ACTIVE", "VERIFIED", "ROLLED_BACK")
 
@@ -303,9 +307,7 @@ def _last_accepted(tx: StoreTx, tid: str) -> float | None:
     times = [
         r.decided_at
         for r in tx.requests(tid=tid)
-        if r.kind == "rebind"
-        and r.decided_at is not None
-        and r.state not in ("REJECTED", "CANCELLED")
+        if r.kind == "rebind" and r.decided_at is not None and r.state not in NEVER_EFFECTIVE
     ]
     return max(times) if times else None
 
@@ -344,7 +346,7 @@ def describe(tx: StoreTx, request: RebindRequest, now: float | None = None) -> d
     if now is not None and state == "APPROVED" and version.effective_from <= now:
         state = "ACTIVE"
     elements = {"RF": request.rf, "ST": state}
-    if request.state not in ("REJECTED", "CANCELLED"):
+    if request.state not in NEVER_EFFECTIVE:
         elements["EF"] = ef_text(version.effective_from)
     elements["SA"] = version.account_masked
     return elements
@@ -514,15 +516,9 @@ def rollback(
     number = versions[-1].version + 1
     why = f"rollback to version {to_version}" + (f": {reason.strip()}" if reason.strip() else "")
     ef = effective_from(now, 0.0)
-    restored = AccountVersion(
-        tid=tid,
+    restored = dataclasses.replace(
+        target,
         version=number,
-        sealed_account=target.sealed_account,
-        account_hash=target.account_hash,
-        account_masked=target.account_masked,
-        holder=target.holder,
-        bank_code=target.bank_code,
-        branch=target.branch,
         state="APPROVED",
         effective_from=ef,
         created_by=by,

@@ -40,8 +40,6 @@ VOUCHER_TYPE = "ACQ1 settlement account change voucher 1"
 # States in which a version has been in force at some time (ROLLED_BACK ones were, until a
 # rollback took effect).
 _WAS_IN_FORCE = rebind.ONCE_IN_FORCE
-# States of a request whose version will never take effect: it has no effective-from.
-_NEVER_EFFECTIVE = ("REJECTED", "CANCELLED")
 
 
 class VoucherError(AcqHostError, ValueError):
@@ -92,7 +90,7 @@ def make_voucher(
     every version is ``versions``, oldest first) as issued at ``now``."""
     proposed = versions[request.version - 1]
     previous = previous_version(versions, request, now)
-    effective = None if request.state in _NEVER_EFFECTIVE else proposed.effective_from
+    effective = None if request.state in rebind.NEVER_EFFECTIVE else proposed.effective_from
     fields: dict[str, Any] = {
         "voucher": VOUCHER_TYPE,
         "rf": request.rf,

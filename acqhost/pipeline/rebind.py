@@ -175,7 +175,7 @@ def inquire(host: Pipeline, ctx: Context) -> None:
         request = rebind.find(tx, ctx.terminal.tid, ctx.tlv.get("RF", "").strip() or None)
         if request is None:
             raise Decline("25", "NO_SUCH_REQUEST")
-        ctx.resp["48"] = _elements(rebind.describe(tx, request, ctx.now))
+        ctx.resp["48"] = encode_tlv(rebind.describe(tx, request, ctx.now))
     ctx.log["rf"] = request.rf
 
 
@@ -207,9 +207,5 @@ def _answer(host: Pipeline, ctx: Context, outcome: Any) -> None:
             if len(refusals) > REFUSALS_KEPT:
                 refusals.popitem(last=False)
         raise refusal
-    ctx.resp["48"] = _elements(outcome.elements)
+    ctx.resp["48"] = encode_tlv(outcome.elements)
     ctx.log["state"] = outcome.elements.get("ST")
-
-
-def _elements(elements: dict[str, str]) -> str:
-    return encode_tlv(elements)

@@ -28,11 +28,11 @@ def card(host: Pipeline, ctx: Context) -> None:
     req = ctx.req
     track2 = req.get("35")
     if track2 is not None:
-        pan, expiry = track2_card(track2)
-    elif "2" in req and "14" in req:
-        pan, expiry = req["2"], req["14"]
-    else:
+        ctx.card = track2_card(track2)  # digits checked there
+        return
+    if "2" not in req or "14" not in req:
         raise Decline("30", "MISSING_CARD")
+    pan, expiry = req["2"], req["14"]
     if not (pan.isdigit() and pan.isascii() and expiry.isdigit() and expiry.isascii()):
         raise Decline("30", "FORMAT_CARD")
     ctx.card = (pan, expiry)

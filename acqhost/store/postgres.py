@@ -20,6 +20,7 @@ The connection string may hold a password: it is kept only to reconnect and neve
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -165,13 +166,9 @@ class PostgresStore:
         terminals whose settlement-account versions it adds or moves are announced
         (``account:<tid>``) when it commits. A read transaction reads one snapshot."""
         with self._transaction() as cur:
-            statements: dict[str, str] = {}
 
             def execute(sql: str, params: tuple[Any, ...]) -> psycopg.Cursor[tuple[Any, ...]]:
-                text = statements.get(sql)
-                if text is None:
-                    text = statements[sql] = sql.replace("?", "%s")
-                return cur.execute(text, params)
+                return cur.execute(_placeholders(sql), params)
 
             if not write:
                 # One snapshot for every read (audit verify compares two tables), as SQLite's
@@ -460,6 +457,12 @@ class _AnnouncingTx(SQLTx):
 def _notify(cur: psycopg.Cursor[tuple[Any, ...]], kind: str, tids: Iterable[str]) -> None:
     """Announce, at commit, that ``kind`` of these terminals changed (see the module doc)."""
     cur.execute(_NOTIFY, (CHANNEL, kind, sorted(tids)))
+
+
+@functools.cache
+def _placeholders(sql: str) -> str:
+    """The shared SQL's ``?`` placeholders as psycopg's ``%s`` (once per statement text)."""
+    return sql.replace("?", "%s")
 
 
 def _migrate(conn: psycopg.Connection[tuple[Any, ...]]) -> None:
