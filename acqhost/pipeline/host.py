@@ -277,13 +277,6 @@ class Pipeline:
         self.after_write(ctx, write)
         return self.finish_and_log(ctx)
 
-    async def complete(self, ctx: Context) -> bytes:
-        """Make the route's effect durable, then answer."""
-        write = self.write_for(ctx)
-        await self.ledger.submit(write)
-        self.after_write(ctx, write)
-        return self.finish_and_log(ctx)
-
     def write_for(self, ctx: Context) -> Write:
         """The ledger write that makes ``ctx.effect`` durable."""
         effect = ctx.effect
