@@ -557,10 +557,15 @@ class MessageLogger:
     ``bind_contextvars``, a processor chain that is not :func:`configure_logging`'s (such as
     ``structlog.testing.capture_logs``) -- goes through structlog as the call above, so the
     masking guarantee is the chain's own.
+
+    Lines written directly are not flushed one by one (a write system call per message cost
+    more than the rest of the line): :meth:`flush` writes them out, and the server calls it
+    before it sends the answers whose lines they are. Any other event logged to the stream
+    flushes them too, in order.
     """
 
     __slots__ = ("_extra_keys", "_generation", "_heads", "_last_second", "_logger",
-                 "_middles", "_name", "_stamp", "_suffix", "_writer")  # fmt: skip
+                 "_middles", "_name", "_pending", "_stamp", "_suffix", "_writer")  # fmt: skip
 
     def __init__(self, name: str) -> None:
         self._name = name
@@ -573,6 +578,14 @@ class MessageLogger:
         self._heads: dict[tuple[str, str | None, str | None], str | None] = {}
         self._middles: dict[tuple[str | None, str | None], str | None] = {}
         self._extra_keys: dict[Any, tuple[int, str] | None] = {}
+        self._pending: TextIO | None = None  # the stream holding lines not yet flushed
+
+    def flush(self) -> None:
+        """Write out the lines :meth:`message` left in the stream's buffer."""
+        stream = self._pending
+        if stream is not None:
+            self._pending = None
+            stream.flush()
 
     def _writer_for(self, chain: _Chain) -> _NamedWriteLogger | None:
         if self._generation != _generation[0]:
@@ -619,7 +632,9 @@ class MessageLogger:
             if chain.processors == chain.snapshot and not _context_bound():
                 line = self._line(route, tid, mti, stan, rc, reason, latency_ms, extra)
                 if line is not None:
-                    writer.msg(line)
+                    stream = chain.stream
+                    stream.write(line + "\n")
+                    self._pending = stream
                     return
         self._logger.info("message", route=route, tid=tid, mti=mti, stan=stan, rc=rc,
                           reason=reason, latency_ms=latency_ms, **extra)  # fmt: skip

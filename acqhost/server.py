@@ -289,6 +289,7 @@ class Server:
     async def _send_answers(self, stream: anyio.abc.SocketStream, outbox: _Outbox) -> None:
         """Send answers in arrival order; every answer ready at once goes in one write."""
         encode = self.encoder.encode
+        flush_log = self.pipeline.flush_log
         slots = outbox.slots
         while True:
             if not slots:
@@ -307,6 +308,7 @@ class Server:
                 outbox.room.set()
                 outbox.room = None
             if out:
+                flush_log()  # an answer never leaves before its log line
                 await stream.send(b"".join(out))
 
 

@@ -52,6 +52,8 @@ def load(port: int, keys: list[Path], args: argparse.Namespace, *extra: str) -> 
         str(args.depth),
         "--duration",
         str(args.duration),
+        "--frames",
+        str(args.frames or int(args.duration * 60_000)),
         *extra,
     ]
     for k in keys:
@@ -60,6 +62,11 @@ def load(port: int, keys: list[Path], args: argparse.Namespace, *extra: str) -> 
     if out.returncode != 0:
         raise SystemExit(f"load generator failed: {out.stderr[-2000:]}")
     result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+    if result.get("exhausted"):
+        raise SystemExit(
+            f"the load generator ran out of distinct sales at {result['tps']:,.0f} TPS: "
+            "raise --frames so the target, not the generator, sets the rate"
+        )
     return result
 
 
@@ -166,6 +173,11 @@ def main() -> int:
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--depth", type=int, default=8)
     parser.add_argument("--terminals", type=int, default=8)
+    parser.add_argument(
+        "--frames",
+        type=int,
+        help="distinct sales built per measurement (default: 60,000 per second of it)",
+    )
     parser.add_argument("--log-level", default="info", help="the hosts' log level")
     parser.add_argument("--only", help="comma list: echo,plain,asyncio-1,trio-1,asyncio-2,trio-2")
     args = parser.parse_args()

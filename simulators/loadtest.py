@@ -75,8 +75,13 @@ class _Connection(asyncio.Protocol):
                 self.send(time.perf_counter())
 
     def send(self, at: float) -> bool:
-        if self.next >= len(self.frames) or self.transport is None or self.run.stopping:
+        if self.transport is None or self.run.stopping:
             return False
+        if self.next >= len(self.frames):
+            if not self.run.repeat:  # a host refuses a repeated sale: never send one twice
+                self.run.exhausted = True
+                return False
+            self.next = 0
         self.sent.append(at)
         self.transport.write(self.frames[self.next])
         self.next += 1
@@ -101,13 +106,15 @@ class _Connection(asyncio.Protocol):
 
 
 class _Run:
-    def __init__(self, depth: int, rate: float | None, check: Any) -> None:
+    def __init__(self, depth: int, rate: float | None, check: Any, repeat: bool) -> None:
         self.depth = depth
         self.rate = rate
         self.check = check
+        self.repeat = repeat
         self.latencies: list[float] = []
         self.answered = 0
         self.stopping = False
+        self.exhausted = False  # a connection ran out of frames before the end: rate capped
 
 
 async def drive(
@@ -118,9 +125,13 @@ async def drive(
     rate: float | None,
     duration: float,
     check: Any = None,
+    repeat: bool = False,
 ) -> dict[str, Any]:
+    """Drive the target for ``duration`` s. ``repeat``: frames may be sent again once all
+    were sent (only for an echo target); otherwise running out is reported as
+    ``exhausted``, and the figures then understate the target."""
     loop = asyncio.get_running_loop()
-    run = _Run(depth, rate, check)
+    run = _Run(depth, rate, check, repeat)
     share = [frames[i::connections] for i in range(connections)]
     conns = []
     for part in share:
@@ -169,6 +180,7 @@ async def drive(
         "connections": connections,
         "depth": depth,
         "rate": rate,
+        "exhausted": run.exhausted,
     }
 
 
@@ -182,7 +194,11 @@ def main(argv: list[str] | None = None) -> int:
         help="terminal key file (repeat for more terminals)",
     )
     parser.add_argument("--no-mac", action="store_true", help="plain sales (for the plain host)")
-    parser.add_argument("--echo", action="store_true", help="the target echoes: check nothing")
+    parser.add_argument(
+        "--echo",
+        action="store_true",
+        help="the target echoes: check nothing, and send frames again when all were sent",
+    )
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--depth", type=int, default=8, help="requests in flight per connection")
     parser.add_argument("--rate", type=float, help="paced: requests per second in all")
@@ -232,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
             args.rate,
             args.duration,
             None if args.echo else check,
+            repeat=args.echo,
         )
     )
     result["sample_failures"] = failures

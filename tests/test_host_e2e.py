@@ -17,6 +17,7 @@ import pytest
 
 from acqhost import crypto
 from acqhost.cli import main as cli
+from acqhost.logging import configure_logging
 from acqhost.tlv import decode_tlv, encode_tlv
 from simulators.terminal import TEST_PAN, Exchange, TerminalClient, TerminalError
 from tests.hostkit import ACCOUNT, BANK, HostSetup, make_host, running
@@ -269,6 +270,27 @@ async def test_field_48_in_chinese_and_log_lines_carry_no_card_data(
     assert TEST_PAN not in json_logs.getvalue() and ACCOUNT not in json_logs.getvalue()
     sale = [e for e in lines if e.get("route") == "sale"]
     assert sale and {"tid", "mti", "stan", "rc", "latency_ms"} <= set(sale[0])
+
+
+async def test_each_answer_leaves_after_its_log_line_is_in_the_log_file(
+    setup: HostSetup, tmp_path: Path, json_logs: io.StringIO
+) -> None:
+    # Per-message lines are buffered, not flushed one by one; the server flushes them before
+    # it sends their answers. A buffered file (8 KiB) read through a second handle shows it.
+    # (json_logs restores the log stream afterwards.)
+    path = tmp_path / "host.log"
+    with path.open("w", encoding="utf-8") as stream:
+        configure_logging("info", stream)
+        async with running(setup):
+            client = await signed_on(setup)
+            for amount in (100, 200, 300):
+                sale = await client.sale(amount)
+                assert sale.rc == "00"
+                lines = [json.loads(line) for line in path.read_text().splitlines()]
+                logged = [e for e in lines if e.get("event") == "message"]
+                assert logged[-1]["stan"] == sale.response["11"]
+                assert logged[-1]["route"] == "sale" and logged[-1]["rc"] == "00"
+            await client.close()
 
 
 @pytest.mark.parametrize("framing", ["len4", "len2-tpdu"])

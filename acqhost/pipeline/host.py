@@ -268,14 +268,19 @@ class Pipeline:
         ctx = self.prepare(frame)
         if ctx is None:
             return None
-        if ctx.effect is None:
-            return self.finish_and_log(ctx)
-        write = self.write_for(ctx)
-        # An inline ledger (in-memory store) applies the write at once: no coroutine for it.
-        if not self.ledger.apply_now(write):
-            await self.ledger.submit(write)
-        self.after_write(ctx, write)
-        return self.finish_and_log(ctx)
+        if ctx.effect is not None:
+            write = self.write_for(ctx)
+            # An inline ledger (in-memory store) applies the write at once: no coroutine.
+            if not self.ledger.apply_now(write):
+                await self.ledger.submit(write)
+            self.after_write(ctx, write)
+        out = self.finish_and_log(ctx)
+        self.message_log.flush()
+        return out
+
+    def flush_log(self) -> None:
+        """Write out the per-message log lines of answers about to be sent."""
+        self.message_log.flush()
 
     def write_for(self, ctx: Context) -> Write:
         """The ledger write that makes ``ctx.effect`` durable."""
