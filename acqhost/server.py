@@ -7,16 +7,25 @@ asyncio (with uvloop when installed) and on trio alike.
 
 Pipelined requests on one connection are worked on concurrently, so their sales share a group
 commit, and answered strictly in the order they arrived.
+
+On asyncio the connections themselves are the event loop's protocols (:class:`_AsyncioConnection`:
+frames are worked on in ``data_received`` and answers written from the ledger's callback), not
+anyio streams: an anyio stream pauses and resumes the transport around every read and costs a
+cancel scope per read timeout and an event per answer, which measured at a third of the host's
+CPU per message under paced load (benchmarks/README.md). Everything else -- the listener's
+life, the ledger, services, signals, the drain -- is the same code on both backends, and the
+behaviour is the same: the end-to-end tests run every case on both.
 """
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import signal
 from collections import deque
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import anyio
 import anyio.abc
@@ -43,21 +52,25 @@ ACTIVATE_SECONDS = 1.0
 
 
 class _Slot:
-    """One answer to send, in arrival order; an Event only when someone has to wait."""
+    """One answer to send, in arrival order; an Event only when someone has to wait, or a
+    callback (``notify``) to call when it is ready."""
 
-    __slots__ = ("event", "out", "ready", "tpdu")
+    __slots__ = ("event", "notify", "out", "ready", "tpdu")
 
     def __init__(self, tpdu: bytes) -> None:
         self.out: bytes | None = None
         self.tpdu = tpdu
         self.ready = False
         self.event: anyio.Event | None = None
+        self.notify: Callable[[], None] | None = None
 
     def finish(self, out: bytes | None) -> None:
         self.out = out
         self.ready = True
         if self.event is not None:
             self.event.set()
+        if self.notify is not None:
+            self.notify()
 
     async def wait(self) -> None:
         if not self.ready:
@@ -86,6 +99,10 @@ class _Outbox:
 class _Connection:
     reading: anyio.CancelScope = field(default_factory=anyio.CancelScope)
 
+    def stop(self) -> None:
+        """Stop reading; the connection answers what it read, then closes."""
+        self.reading.cancel()
+
 
 # A task that lives as long as the server: started with ``task_status`` before the server
 # listens (it calls ``task_status.started()`` when ready), cancelled after the drain.
@@ -101,7 +118,7 @@ class Server:
         self.ledger = ledger
         self.encoder = FrameEncoder(config.framing, config.max_frame)
         self.port: int | None = None
-        self._connections: set[_Connection] = set()
+        self._connections: set[_Connection | _AsyncioConnection] = set()
         self._accepting: anyio.CancelScope | None = None  # made inside the event loop
         self._stopping = False
         self.services: list[Service] = []
@@ -113,8 +130,8 @@ class Server:
         self._stopping = True
         if self._accepting is not None:
             self._accepting.cancel()
-        for conn in self._connections:
-            conn.reading.cancel()
+        for conn in list(self._connections):
+            conn.stop()
 
     async def run(
         self,
@@ -124,12 +141,24 @@ class Server:
         task_status: anyio.abc.TaskStatus[int] = anyio.TASK_STATUS_IGNORED,
     ) -> None:
         cfg = self.config
-        if listener is None:
-            listener = await anyio.create_tcp_listener(
-                local_host=cfg.host, local_port=cfg.port, reuse_port=cfg.workers > 1
+        native: asyncio.Server | None = None
+        if listener is None and _on_asyncio():
+            native = await asyncio.get_running_loop().create_server(
+                lambda: _AsyncioConnection(self),
+                cfg.host,
+                cfg.port,
+                reuse_port=cfg.workers > 1,
+                backlog=65535,
+                start_serving=False,
             )
-        sockname = listener.extra(anyio.abc.SocketAttribute.local_address)
-        self.port = int(sockname[1])
+            self.port = int(native.sockets[0].getsockname()[1])
+        else:
+            if listener is None:
+                listener = await anyio.create_tcp_listener(
+                    local_host=cfg.host, local_port=cfg.port, reuse_port=cfg.workers > 1
+                )
+            sockname = listener.extra(anyio.abc.SocketAttribute.local_address)
+            self.port = int(sockname[1])
         async with anyio.create_task_group() as writer_group:
             await writer_group.start(self.ledger.run)
             try:
@@ -144,9 +173,16 @@ class Server:
                     self._accepting = anyio.CancelScope()
                     if self._stopping:
                         self._accepting.cancel()
-                    with self._accepting:
-                        await self._accept_loop(listener, tg)
-                    await listener.aclose()
+                    if native is not None:
+                        with self._accepting:
+                            await native.start_serving()
+                            await anyio.sleep_forever()
+                        native.close()
+                    else:
+                        assert listener is not None
+                        with self._accepting:
+                            await self._accept_loop(listener, tg)
+                        await listener.aclose()
                     log.info("draining", connections=len(self._connections))
                     # The connection tasks end by themselves once their answers are sent; a
                     # peer that stopped reading gets DRAIN_SECONDS, then its task is cancelled.
@@ -155,6 +191,9 @@ class Server:
                             await anyio.sleep(0.01)
                     if self._connections:
                         log.warning("drain timed out", connections=len(self._connections))
+                        for conn in list(self._connections):
+                            if isinstance(conn, _AsyncioConnection):
+                                conn.abort()
                     tg.cancel_scope.cancel()
             finally:
                 self.ledger.close()
@@ -263,8 +302,11 @@ class Server:
                 log.warning("framing error", peer=_peer(stream), error=str(decoder.error))
                 return "framing error"
 
-    def _start(self, frame: Frame, tpdu_framing: bool) -> _Slot:
+    def _start(
+        self, frame: Frame, tpdu_framing: bool, notify: Callable[[], None] | None = None
+    ) -> _Slot:
         slot = _Slot(reply_tpdu(frame.tpdu) if tpdu_framing else b"")
+        slot.notify = notify
         pipeline = self.pipeline
         ctx = pipeline.prepare(frame.message)
         if ctx is None:
@@ -310,6 +352,184 @@ class Server:
             if out:
                 flush_log()  # an answer never leaves before its log line
                 await stream.send(b"".join(out))
+
+
+class _AsyncioConnection(asyncio.Protocol):
+    """One connection on asyncio: what :meth:`Server._serve_connection` does, driven by the
+    loop's callbacks. Frames are started as they are read; answers are written, in arrival
+    order, as soon as the oldest is ready. Reading pauses while MAX_IN_FLIGHT answers are
+    queued or the peer does not take what is written; a connection that stops (end of
+    stream, read timeout, framing error, shutdown) answers what it read, then closes."""
+
+    def __init__(self, server: Server) -> None:
+        cfg = server.config
+        self.server = server
+        self.decoder = FrameDecoder(cfg.framing, cfg.max_frame)
+        self.tpdu_framing = cfg.framing == "len2-tpdu"
+        self.timeout = cfg.read_timeout
+        self.encode = server.encoder.encode
+        self.flush_log = server.pipeline.flush_log
+        self.slots: deque[_Slot] = deque()
+        self.transport: asyncio.Transport | None = None
+        self.peer = "?"
+        self.reason = "closed by peer"
+        self.stopped = False  # reads no more: answers what it read, then closes
+        self.paused = False  # reading paused (by us)
+        self.write_paused = False  # the transport's buffer is full: the peer reads slowly
+        self.last_read = 0.0
+        self.timer: asyncio.TimerHandle | None = None
+        self.send_due = False  # _send is scheduled: answers ready together go in one write
+
+    # -- the loop's callbacks ------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        server = self.server
+        if server._stopping or len(server._connections) >= server.config.max_connections:
+            log.warning("connection refused", reason="max_connections")
+            cast(asyncio.Transport, transport).abort()
+            return
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
+        server._connections.add(self)
+        address = transport.get_extra_info("peername")
+        self.peer = f"{address[0]}:{address[1]}" if isinstance(address, tuple) else "?"
+        log.info("connected", peer=self.peer)
+        loop = asyncio.get_running_loop()
+        self.last_read = loop.time()
+        self.timer = loop.call_at(self.last_read + self.timeout, self._check_timeout)
+
+    def data_received(self, data: bytes) -> None:
+        if self.stopped:
+            return
+        self.last_read = asyncio.get_running_loop().time()
+        try:
+            try:
+                frames = self.decoder.feed(data)
+            except FramingError as e:
+                log.warning("framing error", peer=self.peer, error=str(e))
+                self.stop("framing error")
+                return
+            start, slots, tpdu, wake = self.server._start, self.slots, self.tpdu_framing, self._wake
+            for frame in frames:
+                slots.append(start(frame, tpdu, wake))
+            if self.decoder.error is not None:  # good frames came before the bad header
+                log.warning("framing error", peer=self.peer, error=str(self.decoder.error))
+                self.stop("framing error")
+            elif len(slots) >= MAX_IN_FLIGHT:
+                self._reading()
+            self._send()
+        except Exception as e:  # our bug: logged; it closes this connection, not the host
+            log.error("connection failed", peer=self.peer, exc_info=e)
+            self.reason = f"internal error: {type(e).__name__}"
+            self.abort()
+
+    def eof_received(self) -> bool:
+        try:
+            self.decoder.end_of_stream()
+        except FramingError as e:
+            log.warning("framing error", peer=self.peer, error=str(e))
+            self.stop("partial frame at end of stream")
+        else:
+            self.stop("closed by peer")
+        return True  # keep the transport: what was read is still to be answered
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        self._reading()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        self._reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.transport is None:  # refused
+            return
+        self.transport = None
+        self.stopped = True
+        if self.timer is not None:
+            self.timer.cancel()
+        if exc is not None and not self.reason.startswith("internal error"):
+            self.reason = f"connection lost: {type(exc).__name__}"
+        self.server._connections.discard(self)
+        log.info("disconnected", peer=self.peer, reason=self.reason)
+
+    # -- ours ----------------------------------------------------------------------------------
+    def stop(self, reason: str = "host shutting down") -> None:
+        """Read no more; close once every answer to what was read is sent."""
+        if self.stopped:
+            return
+        self.stopped = True
+        self.reason = reason
+        self._reading()
+        self._send()
+
+    def abort(self) -> None:
+        """Close now, whatever is unsent."""
+        self.stopped = True
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _wake(self) -> None:
+        """An answer is ready: send it once the loop has run the callbacks due now (the rest
+        of a group commit's answers), so they leave in one write."""
+        if not self.send_due:
+            self.send_due = True
+            asyncio.get_running_loop().call_soon(self._send)
+
+    def _send(self) -> None:
+        """Write every answer ready at the head of the queue, in one write."""
+        self.send_due = False
+        slots = self.slots
+        if slots and slots[0].ready:
+            out = []
+            encode = self.encode
+            while slots and slots[0].ready:
+                slot = slots.popleft()
+                if slot.out is not None:
+                    out.append(encode(slot.out, slot.tpdu))
+            transport = self.transport
+            if out and transport is not None:
+                self.flush_log()  # an answer never leaves before its log line
+                transport.write(b"".join(out))
+            if self.paused:
+                self._reading()
+        if self.stopped and not slots and self.transport is not None:
+            self.transport.close()  # after what is buffered has been written
+
+    def _reading(self) -> None:
+        """Pause or resume reading to match the state."""
+        transport = self.transport
+        if transport is None:
+            return
+        want = not self.stopped and not self.write_paused and len(self.slots) < MAX_IN_FLIGHT
+        if want == self.paused:
+            if want:
+                transport.resume_reading()
+                # The read timeout counts from here: a paused connection is not idle.
+                self.last_read = asyncio.get_running_loop().time()
+            else:
+                transport.pause_reading()
+            self.paused = not want
+
+    def _check_timeout(self) -> None:
+        if self.stopped or self.transport is None:
+            return
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        if not self.paused and now - self.last_read >= self.timeout:
+            what = "stalled inside a frame" if self.decoder.buffered else "idle"
+            log.warning("read timeout", peer=self.peer, state=what)
+            self.stop(f"read timeout ({what})")
+            return
+        due = (now if self.paused else self.last_read) + self.timeout
+        self.timer = loop.call_at(due, self._check_timeout)
+
+
+def _on_asyncio() -> bool:
+    """Whether the running event loop is asyncio's (anyio runs on asyncio or on trio)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
 
 
 def _peer(stream: anyio.abc.SocketStream) -> str:

@@ -196,6 +196,30 @@ async def test_pipelined_requests_are_answered_in_order(setup: HostSetup) -> Non
         await client.close()
 
 
+async def test_more_requests_than_may_be_in_flight_then_end_of_stream_all_get_answers(
+    setup: HostSetup,
+) -> None:
+    # 1,500 sales in one write, then the peer's end of stream: the host stops reading while
+    # MAX_IN_FLIGHT answers wait for their commits, reads on as they leave, and closes only
+    # after the last answer, in order.
+    async with running(setup) as server:
+        client = await signed_on(setup)
+        other = await signed_on(setup, "TERM0002")
+        requests = [client.sale_fields(100 + i % 500) for i in range(1500)]
+        await client.send_pipelined(requests)
+        assert client._stream is not None
+        await client._stream.send_eof()
+        assert (await other.sale(100)).rc == "00"  # served meanwhile
+        for request in requests:
+            response = client.codec.decode(await client.receive_raw())
+            assert (response["11"], response["39"]) == (request["11"], "00")
+        with pytest.raises(TerminalError):  # then the host closes
+            await client.receive_raw()
+        await client.close()
+        await other.close()
+        assert server.ledger.written >= 1501
+
+
 async def test_slow_client_does_not_block_others(setup: HostSetup) -> None:
     async with running(setup):
         slow = await anyio.connect_tcp("127.0.0.1", setup.config.port)
