@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import math
 import signal
 from collections import deque
 from collections.abc import Callable, Coroutine
@@ -269,38 +270,43 @@ class Server:
         decoder = FrameDecoder(cfg.framing, cfg.max_frame)
         tpdu_framing = cfg.framing == "len2-tpdu"
         slots = outbox.slots
-        while True:
-            if len(slots) >= MAX_IN_FLIGHT:  # the peer reads slower than it writes: wait
-                outbox.room = anyio.Event()
-                await outbox.room.wait()
-            try:
-                with anyio.fail_after(cfg.read_timeout):
-                    data = await stream.receive(READ_SIZE)
-            except TimeoutError:
-                what = "stalled inside a frame" if decoder.buffered else "idle"
-                log.warning("read timeout", peer=_peer(stream), state=what)
-                return f"read timeout ({what})"
-            except anyio.EndOfStream:
+        timeout = cfg.read_timeout
+        now = anyio.current_time
+        # One scope for every read, its deadline moved before each (cheaper than a scope per
+        # read); only reads are timed, not waiting for the peer to take its answers.
+        with anyio.CancelScope() as reads:
+            while True:
+                if len(slots) >= MAX_IN_FLIGHT:  # the peer reads slower than it writes: wait
+                    reads.deadline = math.inf
+                    outbox.room = anyio.Event()
+                    await outbox.room.wait()
+                reads.deadline = now() + timeout
                 try:
-                    decoder.end_of_stream()
+                    data = await stream.receive(READ_SIZE)
+                except anyio.EndOfStream:
+                    try:
+                        decoder.end_of_stream()
+                    except FramingError as e:
+                        log.warning("framing error", peer=_peer(stream), error=str(e))
+                        return "partial frame at end of stream"
+                    return "closed by peer"
+                try:
+                    frames = decoder.feed(data)
                 except FramingError as e:
                     log.warning("framing error", peer=_peer(stream), error=str(e))
-                    return "partial frame at end of stream"
-                return "closed by peer"
-            try:
-                frames = decoder.feed(data)
-            except FramingError as e:
-                log.warning("framing error", peer=_peer(stream), error=str(e))
-                return "framing error"
-            # No await between reading and queueing: a frame read is a frame answered, even
-            # when shutdown comes meanwhile.
-            for frame in frames:
-                slots.append(self._start(frame, tpdu_framing))
-            if frames:
-                outbox.wake.set()
-            if decoder.error is not None:  # good frames came before the bad header
-                log.warning("framing error", peer=_peer(stream), error=str(decoder.error))
-                return "framing error"
+                    return "framing error"
+                # No await between reading and queueing: a frame read is a frame answered,
+                # even when shutdown comes meanwhile.
+                for frame in frames:
+                    slots.append(self._start(frame, tpdu_framing))
+                if frames:
+                    outbox.wake.set()
+                if decoder.error is not None:  # good frames came before the bad header
+                    log.warning("framing error", peer=_peer(stream), error=str(decoder.error))
+                    return "framing error"
+        what = "stalled inside a frame" if decoder.buffered else "idle"
+        log.warning("read timeout", peer=_peer(stream), state=what)
+        return f"read timeout ({what})"
 
     def _start(
         self, frame: Frame, tpdu_framing: bool, notify: Callable[[], None] | None = None
