@@ -20,6 +20,7 @@ from acqhost.logging import configure_logging, get_logger
 from acqhost.pipeline.host import Pipeline
 from acqhost.server import Server, Service, run_backend
 from acqhost.store import open_store
+from acqhost.store.sqlite import SQLiteStore
 
 if TYPE_CHECKING:
     from acqhost.store.postgres import PostgresStore
@@ -38,6 +39,8 @@ def build_server(cfg: Config) -> Server:
     keys = HostKeys.load(cfg.key_path)
     reader = open_store(cfg.db)
     writer = reader if cfg.db == ":memory:" else open_store(cfg.db)
+    if cfg.workers > 1 and isinstance(writer, SQLiteStore):
+        writer.queue_writers()  # the workers' ledgers take turns without SQLite's sleeps
     ledger = Ledger(writer, batch=cfg.write_batch, inline=cfg.db == ":memory:")
     pipeline = Pipeline(
         codec=compile_spec(specs.load(cfg.spec)),

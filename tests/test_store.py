@@ -7,6 +7,8 @@ tests/conftest.py); without it they are skipped, except under CI."""
 
 from __future__ import annotations
 
+import fcntl
+import os
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator
@@ -693,3 +695,37 @@ def test_the_once_a_second_activation_query_reads_only_approved_versions(db_path
         assert any("USING INDEX settlement_accounts_due" in row[-1] for row in plan), plan
     finally:
         store.close()
+
+
+def test_queued_writers_take_turns_and_a_failed_write_frees_the_queue(db_path: Path) -> None:
+    # The ledgers of --workers N processes: each write transaction waits on an OS lock first.
+    first = with_terminal(SQLiteStore(db_path))
+    second = SQLiteStore(db_path)
+    first.queue_writers()
+    second.queue_writers()
+    done = threading.Event()
+
+    def write_second() -> None:
+        second.record_sales([make_sale("000002")])
+        done.set()
+
+    probe = os.open(f"{db_path}.writers", os.O_RDWR)
+    try:
+        with first.transaction():
+            with pytest.raises(BlockingIOError):  # the queue's lock is held meanwhile
+                fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            waiting = threading.Thread(target=write_second)
+            waiting.start()
+            assert not done.wait(0.3)  # its turn comes after this transaction
+        assert done.wait(5)
+        waiting.join()
+        fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)  # and free once nobody writes
+        fcntl.flock(probe, fcntl.LOCK_UN)
+        with pytest.raises(ValueError):  # an unknown terminal: rolled back, lock released
+            first.record_sales([make_sale("000003", tid="NOSUCH01")])
+        assert [r.duplicate for r in second.record_sales([make_sale("000004")])] == [False]
+        assert [s.stan for s in first.sales(TID)] == ["000002", "000004"]
+    finally:
+        os.close(probe)
+        first.close()
+        second.close()

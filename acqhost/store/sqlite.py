@@ -9,6 +9,8 @@ write lock up front means a transaction never has to upgrade a read lock and fai
 
 from __future__ import annotations
 
+import fcntl
+import os
 import sqlite3
 import time
 from collections.abc import Iterator, Sequence
@@ -77,11 +79,23 @@ class SQLiteStore:
             raise
         self._conn = conn
         self.path = str(path)
+        self._queue_fd: int | None = None
+
+    def queue_writers(self) -> None:
+        """Make this connection's write transactions wait their turn on an OS file lock
+        (``<db>.writers``) before taking SQLite's. Writers that all do this (the ledgers of
+        ``--workers N`` host processes on one file) wake the moment the one before them
+        commits, where SQLite's own busy handler sleeps and retries, up to 100 ms a time."""
+        if self._queue_fd is None:
+            self._queue_fd = os.open(f"{self.path}.writers", os.O_RDWR | os.O_CREAT, 0o600)
 
     # -- host ------------------------------------------------------------------------------
     def close(self) -> None:
         """Close the connection (idempotent)."""
         self._conn.close()
+        if self._queue_fd is not None:
+            os.close(self._queue_fd)
+            self._queue_fd = None
 
     def schema_version(self) -> int:
         """The database's schema version (``PRAGMA user_version``)."""
@@ -91,16 +105,23 @@ class SQLiteStore:
     def _write(self) -> Iterator[sqlite3.Connection]:
         """One write transaction; a constraint violation becomes ValueError (caller's input)."""
         conn = self._conn
-        conn.execute("BEGIN IMMEDIATE")
+        queue = self._queue_fd
+        if queue is not None:
+            fcntl.flock(queue, fcntl.LOCK_EX)  # released by closing too: a crash frees it
         try:
-            yield conn
-            conn.execute("COMMIT")
-        except sqlite3.IntegrityError as error:
-            self._rollback()
-            raise ValueError(f"rejected by the store: {error}") from error
-        except BaseException:
-            self._rollback()
-            raise
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+                conn.execute("COMMIT")
+            except sqlite3.IntegrityError as error:
+                self._rollback()
+                raise ValueError(f"rejected by the store: {error}") from error
+            except BaseException:
+                self._rollback()
+                raise
+        finally:
+            if queue is not None:
+                fcntl.flock(queue, fcntl.LOCK_UN)
 
     @contextmanager
     def transaction(self, tid: str | None = None, *, write: bool = True) -> Iterator[StoreTx]:
