@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
-import math
 import signal
 from collections import deque
 from collections.abc import Callable, Coroutine
@@ -272,38 +271,51 @@ class Server:
         slots = outbox.slots
         timeout = cfg.read_timeout
         now = anyio.current_time
-        # One scope for every read, its deadline moved before each (cheaper than a scope per
-        # read); only reads are timed, not waiting for the peer to take its answers.
-        with anyio.CancelScope() as reads:
-            while True:
-                if len(slots) >= MAX_IN_FLIGHT:  # the peer reads slower than it writes: wait
-                    reads.deadline = math.inf
-                    outbox.room = anyio.Event()
-                    await outbox.room.wait()
-                reads.deadline = now() + timeout
-                try:
-                    data = await stream.receive(READ_SIZE)
-                except anyio.EndOfStream:
+        # The read timeout: a scope whose deadline is ``timeout`` after the last read as of
+        # its making. A read only notes its time (a scope per read, or a deadline moved per
+        # read, cost more than the rest of the read on trio); when the deadline passes, the
+        # connection was idle that long -- or it read meanwhile, and a new scope takes over.
+        # Waiting for the peer to take its answers is not idle time.
+        last_read = now()
+        while True:
+            waiting_for_peer = False
+            with anyio.CancelScope(deadline=last_read + timeout):
+                while True:
+                    if len(slots) >= MAX_IN_FLIGHT:  # the peer reads slower than it writes
+                        waiting_for_peer = True
+                        outbox.room = anyio.Event()
+                        await outbox.room.wait()
+                        waiting_for_peer = False
+                        last_read = now()
                     try:
-                        decoder.end_of_stream()
+                        data = await stream.receive(READ_SIZE)
+                    except anyio.EndOfStream:
+                        try:
+                            decoder.end_of_stream()
+                        except FramingError as e:
+                            log.warning("framing error", peer=_peer(stream), error=str(e))
+                            return "partial frame at end of stream"
+                        return "closed by peer"
+                    last_read = now()
+                    try:
+                        frames = decoder.feed(data)
                     except FramingError as e:
                         log.warning("framing error", peer=_peer(stream), error=str(e))
-                        return "partial frame at end of stream"
-                    return "closed by peer"
-                try:
-                    frames = decoder.feed(data)
-                except FramingError as e:
-                    log.warning("framing error", peer=_peer(stream), error=str(e))
-                    return "framing error"
-                # No await between reading and queueing: a frame read is a frame answered,
-                # even when shutdown comes meanwhile.
-                for frame in frames:
-                    slots.append(self._start(frame, tpdu_framing))
-                if frames:
-                    outbox.wake.set()
-                if decoder.error is not None:  # good frames came before the bad header
-                    log.warning("framing error", peer=_peer(stream), error=str(decoder.error))
-                    return "framing error"
+                        return "framing error"
+                    # No await between reading and queueing: a frame read is a frame
+                    # answered, even when shutdown comes meanwhile.
+                    for frame in frames:
+                        slots.append(self._start(frame, tpdu_framing))
+                    if frames:
+                        outbox.wake.set()
+                    if decoder.error is not None:  # good frames came before the bad header
+                        log.warning("framing error", peer=_peer(stream), error=str(decoder.error))
+                        return "framing error"
+            # The deadline passed (shutdown's cancellation does not end up here).
+            if waiting_for_peer:
+                last_read = now()
+            elif now() - last_read >= timeout:
+                break
         what = "stalled inside a frame" if decoder.buffered else "idle"
         log.warning("read timeout", peer=_peer(stream), state=what)
         return f"read timeout ({what})"

@@ -258,6 +258,20 @@ async def test_stalled_partial_frame_is_closed_after_the_read_timeout(tmp_path: 
         await stalled.aclose()
 
 
+async def test_the_read_timeout_counts_from_the_last_read_not_the_first(tmp_path: Path) -> None:
+    setup = make_host(tmp_path, read_timeout=0.5)
+    async with running(setup):
+        client = await signed_on(setup)
+        for _ in range(8):  # busy for 1.6 s, three timeouts' worth: never idle for one
+            await anyio.sleep(0.2)
+            assert (await client.echo()).rc == "00"
+        last = time.monotonic()
+        with anyio.fail_after(3), pytest.raises(TerminalError):
+            await client.receive_raw()  # nothing more is sent: the host closes
+        assert 0.45 < time.monotonic() - last < 2.0
+        await client.close()
+
+
 async def test_graceful_shutdown_answers_every_request_it_read(setup: HostSetup) -> None:
     async with running(setup) as server:
         client = await signed_on(setup)
