@@ -20,7 +20,7 @@ from urllib.parse import urlsplit, urlunsplit
 from acqhost import audit, crypto
 from acqhost.config import Config, ConfigError, load_config
 from acqhost.store import open_store
-from acqhost.store.base import NewAccount, Operator, Store, Terminal
+from acqhost.store.base import NewAccount, Operator, StoreTx, Terminal
 
 __all__ = ("main",)
 
@@ -86,28 +86,27 @@ def _write_new(path: Path, text: str, mode: int) -> None:
         f.write(text)
 
 
-def _audit_registration(store: Store, data_key: bytes, tid: str) -> None:
-    """The audit log's first entry about a terminal: its version 1 and that version's
-    fingerprint, so that an edit of it is found later."""
-    with store.transaction(tid) as tx:
-        first = tx.versions(tid)[0]
-        audit.append(
-            tx,
-            data_key,
-            at=first.created_at,
-            actor=first.created_by,
-            action="terminal.registered",
-            tid=tid,
-            subject="v1",
-            detail={
-                "version": 1,
-                "before": None,
-                "after": first.state,
-                "account": first.account_masked,
-                "bank_code": first.bank_code,
-                "fingerprint": audit.fingerprint(data_key, first),
-            },
-        )
+def _audit_registration(tx: StoreTx, data_key: bytes, tid: str) -> None:
+    """The audit log's first entry about a terminal, in the transaction that registers it:
+    its version 1 and that version's fingerprint, so that an edit of it is found later."""
+    first = tx.versions(tid)[0]
+    audit.append(
+        tx,
+        data_key,
+        at=first.created_at,
+        actor=first.created_by,
+        action="terminal.registered",
+        tid=tid,
+        subject="v1",
+        detail={
+            "version": 1,
+            "before": None,
+            "after": first.state,
+            "account": first.account_masked,
+            "bank_code": first.bank_code,
+            "fingerprint": audit.fingerprint(data_key, first),
+        },
+    )
 
 
 def cmd_terminal_add(args: argparse.Namespace) -> int:
@@ -171,8 +170,12 @@ def cmd_terminal_add(args: argparse.Namespace) -> int:
     _check(not key_out.exists(), f"{key_out} exists: refusing to overwrite a key file")
     store = open_store(cfg.db)
     try:
-        store.add_terminal(terminal, new_account, operator)
-        _audit_registration(store, keys.data_key, args.tid)
+        store.add_terminal(
+            terminal,
+            new_account,
+            operator,
+            then=lambda tx: _audit_registration(tx, keys.data_key, args.tid),
+        )
     except ValueError as e:
         raise CliError(str(e)) from None
     finally:

@@ -23,6 +23,7 @@ import nacl.utils
 import psycopg
 import pytest
 
+from acqhost import audit
 from acqhost.store import (
     MemoryStore,
     NewAccount,
@@ -36,6 +37,7 @@ from acqhost.store import (
     migrations,
     open_store,
 )
+from acqhost.store.base import StoreTx
 from acqhost.store.postgres import PostgresStore
 
 TID = "T0000001"
@@ -729,3 +731,28 @@ def test_queued_writers_take_turns_and_a_failed_write_frees_the_queue(db_path: P
         os.close(probe)
         first.close()
         second.close()
+
+
+def test_a_terminal_and_what_its_registration_writes_commit_together(store: Store) -> None:
+    # `acqhost terminal add` writes the audit log's registration entry in the transaction
+    # that registers the terminal: a failure there leaves neither behind.
+    key = nacl.utils.random(nacl.secret.SecretBox.KEY_SIZE)
+
+    def entry(tx: StoreTx) -> None:
+        first = tx.versions(TID)[0]
+        audit.append(tx, key, at=first.created_at, actor="test", action="terminal.registered",
+                     tid=TID, subject="v1", detail={"version": 1})  # fmt: skip
+
+    def entry_then_fail(tx: StoreTx) -> None:
+        entry(tx)
+        raise RuntimeError("the disk is full, say")
+
+    with pytest.raises(RuntimeError):
+        store.add_terminal(make_terminal(), make_account(), None, then=entry_then_fail)
+    assert store.get_terminal(TID) is None
+    with store.transaction(write=False) as tx:
+        assert tx.audit_entries() == [] and tx.versions(TID) == []
+    store.add_terminal(make_terminal(), make_account(), None, then=entry)  # the tid is free
+    assert store.get_terminal(TID) is not None
+    with store.transaction(write=False) as tx:
+        assert [(e.action, e.tid) for e in tx.audit_entries()] == [("terminal.registered", TID)]

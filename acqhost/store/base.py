@@ -8,7 +8,7 @@ hashes for display and equality.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Protocol
@@ -290,9 +290,11 @@ class Store(Protocol):
         terminal: Terminal,
         account: NewAccount,
         operator: Operator | None,
+        then: Callable[[StoreTx], None] | None = None,
     ) -> None:
         """Register a terminal with settlement account version 1 (ACTIVE, effective now) and
-        batch 1 open. ValueError if the tid exists."""
+        batch 1 open. ValueError if the tid exists. ``then`` runs in the same transaction,
+        after (the audit log's registration entry): if it raises, nothing is registered."""
 
     def get_terminal(self, tid: str) -> Terminal | None: ...
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -90,10 +90,11 @@ class MemoryStore:
         terminal: Terminal,
         account: NewAccount,
         operator: Operator | None,
+        then: Callable[[StoreTx], None] | None = None,
     ) -> None:
         """Register a terminal with settlement account version 1 (ACTIVE, effective from
-        ``terminal.created_at``), batch 1 open and the optional operator. ValueError if the
-        tid exists."""
+        ``terminal.created_at``), batch 1 open and the optional operator, with ``then`` (see
+        Store.add_terminal): all or nothing. ValueError if the tid exists."""
         if terminal.status not in TERMINAL_STATUSES:
             raise ValueError(f"terminal status must be active or disabled: {terminal.status!r}")
         if operator is not None and operator.tid != terminal.tid:
@@ -125,6 +126,18 @@ class MemoryStore:
         self._sales_by_tid[tid] = []
         if operator is not None:
             self._operators[(tid, operator.operator_id)] = operator
+        if then is None:
+            return
+        try:
+            with self.transaction(tid) as tx:  # restores accounts, operators and audit
+                then(tx)
+        except BaseException:
+            del self._terminals[tid], self._batches[(tid, 1)], self._open_batches[tid]
+            del self._sales_by_tid[tid]
+            self._accounts.pop(tid, None)
+            if operator is not None:
+                self._operators.pop((tid, operator.operator_id), None)
+            raise
 
     def get_terminal(self, tid: str) -> Terminal | None:
         """The terminal, or None."""

@@ -166,18 +166,13 @@ class PostgresStore:
         terminals whose settlement-account versions it adds or moves are announced
         (``account:<tid>``) when it commits. A read transaction reads one snapshot."""
         with self._transaction() as cur:
-
-            def execute(sql: str, params: tuple[Any, ...]) -> psycopg.Cursor[tuple[Any, ...]]:
-                return cur.execute(_placeholders(sql), params)
-
             if not write:
                 # One snapshot for every read (audit verify compares two tables), as SQLite's
                 # read transactions have.
                 cur.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
             elif tid is not None:
                 cur.execute("SELECT 1 FROM terminals WHERE tid = %s FOR UPDATE", (tid,))
-            lock = f"SELECT pg_advisory_xact_lock({AUDIT_LOCK})" if write else None
-            tx = _AnnouncingTx(execute, write=write, lock_audit=lock)
+            tx = _tx_on(cur, write)
             yield tx
             # Not reached when the block raised: nothing is announced for a rollback.
             if tx.changed:
@@ -189,10 +184,12 @@ class PostgresStore:
         terminal: Terminal,
         account: NewAccount,
         operator: Operator | None,
+        then: Callable[[StoreTx], None] | None = None,
     ) -> None:
         """Register a terminal with settlement account version 1 (ACTIVE, effective from
-        ``terminal.created_at``), batch 1 open and the optional operator, in one transaction.
-        ValueError if the tid exists (or a value breaks a constraint)."""
+        ``terminal.created_at``), batch 1 open and the optional operator, in one transaction
+        with ``then`` (see Store.add_terminal). ValueError if the tid exists (or a value
+        breaks a constraint)."""
         check_new_terminal(terminal, operator)
         now = terminal.created_at
         with self._transaction() as cur:
@@ -220,6 +217,8 @@ class PostgresStore:
                     "VALUES (%s, %s, %s, %s)",
                     operator_params(operator),
                 )
+            if then is not None:
+                then(_tx_on(cur, write=True))
             # A host that was asked about this tid has "no such terminal" cached.
             _notify(cur, "terminal", (terminal.tid,))
 
@@ -452,6 +451,17 @@ class _AnnouncingTx(SQLTx):
         if moved:
             self.changed.add(tid)
         return moved
+
+
+def _tx_on(cur: psycopg.Cursor[tuple[Any, ...]], write: bool) -> _AnnouncingTx:
+    """The rebind flow's view of the transaction ``cur`` is in; a writer's audit appends
+    take the advisory lock that gives the audit chain one order."""
+
+    def execute(sql: str, params: tuple[Any, ...]) -> psycopg.Cursor[tuple[Any, ...]]:
+        return cur.execute(_placeholders(sql), params)
+
+    lock = f"SELECT pg_advisory_xact_lock({AUDIT_LOCK})" if write else None
+    return _AnnouncingTx(execute, write=write, lock_audit=lock)
 
 
 def _notify(cur: psycopg.Cursor[tuple[Any, ...]], kind: str, tids: Iterable[str]) -> None:

@@ -13,7 +13,7 @@ import fcntl
 import os
 import sqlite3
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -150,10 +150,12 @@ class SQLiteStore:
         terminal: Terminal,
         account: NewAccount,
         operator: Operator | None,
+        then: Callable[[StoreTx], None] | None = None,
     ) -> None:
         """Register a terminal with settlement account version 1 (ACTIVE, effective from
-        ``terminal.created_at``), batch 1 open and the optional operator, in one transaction.
-        ValueError if the tid exists (or a value breaks a constraint)."""
+        ``terminal.created_at``), batch 1 open and the optional operator, in one transaction
+        with ``then`` (see Store.add_terminal). ValueError if the tid exists (or a value
+        breaks a constraint)."""
         check_new_terminal(terminal, operator)
         now = terminal.created_at
         with self._write() as conn:
@@ -178,6 +180,8 @@ class SQLiteStore:
                     "VALUES (?, ?, ?, ?)",
                     operator_params(operator),
                 )
+            if then is not None:
+                then(SQLTx(conn.execute, write=True))
 
     def get_terminal(self, tid: str) -> Terminal | None:
         """The terminal, or None."""
