@@ -174,15 +174,20 @@ class Server:
                     if self._stopping:
                         self._accepting.cancel()
                     if native is not None:
-                        with self._accepting:
-                            await native.start_serving()
-                            await anyio.sleep_forever()
-                        native.close()
+                        try:
+                            with self._accepting:
+                                await native.start_serving()
+                                await anyio.sleep_forever()
+                        finally:
+                            native.close()
                     else:
                         assert listener is not None
-                        with self._accepting:
-                            await self._accept_loop(listener, tg)
-                        await listener.aclose()
+                        try:
+                            with self._accepting:
+                                await self._accept_loop(listener, tg)
+                        finally:
+                            with anyio.CancelScope(shield=True):
+                                await listener.aclose()
                     log.info("draining", connections=len(self._connections))
                     # The connection tasks end by themselves once their answers are sent; a
                     # peer that stopped reading gets DRAIN_SECONDS, then its task is cancelled.
@@ -191,11 +196,13 @@ class Server:
                             await anyio.sleep(0.01)
                     if self._connections:
                         log.warning("drain timed out", connections=len(self._connections))
-                        for conn in list(self._connections):
-                            if isinstance(conn, _AsyncioConnection):
-                                conn.abort()
                     tg.cancel_scope.cancel()
             finally:
+                # The stream path's connections end with their task group; the protocols
+                # (after a drain that timed out, or a failure) are closed here.
+                for conn in list(self._connections):
+                    if isinstance(conn, _AsyncioConnection):
+                        conn.abort()
                 self.ledger.close()
         log.info("stopped", written=self.ledger.written, flushes=self.ledger.flushes)
 
@@ -402,7 +409,8 @@ class _AsyncioConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         server = self.server
         if server._stopping or len(server._connections) >= server.config.max_connections:
-            log.warning("connection refused", reason="max_connections")
+            why = "host shutting down" if server._stopping else "max_connections"
+            log.warning("connection refused", reason=why)
             cast(asyncio.Transport, transport).abort()
             return
         self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
@@ -497,16 +505,24 @@ class _AsyncioConnection(asyncio.Protocol):
         self.send_due = False
         slots = self.slots
         if slots and slots[0].ready:
-            out = []
-            encode = self.encode
-            while slots and slots[0].ready:
-                slot = slots.popleft()
-                if slot.out is not None:
-                    out.append(encode(slot.out, slot.tpdu))
-            transport = self.transport
-            if out and transport is not None:
-                self.flush_log()  # an answer never leaves before its log line
-                transport.write(b"".join(out))
+            try:
+                out = []
+                encode = self.encode
+                while slots and slots[0].ready:
+                    slot = slots.popleft()
+                    if slot.out is not None:
+                        out.append(encode(slot.out, slot.tpdu))
+                transport = self.transport
+                if out and transport is not None:
+                    self.flush_log()  # an answer never leaves before its log line
+                    transport.write(b"".join(out))
+            except Exception as e:  # an answer too long for the framing, a log disk full
+                # As on the stream path: this connection closes (an answer may be missing),
+                # the host goes on.
+                log.error("connection failed", peer=self.peer, exc_info=e)
+                self.reason = f"internal error: {type(e).__name__}"
+                self.abort()
+                return
             if self.paused:
                 self._reading()
         if self.stopped and not slots and self.transport is not None:

@@ -78,7 +78,7 @@ class _Connection(asyncio.Protocol):
         if self.transport is None or self.run.stopping:
             return False
         if self.next >= len(self.frames):
-            if not self.run.repeat:  # a host refuses a repeated sale: never send one twice
+            if not self.run.repeat or not self.frames:  # a host refuses a repeated sale
                 self.run.exhausted = True
                 return False
             self.next = 0

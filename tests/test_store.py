@@ -11,6 +11,7 @@ import fcntl
 import os
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -37,6 +38,7 @@ from acqhost.store import (
     migrations,
     open_store,
 )
+from acqhost.store import sqlite as sqlite_store
 from acqhost.store.base import StoreTx
 from acqhost.store.postgres import PostgresStore
 
@@ -756,3 +758,25 @@ def test_a_terminal_and_what_its_registration_writes_commit_together(store: Stor
     assert store.get_terminal(TID) is not None
     with store.transaction(write=False) as tx:
         assert [(e.action, e.tid) for e in tx.audit_entries()] == [("terminal.registered", TID)]
+
+
+def test_a_queued_writer_gives_up_when_the_queue_is_held_too_long(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A worker stopped in the middle of its turn: the others' writes fail (the host answers
+    # 96) after the queue's timeout, as with SQLite's own lock, instead of hanging.
+    monkeypatch.setattr(sqlite_store, "QUEUE_SECONDS", 0.3)
+    store = with_terminal(SQLiteStore(db_path))
+    store.queue_writers()
+    holder = os.open(f"{db_path}.writers", os.O_RDWR)
+    try:
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        started = time.monotonic()
+        with pytest.raises(sqlite3.OperationalError, match="writers' queue"):
+            store.record_sales([make_sale("000001")])
+        assert 0.25 < time.monotonic() - started < 3
+        fcntl.flock(holder, fcntl.LOCK_UN)
+        assert [r.duplicate for r in store.record_sales([make_sale("000001")])] == [False]
+    finally:
+        os.close(holder)
+        store.close()
