@@ -66,7 +66,8 @@ class Config:
     framing: str = "len2"
     spec: str = "acq87"
     max_frame: int = 4096
-    read_timeout: float = 30.0  # seconds a connection may stay idle or stall inside a frame
+    # seconds a connection may stay idle, stall inside a frame, or leave its answers untaken
+    read_timeout: float = 30.0
     max_connections: int = 1000
     backend: str = "asyncio"
     workers: int = 1

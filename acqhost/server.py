@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import math
 import signal
 from collections import deque
 from collections.abc import Callable, Coroutine
@@ -46,6 +47,9 @@ MAX_IN_FLIGHT = 256
 READ_SIZE = 65536
 # How long a graceful shutdown waits for answers to reach peers that stopped reading.
 DRAIN_SECONDS = 10.0
+# Why a connection whose peer took no answer for ``read_timeout`` seconds was closed: a peer
+# that sends and never reads would otherwise hold its connection (and the answers) for ever.
+WRITE_TIMEOUT = "write timeout (the peer does not read)"
 # How often approved settlement-account changes whose effective-from passed are recorded
 # ACTIVE (sales settle to them from that instant regardless).
 ACTIVATE_SECONDS = 1.0
@@ -97,6 +101,7 @@ class _Outbox:
 
 @dataclass(slots=True, eq=False)
 class _Connection:
+    stream: anyio.abc.SocketStream
     reading: anyio.CancelScope = field(default_factory=anyio.CancelScope)
 
     def stop(self) -> None:
@@ -241,7 +246,7 @@ class Server:
                 log.warning("connection refused", reason="max_connections")
                 await stream.aclose()
                 continue
-            conn = _Connection()
+            conn = _Connection(stream)
             self._connections.add(conn)
             tg.start_soon(self._serve_connection, stream, conn)
 
@@ -260,6 +265,9 @@ class Server:
                         reason = "host shutting down"
                 finally:
                     outbox.close()  # the sender sends what is queued, then ends
+        except* _WriteTimeout:
+            log.warning("write timeout", peer=peer)
+            reason = WRITE_TIMEOUT
         except* (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as group:
             reason = f"connection lost: {type(group.exceptions[0]).__name__}"
         except* Exception as group:  # our bug: logged; it closes this connection, not the host
@@ -358,25 +366,32 @@ class Server:
         encode = self.encoder.encode
         flush_log = self.pipeline.flush_log
         slots = outbox.slots
-        while True:
-            if not slots:
-                if outbox.closed:
-                    return
-                await outbox.wake.wait()
-                outbox.wake = anyio.Event()
-                continue
-            await slots[0].wait()
-            out = []
-            while slots and slots[0].ready:
-                slot = slots.popleft()
-                if slot.out is not None:
-                    out.append(encode(slot.out, slot.tpdu))
-            if outbox.room is not None and len(slots) < MAX_IN_FLIGHT:
-                outbox.room.set()
-                outbox.room = None
-            if out:
-                flush_log()  # an answer never leaves before its log line
-                await stream.send(b"".join(out))
+        timeout = self.config.read_timeout
+        now = anyio.current_time
+        # Only sends are timed: the deadline is set for each and lifted after it.
+        with anyio.CancelScope() as sends:
+            while True:
+                if not slots:
+                    if outbox.closed:
+                        return
+                    await outbox.wake.wait()
+                    outbox.wake = anyio.Event()
+                    continue
+                await slots[0].wait()
+                out = []
+                while slots and slots[0].ready:
+                    slot = slots.popleft()
+                    if slot.out is not None:
+                        out.append(encode(slot.out, slot.tpdu))
+                if outbox.room is not None and len(slots) < MAX_IN_FLIGHT:
+                    outbox.room.set()
+                    outbox.room = None
+                if out:
+                    flush_log()  # an answer never leaves before its log line
+                    sends.deadline = now() + timeout
+                    await stream.send(b"".join(out))
+                    sends.deadline = math.inf
+        raise _WriteTimeout  # ends the connection (the reader with it)
 
 
 class _AsyncioConnection(asyncio.Protocol):
@@ -401,6 +416,7 @@ class _AsyncioConnection(asyncio.Protocol):
         self.stopped = False  # reads no more: answers what it read, then closes
         self.paused = False  # reading paused (by us)
         self.write_paused = False  # the transport's buffer is full: the peer reads slowly
+        self.write_paused_at = 0.0
         self.last_read = 0.0
         self.timer: asyncio.TimerHandle | None = None
         self.send_due = False  # _send is scheduled: answers ready together go in one write
@@ -459,6 +475,7 @@ class _AsyncioConnection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self.write_paused = True
+        self.write_paused_at = asyncio.get_running_loop().time()
         self._reading()
 
     def resume_writing(self) -> None:
@@ -544,17 +561,34 @@ class _AsyncioConnection(asyncio.Protocol):
             self.paused = not want
 
     def _check_timeout(self) -> None:
-        if self.stopped or self.transport is None:
+        """The read timeout (idle, or stalled inside a frame) and the write timeout (answers
+        the peer has not taken for that long): one timer, re-armed until the connection is
+        lost."""
+        if self.transport is None:
             return
         loop = asyncio.get_running_loop()
         now = loop.time()
-        if not self.paused and now - self.last_read >= self.timeout:
+        if self.write_paused:
+            if now - self.write_paused_at >= self.timeout:
+                log.warning("write timeout", peer=self.peer)
+                self.reason = WRITE_TIMEOUT
+                self.abort()
+                return
+            due = self.write_paused_at + self.timeout
+        elif self.stopped or self.paused:
+            due = now + self.timeout
+        elif now - self.last_read >= self.timeout:
             what = "stalled inside a frame" if self.decoder.buffered else "idle"
             log.warning("read timeout", peer=self.peer, state=what)
             self.stop(f"read timeout ({what})")
-            return
-        due = (now if self.paused else self.last_read) + self.timeout
+            due = now + self.timeout  # its answers may still wait for the peer to read
+        else:
+            due = self.last_read + self.timeout
         self.timer = loop.call_at(due, self._check_timeout)
+
+
+class _WriteTimeout(Exception):
+    """The peer took no answer for ``read_timeout`` seconds (the stream path)."""
 
 
 def _on_asyncio() -> bool:

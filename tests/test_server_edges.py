@@ -7,7 +7,9 @@ subprocess (``acqhost serve``)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
+import io
 import json
 import os
 import signal
@@ -16,15 +18,18 @@ import sqlite3
 import struct
 import time
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import anyio
 import anyio.abc
+import anyio.to_thread
 import pytest
 
 import acqhost.server
 from acqhost.framing import FrameDecoder
 from acqhost.logging import configure_logging
+from acqhost.server import WRITE_TIMEOUT
 from acqhost.store.sqlite import SQLiteStore
 from simulators.processes import free_port
 from simulators.terminal import TerminalClient, TerminalError
@@ -653,3 +658,52 @@ async def test_a_host_that_fails_stops_listening(setup: HostSetup) -> None:
     with pytest.raises(OSError):
         late = await anyio.connect_tcp("127.0.0.1", port)
         await late.aclose()
+
+
+def host_socket(server: acqhost.server.Server) -> socket.socket:
+    """The host's end of its only connection."""
+    (conn,) = server._connections
+    if isinstance(conn, acqhost.server._AsyncioConnection):
+        assert conn.transport is not None
+        sock: socket.socket = conn.transport.get_extra_info("socket")
+        return sock
+    raw: socket.socket = conn.stream.extra(anyio.abc.SocketAttribute.raw_socket)
+    return raw
+
+
+async def test_a_peer_that_sends_and_never_reads_is_closed_after_the_timeout(
+    tmp_path: Path, json_logs: io.StringIO
+) -> None:
+    # Without a write timeout such a peer would hold its connection, and every answer the
+    # host has for it, for ever: once no answer has left for read_timeout, the host closes it.
+    # The peer is a plain socket (an asyncio transport would read on its own) with small
+    # buffers at both ends, so that a few thousand answers fill them.
+    setup = make_host(tmp_path, read_timeout=0.5)
+    async with running(setup) as server:
+        client = setup.client()
+        peer = socket.socket()
+        peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        peer.connect(("127.0.0.1", setup.config.port))
+        with anyio.fail_after(2):
+            while not server._connections:
+                await anyio.sleep(0.01)
+        host_socket(server).setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        data = b"".join(echo_frame(client) for _ in range(5_000))
+
+        def send_all() -> None:  # returns when the host closes, if not before
+            with contextlib.suppress(OSError):
+                peer.sendall(data)
+
+        started = time.monotonic()
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(partial(anyio.to_thread.run_sync, send_all, abandon_on_cancel=True))
+                with anyio.fail_after(10):
+                    while WRITE_TIMEOUT not in json_logs.getvalue():
+                        await anyio.sleep(0.05)
+            assert time.monotonic() - started > 0.5
+            await wait_no_connections(server)
+        finally:
+            peer.close()
+    ends = [json.loads(line) for line in json_logs.getvalue().splitlines()]
+    assert [e["reason"] for e in ends if e["event"] == "disconnected"] == [WRITE_TIMEOUT]
