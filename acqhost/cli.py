@@ -331,7 +331,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", help="asyncio (default; uvloop when installed) or trio")
     p.add_argument("--workers", type=int, help="processes sharing the port (default 1)")
     p.add_argument("--max-frame", type=int, help="largest frame in bytes (default 4096)")
-    p.add_argument("--read-timeout", type=float, help="seconds idle, stalled or not reading (default 30)")
+    p.add_argument(
+        "--read-timeout", type=float, help="seconds idle, stalled or not reading (default 30)"
+    )
     p.add_argument("--max-connections", type=int, help="open connections at most (default 1000)")
     p.add_argument("--log-level", help="debug, info (default), warning, error")
     p.set_defaults(func=cmd_serve)
