@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -142,12 +143,35 @@ def run_acqhost(
     )
     try:
         wait_listening(port, proc, 20)
+        before = cpu_seconds(proc.pid)
         peak = load(port, keys, args)
+        middle = cpu_seconds(proc.pid)
         half = load(port, keys, args, "--rate", str(peak["tps"] / 2), "--offset", "3000000")
+        after = cpu_seconds(proc.pid)
     finally:
         stop(proc)
         log.close()
+    for result, start, end in ((peak, before, middle), (half, middle, after)):
+        if start is not None and end is not None:
+            result["host_cpu_us"] = (end - start) / result["answered"] * 1e6
     return {"peak": peak, "half": half}
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """CPU time (user + system) of process ``pid`` and its children (the workers), from
+    /proc; None where there is no /proc. Counted over a whole load run, sign-on included."""
+    try:
+        tick = os.sysconf("SC_CLK_TCK")
+        pids = [pid]
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            pids += [int(c) for c in (task / "children").read_text().split()]
+        total = 0.0
+        for p in pids:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick
+        return total
+    except (OSError, ValueError):
+        return None
 
 
 def run_simple(
@@ -209,6 +233,7 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> None:
     )
     print(
         f"{'target':<22}{'max TPS':>10}{'p50 ms':>9}{'p99 ms':>9}{'half-rate p50':>15}{'p99 ms':>9}"
+        f"{'host µs/sale: max':>19}{'half':>6}"
     )
     echo = results.get("echo", {}).get("tps")
     plain = results.get("plain", {}).get("tps")
@@ -218,6 +243,8 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> None:
         line = f"{name:<22}{peak['tps']:>10,.0f}{peak['p50_ms']:>9.2f}{peak['p99_ms']:>9.2f}"
         if half:
             line += f"{half['p50_ms']:>15.2f}{half['p99_ms']:>9.2f}"
+            if "host_cpu_us" in peak and "host_cpu_us" in half:
+                line += f"{peak['host_cpu_us']:>19.1f}{half['host_cpu_us']:>6.1f}"
         if peak.get("sample_failures"):
             line += f"  non-00 answers seen: {peak['sample_failures']}"
         print(line)
