@@ -47,6 +47,9 @@ MAX_IN_FLIGHT = 256
 READ_SIZE = 65536
 # How long a graceful shutdown waits for answers to reach peers that stopped reading.
 DRAIN_SECONDS = 10.0
+# The most the stream path sends under one write deadline: a peer taking fewer than
+# SEND_CHUNK bytes per read_timeout (137 bytes a second at the default) is cut.
+SEND_CHUNK = 4096
 # Why a connection whose peer took no answer for ``read_timeout`` seconds was closed: a peer
 # that sends and never reads would otherwise hold its connection (and the answers) for ever.
 WRITE_TIMEOUT = "write timeout (the peer does not read)"
@@ -368,30 +371,37 @@ class Server:
         slots = outbox.slots
         timeout = self.config.read_timeout
         now = anyio.current_time
-        # Only sends are timed: the deadline is set for each and lifted after it.
-        with anyio.CancelScope() as sends:
-            while True:
-                if not slots:
-                    if outbox.closed:
-                        return
-                    await outbox.wake.wait()
-                    outbox.wake = anyio.Event()
-                    continue
-                await slots[0].wait()
-                out = []
-                while slots and slots[0].ready:
-                    slot = slots.popleft()
-                    if slot.out is not None:
-                        out.append(encode(slot.out, slot.tpdu))
-                if outbox.room is not None and len(slots) < MAX_IN_FLIGHT:
-                    outbox.room.set()
-                    outbox.room = None
-                if out:
-                    flush_log()  # an answer never leaves before its log line
-                    sends.deadline = now() + timeout
-                    await stream.send(b"".join(out))
-                    sends.deadline = math.inf
-        raise _WriteTimeout  # ends the connection (the reader with it)
+        # Only sends are timed: a deadline for each SEND_CHUNK bytes, so a peer that reads
+        # slowly but steadily is not cut, lifted after the last.
+        while True:
+            with anyio.CancelScope() as sends:
+                while True:
+                    if not slots:
+                        if outbox.closed:
+                            return
+                        await outbox.wake.wait()
+                        outbox.wake = anyio.Event()
+                        continue
+                    await slots[0].wait()
+                    out = []
+                    while slots and slots[0].ready:
+                        slot = slots.popleft()
+                        if slot.out is not None:
+                            out.append(encode(slot.out, slot.tpdu))
+                    if outbox.room is not None and len(slots) < MAX_IN_FLIGHT:
+                        outbox.room.set()
+                        outbox.room = None
+                    if out:
+                        flush_log()  # an answer never leaves before its log line
+                        data = b"".join(out)
+                        for start in range(0, len(data), SEND_CHUNK):
+                            sends.deadline = now() + timeout
+                            await stream.send(data[start : start + SEND_CHUNK])
+                        sends.deadline = math.inf
+                        if sends.cancel_called:  # the deadline passed as the send ended:
+                            break  # not a timeout, but this scope is spent
+            if sends.cancelled_caught:
+                raise _WriteTimeout  # ends the connection (the reader with it)
 
 
 class _AsyncioConnection(asyncio.Protocol):
@@ -416,7 +426,9 @@ class _AsyncioConnection(asyncio.Protocol):
         self.stopped = False  # reads no more: answers what it read, then closes
         self.paused = False  # reading paused (by us)
         self.write_paused = False  # the transport's buffer is full: the peer reads slowly
-        self.write_paused_at = 0.0
+        self.written = 0  # bytes handed to the transport
+        self.taken = 0  # of which the transport had passed on at the last check
+        self.stalled_since: float | None = None  # answers waiting, none taken since
         self.last_read = 0.0
         self.timer: asyncio.TimerHandle | None = None
         self.send_due = False  # _send is scheduled: answers ready together go in one write
@@ -475,7 +487,6 @@ class _AsyncioConnection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self.write_paused = True
-        self.write_paused_at = asyncio.get_running_loop().time()
         self._reading()
 
     def resume_writing(self) -> None:
@@ -532,7 +543,9 @@ class _AsyncioConnection(asyncio.Protocol):
                 transport = self.transport
                 if out and transport is not None:
                     self.flush_log()  # an answer never leaves before its log line
-                    transport.write(b"".join(out))
+                    data = b"".join(out)
+                    self.written += len(data)
+                    transport.write(data)
             except Exception as e:  # an answer too long for the framing, a log disk full
                 # As on the stream path: this connection closes (an answer may be missing),
                 # the host goes on.
@@ -562,26 +575,36 @@ class _AsyncioConnection(asyncio.Protocol):
 
     def _check_timeout(self) -> None:
         """The read timeout (idle, or stalled inside a frame) and the write timeout (answers
-        the peer has not taken for that long): one timer, re-armed until the connection is
-        lost."""
-        if self.transport is None:
+        waiting in the transport and none of them taken for that long, however little is
+        waiting): one timer, re-armed until the connection is lost; every quarter of the
+        timeout while answers wait, so a write timeout comes 1-2.25 timeouts after the
+        last byte the peer took."""
+        transport = self.transport
+        if transport is None:
             return
         loop = asyncio.get_running_loop()
         now = loop.time()
-        if self.write_paused:
-            if now - self.write_paused_at >= self.timeout:
+        unsent = transport.get_write_buffer_size()
+        if unsent:
+            taken = self.written - unsent
+            if self.stalled_since is None or taken > self.taken:
+                self.stalled_since = now  # answers are leaving (or have just started to wait)
+                self.taken = taken
+            elif now - self.stalled_since >= self.timeout:
                 log.warning("write timeout", peer=self.peer)
                 self.reason = WRITE_TIMEOUT
                 self.abort()
                 return
-            due = self.write_paused_at + self.timeout
-        elif self.stopped or self.paused:
-            due = now + self.timeout
-        elif now - self.last_read >= self.timeout:
+        else:
+            self.stalled_since = None
+        if not (self.stopped or self.paused) and now - self.last_read >= self.timeout:
             what = "stalled inside a frame" if self.decoder.buffered else "idle"
             log.warning("read timeout", peer=self.peer, state=what)
             self.stop(f"read timeout ({what})")
-            due = now + self.timeout  # its answers may still wait for the peer to read
+        if unsent or self.transport is None:
+            due = now + self.timeout / 4
+        elif self.stopped or self.paused:
+            due = now + self.timeout
         else:
             due = self.last_read + self.timeout
         self.timer = loop.call_at(due, self._check_timeout)
