@@ -95,49 +95,50 @@ class MemoryStore:
         """Register a terminal with settlement account version 1 (ACTIVE, effective from
         ``terminal.created_at``), batch 1 open and the optional operator, with ``then`` (see
         Store.add_terminal): all or nothing. ValueError if the tid exists."""
-        if terminal.status not in TERMINAL_STATUSES:
-            raise ValueError(f"terminal status must be active or disabled: {terminal.status!r}")
-        if operator is not None and operator.tid != terminal.tid:
-            raise ValueError("the operator belongs to another terminal")
-        tid = terminal.tid
-        if tid in self._terminals:
-            raise ValueError(f"terminal {tid!r} already exists")
-        now = terminal.created_at
-        self._terminals[tid] = terminal
-        self._accounts[tid] = [
-            AccountVersion(
-                tid=tid,
-                version=1,
-                sealed_account=account.sealed_account,
-                account_hash=account.account_hash,
-                account_masked=account.account_masked,
-                holder=account.holder,
-                bank_code=account.bank_code,
-                branch=account.branch,
-                state="ACTIVE",
-                effective_from=now,
-                created_by=account.created_by,
-                reason=account.reason,
-                created_at=now,
-            )
-        ]
-        self._batches[(tid, 1)] = False
-        self._open_batches[tid] = 1
-        self._sales_by_tid[tid] = []
-        if operator is not None:
-            self._operators[(tid, operator.operator_id)] = operator
-        if then is None:
-            return
-        try:
-            with self.transaction(tid) as tx:  # restores accounts, operators and audit
-                then(tx)
-        except BaseException:
-            del self._terminals[tid], self._batches[(tid, 1)], self._open_batches[tid]
-            del self._sales_by_tid[tid]
-            self._accounts.pop(tid, None)
+        with self._lock:  # one registration at a time, as the transactions are
+            if terminal.status not in TERMINAL_STATUSES:
+                raise ValueError(f"terminal status must be active or disabled: {terminal.status!r}")
+            if operator is not None and operator.tid != terminal.tid:
+                raise ValueError("the operator belongs to another terminal")
+            tid = terminal.tid
+            if tid in self._terminals:
+                raise ValueError(f"terminal {tid!r} already exists")
+            now = terminal.created_at
+            self._terminals[tid] = terminal
+            self._accounts[tid] = [
+                AccountVersion(
+                    tid=tid,
+                    version=1,
+                    sealed_account=account.sealed_account,
+                    account_hash=account.account_hash,
+                    account_masked=account.account_masked,
+                    holder=account.holder,
+                    bank_code=account.bank_code,
+                    branch=account.branch,
+                    state="ACTIVE",
+                    effective_from=now,
+                    created_by=account.created_by,
+                    reason=account.reason,
+                    created_at=now,
+                )
+            ]
+            self._batches[(tid, 1)] = False
+            self._open_batches[tid] = 1
+            self._sales_by_tid[tid] = []
             if operator is not None:
-                self._operators.pop((tid, operator.operator_id), None)
-            raise
+                self._operators[(tid, operator.operator_id)] = operator
+            if then is None:
+                return
+            try:
+                with self.transaction(tid) as tx:  # restores accounts, operators and audit
+                    then(tx)
+            except BaseException:
+                del self._terminals[tid], self._batches[(tid, 1)], self._open_batches[tid]
+                del self._sales_by_tid[tid]
+                self._accounts.pop(tid, None)
+                if operator is not None:
+                    self._operators.pop((tid, operator.operator_id), None)
+                raise
 
     def get_terminal(self, tid: str) -> Terminal | None:
         """The terminal, or None."""
