@@ -334,9 +334,7 @@ class Server:
                 last_read = now()
             elif now() - last_read >= timeout:
                 break
-        what = "stalled inside a frame" if decoder.buffered else "idle"
-        log.warning("read timeout", peer=_peer(stream), state=what)
-        return f"read timeout ({what})"
+        return _read_timed_out(decoder, _peer(stream))
 
     def _start(
         self, frame: Frame, tpdu_framing: bool, notify: Callable[[], None] | None = None
@@ -598,16 +596,21 @@ class _AsyncioConnection(asyncio.Protocol):
         else:
             self.stalled_since = None
         if not (self.stopped or self.paused) and now - self.last_read >= self.timeout:
-            what = "stalled inside a frame" if self.decoder.buffered else "idle"
-            log.warning("read timeout", peer=self.peer, state=what)
-            self.stop(f"read timeout ({what})")
-        if unsent or self.transport is None:
+            self.stop(_read_timed_out(self.decoder, peer=self.peer))
+        if unsent:
             due = now + self.timeout / 4
         elif self.stopped or self.paused:
             due = now + self.timeout
         else:
             due = self.last_read + self.timeout
         self.timer = loop.call_at(due, self._check_timeout)
+
+
+def _read_timed_out(decoder: FrameDecoder, peer: str) -> str:
+    """Log a read timeout; the reason the connection ends (idle, or inside a frame)."""
+    what = "stalled inside a frame" if decoder.buffered else "idle"
+    log.warning("read timeout", peer=peer, state=what)
+    return f"read timeout ({what})"
 
 
 class _WriteTimeout(Exception):

@@ -115,8 +115,9 @@ class SQLiteStore:
     def queue_writers(self) -> None:
         """Make this connection's write transactions wait their turn on an OS file lock
         (``<db>.writers``) before taking SQLite's. Writers that all do this (the ledgers of
-        ``--workers N`` host processes on one file) wake the moment the one before them
-        commits, where SQLite's own busy handler sleeps and retries, up to 100 ms a time."""
+        ``--workers N`` host processes on one file) get their turn within 0.1 ms of the one
+        before them committing (``_take_turn``), where SQLite's own busy handler sleeps and
+        retries, up to 100 ms a time."""
         if self._queue_fd is None:
             self._queue_fd = os.open(f"{self.path}.writers", os.O_RDWR | os.O_CREAT, 0o600)
 
