@@ -42,6 +42,17 @@ async def signed_on(setup: HostSetup, tid: str = "TERM0001") -> TerminalClient:
     return client
 
 
+async def answers_until_closed(client: TerminalClient, seconds: float = 5) -> list[dict[str, str]]:
+    """Every answer still to come on ``client``'s connection, until the host closes it."""
+    answered = []
+    with anyio.fail_after(seconds):
+        while True:
+            try:
+                answered.append(client.codec.decode(await client.receive_raw()))
+            except TerminalError:
+                return answered
+
+
 async def test_sign_on_echo_sale_test_sale_and_reversal(setup: HostSetup) -> None:
     async with running(setup) as server:
         client = await signed_on(setup)
@@ -279,12 +290,8 @@ async def test_graceful_shutdown_answers_every_request_it_read(setup: HostSetup)
         await client.send_pipelined(requests)
         answered = [client.codec.decode(await client.receive_raw())]
         server.shutdown()
-        with anyio.fail_after(5):
-            while True:  # answers to what the host had read, then the host closes
-                try:
-                    answered.append(client.codec.decode(await client.receive_raw()))
-                except TerminalError:
-                    break
+        # answers to what the host had read, then the host closes
+        answered += await answers_until_closed(client)
         await client.close()
     assert [a["11"] for a in answered] == [r["11"] for r in requests[: len(answered)]]
     assert {a["39"] for a in answered} == {"00"}

@@ -7,18 +7,13 @@ subprocess (``acqhost serve``)."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import fcntl
-import io
 import json
-import os
 import signal
 import socket
 import sqlite3
 import struct
 import time
 from collections.abc import Iterator
-from functools import partial
 from pathlib import Path
 
 import anyio
@@ -29,14 +24,11 @@ import pytest
 import acqhost.server
 from acqhost.framing import FrameDecoder
 from acqhost.logging import configure_logging
-from acqhost.server import WRITE_TIMEOUT
-from acqhost.store.sqlite import SQLiteStore
 from simulators.processes import free_port
 from simulators.terminal import TerminalClient, TerminalError
 from tests.hostkit import HostSetup, make_host, running
 from tests.test_crash import start_host
-from tests.test_host_e2e import signed_on
-from tests.test_store import make_sale
+from tests.test_host_e2e import answers_until_closed, signed_on
 
 pytestmark = pytest.mark.anyio
 
@@ -312,12 +304,7 @@ async def test_shutdown_after_the_peer_half_closed_answers_what_was_read(
         await client._stream.send_eof()
         answered = [client.codec.decode(await client.receive_raw())]
         server.shutdown()
-        with anyio.fail_after(5):
-            while True:
-                try:
-                    answered.append(client.codec.decode(await client.receive_raw()))
-                except TerminalError:
-                    break
+        answered += await answers_until_closed(client)
         await client.close()
     assert [a["11"] for a in answered] == [r["11"] for r in requests]  # all had been read
     assert {a["39"] for a in answered} == {"00"}
@@ -450,54 +437,6 @@ async def test_uvloop_host_bad_frame_after_good_ones_and_peer_resets(
     await client.close()
 
 
-# -- the workers' write queue (an flock on <db>.writers) ---------------------------------------
-
-
-def _queue_is_free(db: str) -> bool:
-    fd = os.open(f"{db}.writers", os.O_RDWR)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return False
-    finally:
-        os.close(fd)  # and with it the lock, if taken
-    return True
-
-
-def test_the_writers_queue_is_released_after_a_refused_and_a_failed_write(
-    tmp_path: Path,
-) -> None:
-    setup = make_host(tmp_path)
-    db = setup.config.db
-    store = SQLiteStore(db)
-    other = SQLiteStore(db)
-    try:
-        store.queue_writers()
-        other.queue_writers()
-        with pytest.raises(ValueError):  # an unknown terminal: a constraint refuses it
-            store.record_sales([make_sale(tid="NOBODY01")])
-        assert _queue_is_free(db)
-        store._conn.execute("PRAGMA busy_timeout = 50")
-        blocker = sqlite3.connect(db, isolation_level=None)
-        blocker.execute("BEGIN IMMEDIATE")  # a writer that does not queue (the CLI, say)
-        try:
-            with pytest.raises(sqlite3.OperationalError):  # database is locked
-                store.record_sales([make_sale(tid="TERM0001", mid="MERCHANT0000001")])
-            assert _queue_is_free(db)
-        finally:
-            blocker.execute("ROLLBACK")
-            blocker.close()
-        with pytest.raises(RuntimeError), store.transaction() as tx:  # a caller's error
-            assert tx is not None
-            raise RuntimeError("boom")
-        assert _queue_is_free(db)
-        (result,) = other.record_sales([make_sale(tid="TERM0001", mid="MERCHANT0000001")])
-        assert not result.duplicate
-    finally:
-        store.close()
-        other.close()
-
-
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
 async def test_uvloop_host_on_sigterm_answers_what_it_read_and_exits_cleanly(
     tmp_path: Path,
@@ -510,12 +449,7 @@ async def test_uvloop_host_on_sigterm_answers_what_it_read_and_exits_cleanly(
         await client.send_pipelined(requests)
         answered = [client.codec.decode(await client.receive_raw())]
         proc.send_signal(signal.SIGTERM)
-        with anyio.fail_after(5):
-            while True:
-                try:
-                    answered.append(client.codec.decode(await client.receive_raw()))
-                except TerminalError:
-                    break
+        answered += await answers_until_closed(client)
         await client.close()
         assert proc.wait(timeout=5) == 0
     finally:
@@ -658,52 +592,3 @@ async def test_a_host_that_fails_stops_listening(setup: HostSetup) -> None:
     with pytest.raises(OSError):
         late = await anyio.connect_tcp("127.0.0.1", port)
         await late.aclose()
-
-
-def host_socket(server: acqhost.server.Server) -> socket.socket:
-    """The host's end of its only connection."""
-    (conn,) = server._connections
-    if isinstance(conn, acqhost.server._AsyncioConnection):
-        assert conn.transport is not None
-        sock: socket.socket = conn.transport.get_extra_info("socket")
-        return sock
-    raw: socket.socket = conn.stream.extra(anyio.abc.SocketAttribute.raw_socket)
-    return raw
-
-
-async def test_a_peer_that_sends_and_never_reads_is_closed_after_the_timeout(
-    tmp_path: Path, json_logs: io.StringIO
-) -> None:
-    # Without a write timeout such a peer would hold its connection, and every answer the
-    # host has for it, for ever: once no answer has left for read_timeout, the host closes it.
-    # The peer is a plain socket (an asyncio transport would read on its own) with small
-    # buffers at both ends, so that a few thousand answers fill them.
-    setup = make_host(tmp_path, read_timeout=0.5)
-    async with running(setup) as server:
-        client = setup.client()
-        peer = socket.socket()
-        peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        peer.connect(("127.0.0.1", setup.config.port))
-        with anyio.fail_after(2):
-            while not server._connections:
-                await anyio.sleep(0.01)
-        host_socket(server).setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-        data = b"".join(echo_frame(client) for _ in range(5_000))
-
-        def send_all() -> None:  # returns when the host closes, if not before
-            with contextlib.suppress(OSError):
-                peer.sendall(data)
-
-        started = time.monotonic()
-        try:
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(partial(anyio.to_thread.run_sync, send_all, abandon_on_cancel=True))
-                with anyio.fail_after(10):
-                    while WRITE_TIMEOUT not in json_logs.getvalue():
-                        await anyio.sleep(0.05)
-            assert time.monotonic() - started > 0.5
-            await wait_no_connections(server)
-        finally:
-            peer.close()
-    ends = [json.loads(line) for line in json_logs.getvalue().splitlines()]
-    assert [e["reason"] for e in ends if e["event"] == "disconnected"] == [WRITE_TIMEOUT]

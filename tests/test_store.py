@@ -39,7 +39,7 @@ from acqhost.store import (
     open_store,
 )
 from acqhost.store import sqlite as sqlite_store
-from acqhost.store.base import StoreTx
+from acqhost.store.base import RebindRequest, StoreTx
 from acqhost.store.postgres import PostgresStore
 
 TID = "T0000001"
@@ -738,15 +738,9 @@ def test_queued_writers_take_turns_and_a_failed_write_frees_the_queue(db_path: P
 def test_a_terminal_and_what_its_registration_writes_commit_together(store: Store) -> None:
     # `acqhost terminal add` writes the audit log's registration entry in the transaction
     # that registers the terminal: a failure there leaves neither behind.
-    key = nacl.utils.random(nacl.secret.SecretBox.KEY_SIZE)
-
-    def entry(tx: StoreTx) -> None:
-        first = tx.versions(TID)[0]
-        audit.append(tx, key, at=first.created_at, actor="test", action="terminal.registered",
-                     tid=TID, subject="v1", detail={"version": 1})  # fmt: skip
 
     def entry_then_fail(tx: StoreTx) -> None:
-        entry(tx)
+        registration_entry(tx)
         raise RuntimeError("the disk is full, say")
 
     with pytest.raises(RuntimeError):
@@ -754,7 +748,8 @@ def test_a_terminal_and_what_its_registration_writes_commit_together(store: Stor
     assert store.get_terminal(TID) is None
     with store.transaction(write=False) as tx:
         assert tx.audit_entries() == [] and tx.versions(TID) == []
-    store.add_terminal(make_terminal(), make_account(), None, then=entry)  # the tid is free
+    # the tid is free again
+    store.add_terminal(make_terminal(), make_account(), None, then=registration_entry)
     assert store.get_terminal(TID) is not None
     with store.transaction(write=False) as tx:
         assert [(e.action, e.tid) for e in tx.audit_entries()] == [("terminal.registered", TID)]
@@ -780,3 +775,261 @@ def test_a_queued_writer_gives_up_when_the_queue_is_held_too_long(
     finally:
         os.close(holder)
         store.close()
+
+
+# -- Store.add_terminal(then=...) --------------------------------------------------------------
+
+
+KEY = nacl.utils.random(nacl.secret.SecretBox.KEY_SIZE)
+OPERATOR = Operator(tid=TID, operator_id="01", password_hash=b"$argon2id$...", failures=0)
+
+
+def registration_entry(tx: StoreTx, tid: str = TID) -> None:
+    first = tx.versions(tid)[0]
+    audit.append(tx, KEY, at=first.created_at, actor="test", action="terminal.registered",
+                 tid=tid, subject="v1", detail={"version": 1})  # fmt: skip
+
+
+def chain(store: Store) -> tuple[int, list[str]]:
+    """audit.verify, but for the test accounts' sealed numbers (made-up bytes here)."""
+    count, problems = audit.verify(store, KEY)
+    return count, [p for p in problems if "sealed account number" not in p]
+
+
+class Interrupted(BaseException):
+    """What Ctrl-C (KeyboardInterrupt) or a cancellation is: not an Exception."""
+
+
+def test_then_raising_a_base_exception_after_writing_everything_it_can_leaves_nothing(
+    store: Store,
+) -> None:
+    # ``then`` writes what a StoreTx can write about the new terminal (a second version, a
+    # request for it, the operator's failures, an audit entry), then is interrupted: nothing
+    # of the registration or of ``then`` is left, and the tid registers afresh (here without
+    # an operator) as if never tried.
+    def everything_then_interrupt(tx: StoreTx) -> None:
+        registration_entry(tx)
+        v1 = tx.versions(TID)[0]
+        tx.insert_version(replace(v1, version=2, state="PENDING_REVIEW", holder="LI SI"))
+        tx.insert_request(RebindRequest("RF00000000000001", TID, 2, "rebind", "01", "000001",
+                                        "0314101500", "typed", 1.0, "PENDING_REVIEW", "", None, "",
+                                        None))  # fmt: skip
+        tx.set_operator_failures(TID, "01", 3)
+        raise Interrupted
+
+    with pytest.raises(Interrupted):
+        store.add_terminal(make_terminal(), make_account(), OPERATOR,
+                               then=everything_then_interrupt)  # fmt: skip
+    assert store.get_terminal(TID) is None and store.list_terminals() == []
+    assert store.account_history(TID) == []
+    with pytest.raises(KeyError):
+        store.open_batch(TID)
+    with store.transaction(write=False) as tx:
+        assert tx.operator(TID, "01") is None
+        assert tx.requests() == [] and tx.audit_entries() == []
+    store.add_terminal(make_terminal(), make_account(), None, then=registration_entry)
+    with store.transaction(write=False) as tx:
+        assert tx.operator(TID, "01") is None
+        assert [v.version for v in tx.versions(TID)] == [1]
+        assert [(e.seq, e.action) for e in tx.audit_entries()] == [(1, "terminal.registered")]
+    assert store.open_batch(TID) == 1
+    assert [r.duplicate for r in store.record_sales([make_sale()])] == [False]
+    assert chain(store) == (1, [])
+
+
+def test_a_failed_then_keeps_what_was_there_before(store: Store) -> None:
+    # Another terminal and its audit entry exist; a registration whose ``then`` fails must not
+    # touch them (the memory store restores whole dicts from a copy).
+    store.add_terminal(make_terminal("T0000002"), make_account(), None,
+                           then=lambda tx: registration_entry(tx, "T0000002"))  # fmt: skip
+    store.record_sales([make_sale("000001", tid="T0000002")])
+
+    def fail(tx: StoreTx) -> None:
+        registration_entry(tx)
+        raise RuntimeError("the disk is full, say")
+
+    with pytest.raises(RuntimeError):
+        store.add_terminal(make_terminal(), make_account(), OPERATOR, then=fail)
+    assert [t.tid for t in store.list_terminals()] == ["T0000002"]
+    assert [s.stan for s in store.sales("T0000002")] == ["000001"]
+    assert len(store.account_history("T0000002")) == 1
+    assert chain(store) == (1, [])
+
+
+def test_postgres_registrations_at_once_chain_their_audit_entries_in_one_order(
+    pg_url: str,
+) -> None:
+    # Several processes (here threads, each with its own connection) register terminals at
+    # once, each with its audit entry in its own transaction: the advisory lock gives the
+    # chain one order (no duplicate seq, no fork), and each registration is announced.
+    PostgresStore(pg_url).close()  # migrated once, before the race
+    tids = [f"T000010{i}" for i in range(6)]
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(len(tids))
+
+    def register(tid: str) -> None:
+        store = PostgresStore(pg_url)
+        try:
+            barrier.wait()
+            store.add_terminal(make_terminal(tid), make_account(), None,
+                               then=lambda tx: registration_entry(tx, tid))  # fmt: skip
+        except BaseException as e:  # reported below
+            errors.append(e)
+        finally:
+            store.close()
+
+    heard: list[tuple[str, str]] = []
+    check = PostgresStore(pg_url)
+    listener = check.cache_listener(lambda kind, tid: heard.append((kind, tid)))
+    listener.start()
+    try:
+        time.sleep(0.3)  # listening
+        threads = [threading.Thread(target=register, args=(tid,)) for tid in tids]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(10)
+        assert errors == []
+        assert chain(check) == (len(tids), [])
+        with check.transaction(write=False) as tx:
+            assert sorted(e.tid for e in tx.audit_entries()) == tids
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline and len({t for k, t in heard if k == "terminal"}) < 6:
+            time.sleep(0.02)
+        assert {t for k, t in heard if k == "terminal"} == set(tids)
+    finally:
+        listener.stop()
+        check.close()
+
+
+def test_postgres_a_failed_then_announces_nothing(pg_url: str) -> None:
+    store = PostgresStore(pg_url)
+    heard: list[tuple[str, str]] = []
+    listener = store.cache_listener(lambda kind, tid: heard.append((kind, tid)))
+    listener.start()
+    try:
+        time.sleep(0.3)
+
+        def fail(tx: StoreTx) -> None:
+            registration_entry(tx)
+            raise RuntimeError("no")
+
+        with pytest.raises(RuntimeError):
+            store.add_terminal(make_terminal(), make_account(), None, then=fail)
+        store.add_terminal(make_terminal("T0000002"), make_account(), None)
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline and ("terminal", "T0000002") not in heard:
+            time.sleep(0.02)
+        assert [h for h in heard if h[0] != "*"] == [("terminal", "T0000002")]
+    finally:
+        listener.stop()
+        store.close()
+
+
+# -- the writers' queue ------------------------------------------------------------------------
+
+
+def queue_is_free(db_path: Path) -> bool:
+    probe = os.open(f"{db_path}.writers", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(probe)
+
+
+def test_a_queued_writer_that_cannot_begin_frees_the_queue(db_path: Path) -> None:
+    # Its turn in the queue, then SQLite's own lock is held by a writer outside the queue (the
+    # CLI, say) past the busy timeout: BEGIN IMMEDIATE fails, and the turn is given back.
+    store = with_terminal(SQLiteStore(db_path))
+    store.queue_writers()
+    store._conn.execute("PRAGMA busy_timeout = 100")
+    blocker = sqlite3.connect(db_path, isolation_level=None)
+    try:
+        blocker.execute("BEGIN IMMEDIATE")
+        with pytest.raises(sqlite3.OperationalError, match="locked"):
+            store.record_sales([make_sale()])
+        assert queue_is_free(db_path)
+        blocker.execute("ROLLBACK")
+        assert [r.duplicate for r in store.record_sales([make_sale()])] == [False]
+        assert queue_is_free(db_path)
+    finally:
+        blocker.close()
+        store.close()
+
+
+def test_a_queued_registration_interrupted_in_then_frees_the_queue(db_path: Path) -> None:
+    store = SQLiteStore(db_path)
+    store.queue_writers()
+    try:
+
+        def interrupt(tx: StoreTx) -> None:
+            assert not queue_is_free(db_path)  # its turn is held meanwhile
+            raise Interrupted
+
+        with pytest.raises(Interrupted):
+            store.add_terminal(make_terminal(), make_account(), None, then=interrupt)
+        assert queue_is_free(db_path) and store.get_terminal(TID) is None
+        assert not store._conn.in_transaction
+        with pytest.raises(ValueError, match="already exists"):  # in the queue, rolled back
+            with_terminal(with_terminal(store))
+        assert queue_is_free(db_path)
+    finally:
+        store.close()
+
+
+def test_a_queued_writer_gets_its_turn_when_it_comes_just_before_the_deadline(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The queue held for most of QUEUE_SECONDS: the waiting writer still gets its turn (the
+    # deadline counts from when it started waiting, not from its last attempt).
+    monkeypatch.setattr(sqlite_store, "QUEUE_SECONDS", 0.5)
+    store = with_terminal(SQLiteStore(db_path))
+    store.queue_writers()
+    holder = os.open(f"{db_path}.writers", os.O_RDWR)
+    try:
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        timer = threading.Timer(0.4, fcntl.flock, (holder, fcntl.LOCK_UN))
+        timer.start()
+        started = time.monotonic()
+        assert [r.duplicate for r in store.record_sales([make_sale()])] == [False]
+        assert 0.35 < time.monotonic() - started < 0.5
+        timer.join()
+    finally:
+        os.close(holder)
+        store.close()
+
+
+def test_the_writers_queue_is_released_after_a_refused_and_a_failed_write(
+    db_path: Path,
+) -> None:
+    db = str(db_path)
+    store = with_terminal(SQLiteStore(db))
+    other = SQLiteStore(db)
+    try:
+        store.queue_writers()
+        other.queue_writers()
+        with pytest.raises(ValueError):  # an unknown terminal: a constraint refuses it
+            store.record_sales([make_sale(tid="NOBODY01")])
+        assert queue_is_free(db_path)
+        store._conn.execute("PRAGMA busy_timeout = 50")
+        blocker = sqlite3.connect(db, isolation_level=None)
+        blocker.execute("BEGIN IMMEDIATE")  # a writer that does not queue (the CLI, say)
+        try:
+            with pytest.raises(sqlite3.OperationalError):  # database is locked
+                store.record_sales([make_sale()])
+            assert queue_is_free(db_path)
+        finally:
+            blocker.execute("ROLLBACK")
+            blocker.close()
+        with pytest.raises(RuntimeError), store.transaction() as tx:  # a caller's error
+            assert tx is not None
+            raise RuntimeError("boom")
+        assert queue_is_free(db_path)
+        (result,) = other.record_sales([make_sale()])
+        assert not result.duplicate
+    finally:
+        store.close()
+        other.close()
