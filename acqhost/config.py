@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from acqhost.framing import FRAMINGS
+from acqhost.wire.framing import FRAMINGS
 
 __all__ = ("Config", "ConfigError", "RebindPolicy", "load_config")
 

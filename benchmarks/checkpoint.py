@@ -28,7 +28,7 @@ import threading
 import time
 from pathlib import Path
 
-from acqhost import crypto
+from acqhost.domain import crypto
 from acqhost.store.base import NewAccount, SaleRecord, Terminal
 from acqhost.store.sqlite import SQLiteStore
 

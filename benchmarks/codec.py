@@ -17,8 +17,8 @@ from typing import Any
 
 import iso8583
 
-from acqhost import specs
-from acqhost.codec import compile_spec
+from acqhost.wire import specs
+from acqhost.wire.codec import compile_spec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import handwritten

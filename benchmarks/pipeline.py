@@ -15,15 +15,16 @@ import time
 
 import anyio
 
-from acqhost import crypto, specs
-from acqhost.codec import compile_spec
 from acqhost.config import Config
-from acqhost.ledger import Ledger
-from acqhost.logging import configure_logging
-from acqhost.pipeline.host import Pipeline
+from acqhost.domain import cards, crypto
+from acqhost.host.core import Pipeline
+from acqhost.log import configure_logging
+from acqhost.runtime.ledger import Ledger
 from acqhost.store.base import NewAccount, Terminal
 from acqhost.store.memory import MemoryStore
-from acqhost.tlv import encode_tlv
+from acqhost.wire import specs
+from acqhost.wire.codec import compile_spec
+from acqhost.wire.tlv import encode_tlv
 
 TID, MID = "TERM0001", "MERCHANT0000001"
 TARGET = 50_000
@@ -37,7 +38,7 @@ def build() -> tuple[Pipeline, crypto.HostKeys, bytes]:
     store.add_terminal(
         Terminal(TID, MID, "Bench Shop", "active", crypto.verify_key_of(seed), 10**9, 100, 0.0),
         NewAccount(crypto.seal(keys.data_key, account.encode()),
-                   crypto.account_hash(keys.data_key, account), crypto.mask_account(account),
+                   crypto.account_hash(keys.data_key, account), cards.mask_account(account),
                    "Bench", "102100099996", "", "bench", "bench"),
         None,
     )  # fmt: skip
@@ -67,7 +68,7 @@ async def sign_on(pipeline: Pipeline, seed: bytes) -> crypto.SessionKeys:
 
 
 def _tlv(text: str) -> list[tuple[str, str]]:
-    from acqhost.tlv import decode_tlv
+    from acqhost.wire.tlv import decode_tlv
 
     return list(decode_tlv(text).items())
 

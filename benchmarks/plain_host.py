@@ -10,7 +10,7 @@ import sys
 
 import iso8583
 
-from acqhost import specs
+from acqhost.wire import specs
 
 SPEC = specs.load("acq87")
 

@@ -23,7 +23,7 @@ from typing import Any
 
 import anyio
 
-from acqhost.framing import FrameDecoder, FrameEncoder
+from acqhost.wire.framing import FrameDecoder, FrameEncoder
 from simulators.terminal import TerminalClient
 
 __all__ = ("main",)

@@ -22,10 +22,11 @@ from typing import Any
 import anyio
 import anyio.abc
 
-from acqhost import crypto, specs
-from acqhost.codec import compile_spec
-from acqhost.framing import FrameDecoder, FrameEncoder
-from acqhost.tlv import decode_tlv, encode_tlv
+from acqhost.domain import crypto
+from acqhost.wire import specs
+from acqhost.wire.codec import compile_spec
+from acqhost.wire.framing import FrameDecoder, FrameEncoder
+from acqhost.wire.tlv import decode_tlv, encode_tlv
 
 __all__ = ("Exchange", "TerminalClient", "TerminalError", "main")
 

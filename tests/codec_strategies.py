@@ -15,7 +15,7 @@ import iso8583.specs
 from hypothesis import assume
 from hypothesis import strategies as st
 
-from acqhost import specs as acq_specs
+from acqhost.wire import specs as acq_specs
 
 TEXT_CODECS = ("ascii", "latin-1", "utf-8", "cp500")
 LEN_CODECS = ("ascii", "cp500", "bcd", "b")

@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from acqhost.logging import configure_logging
+from acqhost.log import configure_logging
 
 PG_ENV = "ACQHOST_TEST_PG"
 

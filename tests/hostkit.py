@@ -14,10 +14,10 @@ from typing import Any
 
 import anyio
 
-from acqhost.app import build_server
 from acqhost.cli import main as cli
 from acqhost.config import Config, load_config
-from acqhost.server import Server
+from acqhost.runtime.app import build_server
+from acqhost.runtime.server import Server
 from simulators.terminal import TerminalClient
 
 ACCOUNT = "6222020200112233446"  # Luhn-valid settlement account

@@ -16,9 +16,9 @@ from pathlib import Path
 import anyio
 import pytest
 
-from acqhost import crypto, rebind, voucher
 from acqhost.cli import main as cli
 from acqhost.config import RebindPolicy
+from acqhost.domain import cards, crypto, rebind, voucher
 from acqhost.store import open_store
 from acqhost.store.base import Store
 from tests.hostkit import ACCOUNT, BANK, HOLDER, add_terminal, make_host, running
@@ -134,7 +134,7 @@ def test_list_show_approve_and_reject_with_their_refusals(
     status, out, _ = run(capsys, host, "rebind", "list")
     assert status == 0
     assert rf1 in out and rf2 in out and out.count("PENDING_REVIEW") == 2
-    assert crypto.mask_account(NEW) in out
+    assert cards.mask_account(NEW) in out
     only = ("--state", "pending_review", "--tid", "TERM0002")
     status, out, _ = run(capsys, host, "rebind", "list", *only)
     assert status == 0 and rf2 in out and rf1 not in out
@@ -145,9 +145,9 @@ def test_list_show_approve_and_reject_with_their_refusals(
     assert status == 0
     lines = dict(line.split(":", 1) for line in out.splitlines())
     assert lines["state"].strip() == "PENDING_REVIEW"
-    assert lines["proposed"].strip().startswith(f"v2 {crypto.mask_account(NEW)}, holder {HOLDER}")
+    assert lines["proposed"].strip().startswith(f"v2 {cards.mask_account(NEW)}, holder {HOLDER}")
     assert "branch Xidan" in lines["proposed"] and BANK in lines["proposed"]
-    assert lines["in force now"].strip().startswith(f"v1 {crypto.mask_account(ACCOUNT)}")
+    assert lines["in force now"].strip().startswith(f"v1 {cards.mask_account(ACCOUNT)}")
     assert "MERCHANT0000001" in lines["terminal"]
 
     status, out, _ = run(capsys, host, "rebind", "approve", rf1, "--by", "alice")
@@ -194,14 +194,14 @@ def test_account_show_history_and_rollback_with_its_refusals(
     changed(host)  # version 2, in force from now
     status, out, _ = run(capsys, host, "account", "show", "TERM0001")
     assert status == 0
-    assert f"in force now: v2 {crypto.mask_account(NEW)}" in out and "(ACTIVE)" in out
+    assert f"in force now: v2 {cards.mask_account(NEW)}" in out and "(ACTIVE)" in out
     assert "open change:  none" in out
     status, out, _ = run(capsys, host, "account", "history", "TERM0001")
     assert status == 0
     rows = [line.split() for line in out.splitlines()[1:-1]]
     assert [(r[0], r[1], r[2]) for r in rows] == [
-        ("1", "ACTIVE", crypto.mask_account(ACCOUNT)),
-        ("2*", "ACTIVE", crypto.mask_account(NEW)),
+        ("1", "ACTIVE", cards.mask_account(ACCOUNT)),
+        ("2*", "ACTIVE", cards.mask_account(NEW)),
     ]
     assert "operator 01" in out and "rebind from the terminal" in out and HOLDER in out
 
@@ -230,7 +230,7 @@ def test_account_show_history_and_rollback_with_its_refusals(
     assert request is not None and request.kind == "rollback" and request.restores == 1
     assert request.rf in out and rebind.ef_text(v4.effective_from) in out
     assert v4.state == "APPROVED" and v4.created_by == "carol" and "merchant asked" in v4.reason
-    assert v4.account_masked == crypto.mask_account(ACCOUNT)
+    assert v4.account_masked == cards.mask_account(ACCOUNT)
     status, _, err = run(capsys, host, *argv, "--to-version", "1")
     assert status == 2 and "open change (version 4, APPROVED)" in err
     status, out, _ = run(capsys, host, "account", "show", "TERM0001")
@@ -275,7 +275,7 @@ def test_a_voucher_is_signed_by_the_host_and_verifies(
         "kind": "rebind",
         "state": "APPROVED",
         "version": 2,
-        "account_masked": crypto.mask_account(NEW),
+        "account_masked": cards.mask_account(NEW),
         "holder": HOLDER,
         "bank_code": BANK,
         "branch": "Xidan",
@@ -283,7 +283,7 @@ def test_a_voucher_is_signed_by_the_host_and_verifies(
         "effective_from": voucher.utc_text(ef),
         "previous": {
             "version": 1,
-            "account_masked": crypto.mask_account(ACCOUNT),
+            "account_masked": cards.mask_account(ACCOUNT),
             "bank_code": BANK,
         },
         "host_public_key": host.keys.verify_key.hex(),
@@ -304,7 +304,7 @@ def test_a_voucher_is_signed_by_the_host_and_verifies(
     assert status == 2 and "refusing to overwrite" in err and path.read_text() == written
     status, out, _ = run(capsys, host, "voucher", "verify", str(path))
     assert status == 0 and out.startswith(f"voucher OK: {rf} rebind of terminal TERM0001")
-    assert crypto.mask_account(NEW) in out and "APPROVED" in out
+    assert cards.mask_account(NEW) in out and "APPROVED" in out
     key = ("--host-public-key", host.keys.verify_key.hex())
     status, out, _ = run(capsys, host, "voucher", "verify", str(path), *key)
     assert status == 0 and out.startswith("voucher OK")
@@ -379,9 +379,9 @@ def test_a_rollback_voucher_names_the_version_it_undid(
     doc = json.loads(out)
     assert doc["kind"] == "rollback" and doc["restores"] == 1
     assert doc["version"] == 3 and doc["state"] == "ACTIVE"
-    assert doc["account_masked"] == crypto.mask_account(ACCOUNT)
+    assert doc["account_masked"] == cards.mask_account(ACCOUNT)
     assert doc["previous"]["version"] == 2  # rolled back now, but in force until version 3
-    assert doc["previous"]["account_masked"] == crypto.mask_account(NEW)
+    assert doc["previous"]["account_masked"] == cards.mask_account(NEW)
     status, out, _ = run(capsys, host, "account", "history", "TERM0001")
     assert status == 0 and "ROLLED_BACK" in out and "3*" in out
 
@@ -560,7 +560,7 @@ async def test_a_cli_approval_reaches_the_running_host_without_a_restart(
             await anyio.sleep(rebind.DECISION_LEAD + 1.2)  # EF: rounded up to a second
             sale = await client.sale(100, test=True)
             assert sale.rc == "00"
-            assert sale.tlv == {"SA": crypto.mask_account(NEW), "SV": "2", "BK": BANK}
+            assert sale.tlv == {"SA": cards.mask_account(NEW), "SV": "2", "BK": BANK}
             for _ in range(40):  # the test sale's proof is recorded just after its answer
                 state = (await client.rebind_inquire(rf)).tlv["ST"]
                 if state == "VERIFIED":

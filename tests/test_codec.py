@@ -10,8 +10,8 @@ import iso8583
 import iso8583.specs
 import pytest
 
-from acqhost import specs
-from acqhost.codec import CodecError, compile_spec
+from acqhost.wire import specs
+from acqhost.wire.codec import CodecError, compile_spec
 from tests.codec_strategies import with_tertiary
 
 DEFAULT = copy.deepcopy(iso8583.specs.default)

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from acqhost.codec import Codec, CodecError, compile_spec
+from acqhost.wire.codec import Codec, CodecError, compile_spec
 from tests.codec_strategies import (
     damaged,
     messages,

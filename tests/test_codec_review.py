@@ -14,7 +14,7 @@ import iso8583
 import iso8583.specs
 import pytest
 
-from acqhost.codec import CodecError, compile_spec
+from acqhost.wire.codec import CodecError, compile_spec
 
 DEFAULT = copy.deepcopy(iso8583.specs.default)
 BM_2 = bytes.fromhex("4000000000000000")

@@ -1,4 +1,4 @@
-"""acqhost.crypto: the ACQ1 cryptography (PROTOCOL.md section 4), with real keys throughout."""
+"""acqhost.domain.crypto: the ACQ1 cryptography (PROTOCOL.md 4), with real keys throughout."""
 
 from __future__ import annotations
 
@@ -15,8 +15,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from acqhost import crypto
-from acqhost.crypto import (
+from acqhost.domain import crypto
+from acqhost.domain.cards import luhn_ok, mask_account, mask_pan
+from acqhost.domain.crypto import (
     CryptoError,
     HostKeys,
     SessionKeys,
@@ -27,12 +28,9 @@ from acqhost.crypto import (
     hash_password,
     host_session,
     kx_keypair,
-    luhn_ok,
     mac,
     mac_hex,
     mac_ok,
-    mask_account,
-    mask_pan,
     new_signing_key,
     seal,
     sign,

@@ -16,8 +16,8 @@ from pathlib import Path
 import iso8583
 import pytest
 
-from acqhost.codec import compile_spec
-from acqhost.specs import load
+from acqhost.wire.codec import compile_spec
+from acqhost.wire.specs import load
 
 SPEC_PATH = Path(__file__).parents[1] / "specs" / "cup-pos.json"
 VECTORS_PATH = Path(__file__).parent / "vectors" / "cup_pos.json"

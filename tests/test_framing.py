@@ -13,7 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from acqhost.errors import FramingError
-from acqhost.framing import FRAMINGS, Frame, FrameDecoder, FrameEncoder, reply_tpdu
+from acqhost.wire.framing import FRAMINGS, Frame, FrameDecoder, FrameEncoder, reply_tpdu
 
 ROOT = Path(__file__).resolve().parent.parent
 TPDU = b"\x60\x00\x01\x80\x02"
@@ -417,7 +417,8 @@ def test_reply_frame_round_trips_through_decoder_with_swapped_tpdu() -> None:
 
 
 @pytest.mark.parametrize(
-    "module", ["acqhost.framing", "acqhost.tlv", "acqhost.codec", "acqhost.specs"]
+    "module",
+    ["acqhost.wire.framing", "acqhost.wire.tlv", "acqhost.wire.codec", "acqhost.wire.specs"],
 )
 def test_module_imports_no_io_library(module: str) -> None:
     code = (

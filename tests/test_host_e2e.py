@@ -15,10 +15,10 @@ import anyio
 import anyio.abc
 import pytest
 
-from acqhost import crypto
 from acqhost.cli import main as cli
-from acqhost.logging import configure_logging
-from acqhost.tlv import decode_tlv, encode_tlv
+from acqhost.domain import cards, crypto
+from acqhost.log import configure_logging
+from acqhost.wire.tlv import decode_tlv, encode_tlv
 from simulators.terminal import TEST_PAN, Exchange, TerminalClient, TerminalError
 from tests.hostkit import ACCOUNT, BANK, HostSetup, make_host, running
 
@@ -63,9 +63,9 @@ async def test_sign_on_echo_sale_test_sale_and_reversal(setup: HostSetup) -> Non
         r = sale.response
         assert r["t"] == "0210" and r["4"] == "000000001234" and len(r["38"]) == 6
         assert r["37"].isdigit() and len(r["37"]) == 12
-        assert sale.tlv == {"SA": crypto.mask_account(ACCOUNT), "SV": "1", "BK": BANK}
+        assert sale.tlv == {"SA": cards.mask_account(ACCOUNT), "SV": "1", "BK": BANK}
         test = await client.sale(100, test=True)
-        assert test.rc == "00" and test.tlv["SA"] == crypto.mask_account(ACCOUNT)
+        assert test.rc == "00" and test.tlv["SA"] == cards.mask_account(ACCOUNT)
         assert test.response["37"] != r["37"]
         reversal = await client.reverse(sale)
         assert reversal.rc == "00" and reversal.response["t"] == "0410"

@@ -8,8 +8,8 @@ from pathlib import Path
 import anyio
 import pytest
 
-from acqhost import crypto
-from acqhost.ledger import Ledger, Write
+from acqhost.domain import crypto
+from acqhost.runtime.ledger import Ledger, Write
 from acqhost.store.base import NewAccount, SaleRecord, SaleResult, Terminal
 from acqhost.store.sqlite import SQLiteStore
 
@@ -132,7 +132,7 @@ async def test_a_write_with_slow_pre_work_is_applied_even_when_the_ledger_closes
 async def test_slow_pre_work_neither_blocks_other_writes_nor_runs_unbounded(
     tmp_path: Path,
 ) -> None:
-    from acqhost.ledger import PRE_THREADS
+    from acqhost.runtime.ledger import PRE_THREADS
 
     store_with_terminal(tmp_path / "l.db")
     ledger = Ledger(SQLiteStore(tmp_path / "l.db"))

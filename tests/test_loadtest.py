@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from acqhost.framing import FrameEncoder
+from acqhost.wire.framing import FrameEncoder
 from simulators.loadtest import drive
 
 

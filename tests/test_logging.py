@@ -1,4 +1,4 @@
-"""acqhost.logging: JSON lines, and card data / secrets never in clear."""
+"""acqhost.log: JSON lines, and card data / secrets never in clear."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ import structlog
 from hypothesis import given
 from hypothesis import strategies as st
 
-from acqhost.crypto import encrypt_password
-from acqhost.logging import (
+from acqhost.domain.crypto import encrypt_password
+from acqhost.log import (
     configure_logging,
     get_logger,
     mask_sensitive,

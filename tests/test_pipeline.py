@@ -11,7 +11,7 @@ from pathlib import Path
 import anyio
 import pytest
 
-from acqhost.pipeline.host import response_mti
+from acqhost.host.core import response_mti
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import pipeline as bench
@@ -60,7 +60,7 @@ def test_our_own_bug_in_a_stage_is_answered_96_and_logged(json_logs: io.StringIO
     ],
 )
 def test_a_card_is_valid_through_its_expiry_month(expiry: str, now: str, expired: bool) -> None:
-    from acqhost.pipeline.sale import _expired
+    from acqhost.host.routes.sale import _expired
 
     at = datetime.fromisoformat(now).replace(tzinfo=UTC).timestamp()
     year_2000 = datetime(2000, 1, 1, tzinfo=UTC).timestamp()

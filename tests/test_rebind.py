@@ -1,4 +1,4 @@
-"""The rebind flow's decisions (acqhost.rebind) and the audit log, inside real store
+"""The rebind flow's decisions (acqhost.domain.rebind) and the audit log, inside real store
 transactions, on every backend: memory, SQLite and PostgreSQL give the same answers."""
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from acqhost import audit, crypto, rebind
 from acqhost.config import RebindPolicy
-from acqhost.rebind import Outcome, RebindError, Submission
+from acqhost.domain import audit, cards, crypto, rebind
+from acqhost.domain.rebind import Outcome, RebindError, Submission
 from acqhost.store import MemoryStore, NewAccount, Operator, SQLiteStore, Store
 from acqhost.store.postgres import PostgresStore
 from tests.test_store import make_sale, make_terminal
@@ -44,7 +44,7 @@ def open_backend(kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> S
         opened.add_terminal(
             make_terminal(tid, created_at=T0),
             NewAccount(crypto.seal(KEY, OLD.encode()), crypto.account_hash(KEY, OLD),
-                       crypto.mask_account(OLD), "ZHANG SAN", "102100099996", "", "admin",
+                       cards.mask_account(OLD), "ZHANG SAN", "102100099996", "", "admin",
                        "registration"),
             Operator(tid, "01", password_hash, 0),
         )  # fmt: skip
@@ -107,7 +107,7 @@ def test_accepted_submit_is_a_new_version_pending_review_and_the_old_one_stays_i
     rf = out.request.rf
     assert len(rf) == 16 and rf.isalnum()
     ef = rebind.ef_text(T0 + 10 + 100)
-    sa = crypto.mask_account(NEW)
+    sa = cards.mask_account(NEW)
     assert out.elements == {"RF": rf, "ST": "PENDING_REVIEW", "EF": ef, "SA": sa}
     assert states(store) == ["ACTIVE", "PENDING_REVIEW"]
     current = store.current_account(TID, T0 + 10**6)
@@ -264,7 +264,7 @@ def test_cancel_only_a_pending_request_of_ones_own_terminal(store: Store) -> Non
         first = rebind.cancel(tx, KEY, TID, rf, T0 + 20)
         again = rebind.cancel(tx, KEY, TID, rf, T0 + 21)
     assert first.code == again.code == "00"
-    assert first.elements == {"RF": rf, "ST": "CANCELLED", "SA": crypto.mask_account(NEW)}
+    assert first.elements == {"RF": rf, "ST": "CANCELLED", "SA": cards.mask_account(NEW)}
     approved = submit(store, sub(stan="000002"), policy=AUTO, now=T0 + 30)
     assert approved.request is not None
     with store.transaction(TID) as tx:
@@ -389,7 +389,7 @@ def test_every_state_change_is_in_the_audit_log_and_it_verifies(store: Store) ->
     assert all(b.prev_digest == a.digest for a, b in itertools.pairwise(entries))
     assert audit.verify(store, KEY) == (9, [])
     text = " ".join(e.detail for e in entries)
-    assert NEW not in text and OLD not in text and crypto.mask_account(NEW) in text
+    assert NEW not in text and OLD not in text and cards.mask_account(NEW) in text
 
 
 def test_audit_verify_needs_the_host_data_key(store: Store) -> None:

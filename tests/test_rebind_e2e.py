@@ -19,12 +19,12 @@ from typing import Any
 import anyio
 import pytest
 
-from acqhost import audit, crypto, rebind
 from acqhost.cli import main as cli
 from acqhost.config import RebindPolicy, load_config
+from acqhost.domain import audit, cards, crypto, rebind
 from acqhost.store import open_store
 from acqhost.store.base import Store, StoreTx
-from acqhost.tlv import decode_tlv, encode_tlv
+from acqhost.wire.tlv import decode_tlv, encode_tlv
 from simulators.terminal import Exchange, TerminalClient
 from simulators.terminal import main as terminal_main
 from tests.hostkit import (
@@ -43,7 +43,7 @@ pytestmark = pytest.mark.anyio
 
 def luhn_complete(body: str) -> str:
     """``body`` with the check digit that makes it Luhn-valid."""
-    return next(body + d for d in "0123456789" if crypto.luhn_ok(body + d))
+    return next(body + d for d in "0123456789" if cards.luhn_ok(body + d))
 
 
 def bad_check(number: str) -> str:
@@ -59,7 +59,7 @@ def full_width(text: str) -> str:
 NEW_ACCOUNT = luhn_complete("621700010020003000")  # 19 digits
 THIRD_ACCOUNT = luhn_complete("622848001234567890")
 CARD_PAN = luhn_complete("62284800987654321")  # 18 digits, on the inserted card
-OLD_SA, NEW_SA = crypto.mask_account(ACCOUNT), crypto.mask_account(NEW_ACCOUNT)
+OLD_SA, NEW_SA = cards.mask_account(ACCOUNT), cards.mask_account(NEW_ACCOUNT)
 UNKNOWN_RF = "ZZZZZZZZZZZZZZZZ"
 
 
@@ -201,7 +201,7 @@ async def test_submit_for_review_inquire_and_cancel(tmp_path: Path) -> None:
         expect(await client.request(other), "05", RS="PENDING_EXISTS", RF=rf)
         # Once cancelled, a new request may be made, and it is the latest.
         ex = await client.request(submit_fields(client, account=THIRD_ACCOUNT))
-        third_sa = crypto.mask_account(THIRD_ACCOUNT)
+        third_sa = cards.mask_account(THIRD_ACCOUNT)
         rf2 = expect_accepted(ex, "PENDING_REVIEW", third_sa, time.time() + 3600)
         assert rf2 != rf
         expect(await client.rebind_inquire(), "00", RF=rf2, ST="PENDING_REVIEW")
@@ -332,7 +332,7 @@ async def test_every_submit_check_with_its_code(tmp_path: Path) -> None:
         # registered one only in whitespace, case or full width.
         latin = await signed_on(setup, "TERM0003")
         accepted = [
-            (client, track2(CARD_PAN), "card", crypto.mask_account(CARD_PAN)),
+            (client, track2(CARD_PAN), "card", cards.mask_account(CARD_PAN)),
             (client, submit_fields(client, holder=f" {HOLDER}\t"), "typed", NEW_SA),
             (latin, submit_fields(latin, holder="zhang san"), "typed", NEW_SA),
             (latin, submit_fields(latin, holder="  ZHANG   SAN "), "typed", NEW_SA),
@@ -613,7 +613,7 @@ async def test_simulator_rebind_command_line(
         assert status == 0 and f"request {rf} CANCELLED" in out
 
         status, out = await run(*submit, "--card-track2", CARD_PAN + "=30121010000")
-        assert status == 0 and crypto.mask_account(CARD_PAN) in out, out
+        assert status == 0 and cards.mask_account(CARD_PAN) in out, out
         with reading(setup) as tx:
             latest = tx.latest_request("TERM0001")
         assert latest is not None and latest.source == "card" and latest.rf in out

@@ -21,10 +21,10 @@ import anyio
 import anyio.to_thread
 import pytest
 
-from acqhost import crypto, rebind
-from acqhost.app import build_server
 from acqhost.cli import main as cli
 from acqhost.config import RebindPolicy
+from acqhost.domain import crypto, rebind
+from acqhost.runtime.app import build_server
 from acqhost.store import open_store
 from acqhost.store.base import AccountVersion, SaleRecord, Store
 from acqhost.store.pg_listen import APPLICATION_NAME, EVERYTHING

@@ -21,9 +21,9 @@ import anyio.abc
 import anyio.to_thread
 import pytest
 
-import acqhost.server
-from acqhost.framing import FrameDecoder
-from acqhost.logging import configure_logging
+import acqhost.runtime.server
+from acqhost.log import configure_logging
+from acqhost.wire.framing import FrameDecoder
 from simulators.processes import free_port
 from simulators.terminal import TerminalClient, TerminalError
 from tests.hostkit import HostSetup, make_host, running
@@ -92,7 +92,7 @@ async def until_closed(stream: anyio.abc.SocketStream, seconds: float = 3) -> by
                 return got
 
 
-async def wait_no_connections(server: acqhost.server.Server, seconds: float = 3) -> None:
+async def wait_no_connections(server: acqhost.runtime.server.Server, seconds: float = 3) -> None:
     with anyio.fail_after(seconds):
         while server._connections:
             await anyio.sleep(0.01)
@@ -215,7 +215,7 @@ async def test_a_drain_that_times_out_closes_the_waiting_connection_and_still_re
     # answers after the drain time, the host returns once the ledger has finished, the
     # sales are each committed once, and answers that become ready after the close go
     # nowhere (no write after close, no error).
-    monkeypatch.setattr(acqhost.server, "DRAIN_SECONDS", 0.4)
+    monkeypatch.setattr(acqhost.runtime.server, "DRAIN_SECONDS", 0.4)
     setup = make_host(tmp_path)
     async with running(setup) as server:
         client = await signed_on(setup)
@@ -245,7 +245,7 @@ async def test_waiting_for_a_locked_ledger_is_not_idle_time(
     # Reading stops at MAX_IN_FLIGHT queued answers; while they wait for the ledger (here
     # SQLite's write lock, held by another connection for three read timeouts) the
     # connection is not idle: every answer comes, in order, and the connection reads on.
-    monkeypatch.setattr(acqhost.server, "MAX_IN_FLIGHT", 4)
+    monkeypatch.setattr(acqhost.runtime.server, "MAX_IN_FLIGHT", 4)
     setup = make_host(tmp_path, read_timeout=0.3)
     async with running(setup):
         client = await signed_on(setup)
@@ -551,9 +551,11 @@ async def test_no_read_timer_outlives_its_connection(tmp_path: Path) -> None:
         assert live_timers() == 0
 
 
-async def _fail_a_host(setup: HostSetup) -> tuple[TerminalClient, int, acqhost.server.Server]:
+async def _fail_a_host(
+    setup: HostSetup,
+) -> tuple[TerminalClient, int, acqhost.runtime.server.Server]:
     """A host whose service fails (so run() raises), with a connection open at the time."""
-    from acqhost.app import build_server
+    from acqhost.runtime.app import build_server
 
     failed = anyio.Event()
 

@@ -13,7 +13,7 @@ import iso8583
 import iso8583.specs
 import pytest
 
-from acqhost import specs
+from acqhost.wire import specs
 
 ROOT = Path(__file__).resolve().parents[1]
 

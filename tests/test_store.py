@@ -24,7 +24,7 @@ import nacl.utils
 import psycopg
 import pytest
 
-from acqhost import audit
+from acqhost.domain import audit
 from acqhost.store import (
     MemoryStore,
     NewAccount,

@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from acqhost.errors import TLVError
-from acqhost.tlv import decode_tlv, encode_tlv, is_tag
+from acqhost.wire.tlv import decode_tlv, encode_tlv, is_tag
 
 TAG_CHARS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
 tags = st.text(alphabet=TAG_CHARS, min_size=2, max_size=2)

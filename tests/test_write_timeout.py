@@ -17,9 +17,9 @@ import anyio.abc
 import anyio.to_thread
 import pytest
 
-import acqhost.server
-from acqhost.framing import FrameDecoder
-from acqhost.server import WRITE_TIMEOUT
+import acqhost.runtime.server
+from acqhost.runtime.server import WRITE_TIMEOUT
+from acqhost.wire.framing import FrameDecoder
 from tests.hostkit import make_host, running
 from tests.test_server_edges import connect_small, echo_frame, wait_no_connections
 
@@ -39,19 +39,22 @@ def disconnect_reasons(json_logs: io.StringIO) -> list[str]:
     return [e["reason"] for e in ends if e["event"] == "disconnected"]
 
 
-def unsent_in_host(server: acqhost.server.Server) -> int | None:
+def unsent_in_host(server: acqhost.runtime.server.Server) -> int | None:
     """Bytes the host has written but the kernel did not take (asyncio's transport buffer);
     None on the stream path, where a send that does not fit waits instead."""
     for conn in server._connections:
-        if isinstance(conn, acqhost.server._AsyncioConnection) and conn.transport is not None:
+        if (
+            isinstance(conn, acqhost.runtime.server._AsyncioConnection)
+            and conn.transport is not None
+        ):
             return conn.transport.get_write_buffer_size()
     return None
 
 
-Connection = acqhost.server._Connection | acqhost.server._AsyncioConnection
+Connection = acqhost.runtime.server._Connection | acqhost.runtime.server._AsyncioConnection
 
 
-async def only_connection(server: acqhost.server.Server) -> Connection:
+async def only_connection(server: acqhost.runtime.server.Server) -> Connection:
     """The host's one connection, once it has it."""
     with anyio.fail_after(2):
         while not server._connections:
@@ -63,7 +66,7 @@ async def only_connection(server: acqhost.server.Server) -> Connection:
 def small_send_buffer(conn: Connection) -> None:
     """The host's kernel send buffer for ``conn`` made small, so a few thousand answers
     fill it."""
-    if isinstance(conn, acqhost.server._AsyncioConnection):
+    if isinstance(conn, acqhost.runtime.server._AsyncioConnection):
         assert conn.transport is not None
         sock: socket.socket = conn.transport.get_extra_info("socket")
     else:
@@ -109,7 +112,7 @@ async def test_a_peer_that_stops_reading_with_a_little_unsent_is_still_closed(
                         break
             if unsent is not None:
                 (conn,) = server._connections
-                assert isinstance(conn, acqhost.server._AsyncioConnection)
+                assert isinstance(conn, acqhost.runtime.server._AsyncioConnection)
                 assert conn.transport is not None
                 _, high = conn.transport.get_write_buffer_limits()
                 assert 0 < unsent < high and not conn.write_paused
@@ -173,11 +176,11 @@ async def test_the_timer_of_a_connection_ends_with_it(
     setup = make_host(tmp_path, read_timeout=0.2)
     async with running(setup) as server:
         client = setup.client()
-        gone: list[acqhost.server._AsyncioConnection] = []
+        gone: list[acqhost.runtime.server._AsyncioConnection] = []
 
-        async def the_connection() -> acqhost.server._AsyncioConnection:
+        async def the_connection() -> acqhost.runtime.server._AsyncioConnection:
             conn = await only_connection(server)
-            assert isinstance(conn, acqhost.server._AsyncioConnection)
+            assert isinstance(conn, acqhost.runtime.server._AsyncioConnection)
             return conn
 
         stream = await anyio.connect_tcp("127.0.0.1", setup.config.port)  # closed by the peer

@@ -2,7 +2,7 @@
 
 SQLite (``acqhost.store.sqlite``) is the default; a PostgreSQL backend implements the same
 protocol. Secrets never reach the store in clear: session keys and account numbers arrive
-already sealed (``acqhost.crypto``) and leave sealed; the store keeps masked forms and keyed
+already sealed (``acqhost.domain.crypto``) and leave sealed; the store keeps masked forms and keyed
 hashes for display and equality.
 """
 
@@ -225,8 +225,8 @@ class AuditEntry:
 
 class StoreTx(Protocol):
     """What the rebind flow reads and writes inside ONE store transaction
-    (:meth:`Store.transaction`). Business outcomes are decided by ``acqhost.rebind`` from what
-    these return; the store only keeps its constraints (one open request per terminal, no
+    (:meth:`Store.transaction`). Business outcomes are decided by ``acqhost.domain.rebind``
+    from what these return; the store only keeps its constraints (one open request per terminal, no
     rewritten history)."""
 
     def terminal(self, tid: str) -> Terminal | None: ...

@@ -173,7 +173,7 @@ BEGIN
     SELECT RAISE(ABORT, 'rebind requests are never deleted');
 END;
 
--- Append-only, hash-chained log of every state change (acqhost.audit). The triggers stop
+-- Append-only, hash-chained log of every state change (acqhost.domain.audit). The triggers stop
 -- accidents; `acqhost audit verify` detects deliberate edits made around them.
 CREATE TABLE audit_log (
     seq         INTEGER PRIMARY KEY CHECK (seq >= 1),

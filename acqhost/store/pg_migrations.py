@@ -196,7 +196,7 @@ CREATE TRIGGER rebind_requests_no_truncate
 BEFORE TRUNCATE ON rebind_requests
 FOR EACH STATEMENT EXECUTE FUNCTION acqhost_refuse('rebind requests are never deleted');
 
--- Append-only, hash-chained log of every state change (acqhost.audit). The triggers stop
+-- Append-only, hash-chained log of every state change (acqhost.domain.audit). The triggers stop
 -- accidents; `acqhost audit verify` detects deliberate edits made around them.
 CREATE TABLE audit_log (
     seq         BIGINT PRIMARY KEY CHECK (seq >= 1),

@@ -434,7 +434,7 @@ class PostgresStore:
 
 class _AnnouncingTx(SQLTx):
     """``SQLTx`` that remembers the terminals whose settlement-account versions it wrote,
-    whichever function of ``acqhost.rebind`` did it (activation names no terminal up front)."""
+    whichever function of ``acqhost.domain.rebind`` did (activation names no terminal up front)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

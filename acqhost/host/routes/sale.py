@@ -6,15 +6,15 @@ import random
 import time
 from typing import TYPE_CHECKING
 
-from acqhost import crypto
+from acqhost.domain import cards
 from acqhost.errors import Decline
-from acqhost.pipeline.context import Context, Effect
+from acqhost.host.context import Context, Effect
 from acqhost.store.base import SaleRecord, Terminal
 
 if TYPE_CHECKING:
-    from acqhost.pipeline.host import Pipeline
+    from acqhost.host.core import Pipeline
 
-__all__ = ("SALE_ECHO", "SALE_FIELDS", "authorise", "card", "track2_card")
+__all__ = ("SALE_ECHO", "SALE_FIELDS", "authorise", "card")
 
 # Auth codes are not secrets (they travel in the clear); a seeded PRNG is enough and cheap.
 _random = random.Random()
@@ -28,7 +28,7 @@ def card(host: Pipeline, ctx: Context) -> None:
     req = ctx.req
     track2 = req.get("35")
     if track2 is not None:
-        ctx.card = track2_card(track2)  # digits checked there
+        ctx.card = cards.track2_card(track2)  # digits checked there
         return
     if "2" not in req or "14" not in req:
         raise Decline("30", "MISSING_CARD")
@@ -38,25 +38,11 @@ def card(host: Pipeline, ctx: Context) -> None:
     ctx.card = (pan, expiry)
 
 
-def track2_card(track2: str) -> tuple[str, str]:
-    """(PAN, expiry YYMM) of a track 2 (``PAN=YYMM...``, ``D`` for ``=`` allowed); 30 when it
-    has no separator or no whole expiry, or either is not digits."""
-    sep = track2.find("=")
-    if sep < 0:
-        sep = track2.find("D")
-    pan, expiry = track2[:sep], track2[sep + 1 : sep + 5]
-    if sep < 0 or len(expiry) != 4:
-        raise Decline("30", "FORMAT_35")
-    if not (pan.isdigit() and pan.isascii() and expiry.isdigit() and expiry.isascii()):
-        raise Decline("30", "FORMAT_CARD")
-    return pan, expiry
-
-
 def _business_checks(ctx: Context, terminal: Terminal) -> tuple[int, bool]:
     """PROTOCOL.md 5.1's checks in its order: (amount, test sale) when they all pass."""
     assert ctx.card is not None
     pan, expiry = ctx.card
-    if not 12 <= len(pan) <= 19 or not crypto.luhn_ok(pan):
+    if not 12 <= len(pan) <= 19 or not cards.luhn_ok(pan):
         raise Decline("14", "BAD_PAN")
     if _expired(expiry, ctx.now):
         raise Decline("54", "EXPIRED")
@@ -109,7 +95,7 @@ def authorise(host: Pipeline, ctx: Context) -> None:
             req["7"],
             amount,
             req["49"],
-            crypto.mask_pan(pan),
+            cards.mask_pan(pan),
             auth_code,
             test,
             account.version,

@@ -1,7 +1,7 @@
 """Settlement-account change, 0300 -> 0310 (PROTOCOL.md 5.3): submit, inquire, cancel.
 
 The stages check formats (30) and retransmissions (94) from what the event loop may read
-cheaply; everything else is decided by :mod:`acqhost.rebind` inside one store transaction run
+cheaply; everything else is decided by :mod:`acqhost.domain.rebind` inside one store transaction run
 by the ledger writer, after the operator's password was checked with argon2id in a thread of
 its own (a tenth of a second that must not stall the loop or the group commit).
 
@@ -21,15 +21,15 @@ from __future__ import annotations
 import secrets
 from typing import TYPE_CHECKING, Any
 
-from acqhost import crypto, rebind
+from acqhost.domain import crypto, rebind
+from acqhost.domain.cards import track2_card
 from acqhost.errors import Decline
-from acqhost.pipeline.context import Context, Effect
-from acqhost.pipeline.sale import track2_card
+from acqhost.host.context import Context, Effect
 from acqhost.store.base import Store
-from acqhost.tlv import encode_tlv
+from acqhost.wire.tlv import encode_tlv
 
 if TYPE_CHECKING:
-    from acqhost.pipeline.host import Pipeline
+    from acqhost.host.core import Pipeline
 
 __all__ = (
     "FILE_NAME",

@@ -17,7 +17,7 @@ __all__ = ("SpecDict", "available", "load")
 
 SpecDict = Mapping[str, Mapping[str, Any]]
 
-_SOURCE_TREE_SPECS = Path(__file__).resolve().parent.parent / "specs"
+_SOURCE_TREE_SPECS = Path(__file__).resolve().parents[2] / "specs"
 
 
 def _spec_dir() -> Path:
@@ -48,7 +48,7 @@ def load(name: str) -> dict[str, dict[str, Any]]:
     """Return the spec called ``name`` (for example ``"acq87"`` or ``"cup-pos"``).
 
     The result is a fresh dict each call, usable as is with ``iso8583.decode``/``encode`` and
-    with :func:`acqhost.codec.compile_spec`.
+    with :func:`acqhost.wire.codec.compile_spec`.
     """
     spec: dict[str, dict[str, Any]] = json.loads(_load_text(name))
     return spec

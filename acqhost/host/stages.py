@@ -7,13 +7,13 @@ import operator
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
-from acqhost import crypto
+from acqhost.domain import crypto
 from acqhost.errors import Decline, TLVError
-from acqhost.pipeline.context import Context
-from acqhost.tlv import decode_tlv
+from acqhost.host.context import Context
+from acqhost.wire.tlv import decode_tlv
 
 if TYPE_CHECKING:
-    from acqhost.pipeline.host import Pipeline
+    from acqhost.host.core import Pipeline
 
 __all__ = (
     "Stage",

@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from acqhost import audit, crypto
 from acqhost.config import Config, ConfigError, load_config
+from acqhost.domain import audit, cards, crypto
 from acqhost.store import open_store
 from acqhost.store.base import NewAccount, Operator, StoreTx, Terminal
 
@@ -122,7 +122,7 @@ def cmd_terminal_add(args: argparse.Namespace) -> int:
     )
     account = args.account.replace(" ", "")
     _check(
-        account.isdigit() and 12 <= len(account) <= 19 and crypto.luhn_ok(account),
+        account.isdigit() and 12 <= len(account) <= 19 and cards.luhn_ok(account),
         "--account must be 12 to 19 digits and pass the Luhn check",
     )
     _check(
@@ -151,7 +151,7 @@ def cmd_terminal_add(args: argparse.Namespace) -> int:
     new_account = NewAccount(
         sealed_account=crypto.seal(keys.data_key, account.encode()),
         account_hash=crypto.account_hash(keys.data_key, account),
-        account_masked=crypto.mask_account(account),
+        account_masked=cards.mask_account(account),
         holder=args.holder.strip(),
         bank_code=args.bank_code,
         branch=args.branch or "",
@@ -271,7 +271,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     _host_keys(cfg)  # fail early, in the parent
     if cfg.workers == 1:
-        from acqhost.app import serve
+        from acqhost.runtime.app import serve
 
         serve(cfg)
         return 0
@@ -281,7 +281,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def _serve_workers(cfg: Config) -> int:
     """N processes sharing the port (SO_REUSEPORT); SIGTERM/SIGINT are passed on to them."""
-    from acqhost.app import serve
+    from acqhost.runtime.app import serve
 
     ctx = multiprocessing.get_context("spawn")
     children = [
@@ -399,8 +399,8 @@ def _command(
 
 
 def _add_account_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """The acquirer's commands for settlement-account changes (acqhost.cli_rebind)."""
-    from acqhost import cli_rebind as c  # it imports this module's helpers
+    """The acquirer's commands for settlement-account changes (acqhost.cli.rebind)."""
+    from acqhost.cli import rebind as c  # it imports this module's helpers
 
     def by(p: argparse.ArgumentParser) -> None:
         p.add_argument("--by", required=True, metavar="NAME", help="who (kept in the audit log)")

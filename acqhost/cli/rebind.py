@@ -4,7 +4,7 @@ signed vouchers and their check; the audit log's check; unlocking a terminal ope
 
 ``acqhost.cli`` builds the parser and wires these in. Each command opens the store, works in one
 transaction and closes it, so it may run while host processes serve: they see a decision within
-``CACHE_SECONDS``, before it takes effect (``acqhost.rebind.DECISION_LEAD``).
+``CACHE_SECONDS``, before it takes effect (``acqhost.domain.rebind.DECISION_LEAD``).
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from acqhost import audit, rebind, voucher
 from acqhost.cli import CliError, _check, _config, _host_keys, _table, _write_new
 from acqhost.config import Config
-from acqhost.crypto import HostKeys
+from acqhost.domain import audit, rebind, voucher
+from acqhost.domain.crypto import HostKeys
 from acqhost.store import open_store
 from acqhost.store.base import (
     ACCOUNT_STATES,

@@ -15,7 +15,7 @@ import codecs
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from acqhost.codec._fields import FieldEncoder, FieldSpec, Source, field_spec
+from acqhost.wire.codec._fields import FieldEncoder, FieldSpec, Source, field_spec
 
 __all__ = ("SpecialDecoder", "SpecialEncoder", "ascii_like", "build_decoder", "build_encoder")
 
@@ -239,7 +239,7 @@ def build_decoder(
         prologue.append("    t = s.decode('latin-1')")
     prologue.append(f"    d = {src.name('TEMPLATE', template)}.copy()")
     src.lines = prologue + ["    " + line for line in body]
-    return src.build("decode", "<acqhost.codec specialised decoder>")
+    return src.build("decode", "<acqhost.wire.codec specialised decoder>")
 
 
 def _length_table(fs: FieldSpec, as_text: bool) -> tuple[Any, ...] | None:
@@ -381,7 +381,7 @@ def build_encoder(
         if expr:
             pieces.append(expr)
     src.line("return b''.join((" + ", ".join(pieces) + ",))")
-    return src.build("encode", "<acqhost.codec specialised encoder>")
+    return src.build("encode", "<acqhost.wire.codec specialised encoder>")
 
 
 def mti_spec(data_enc: str) -> FieldSpec:

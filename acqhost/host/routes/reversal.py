@@ -5,10 +5,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from acqhost.errors import Decline
-from acqhost.pipeline.context import Context, Effect
+from acqhost.host.context import Context, Effect
 
 if TYPE_CHECKING:
-    from acqhost.pipeline.host import Pipeline
+    from acqhost.host.core import Pipeline
 
 __all__ = ("REVERSAL_ECHO", "REVERSAL_FIELDS", "reverse")
 

@@ -17,7 +17,7 @@ import anyio
 import anyio.abc
 import anyio.to_thread
 
-from acqhost.logging import get_logger
+from acqhost.log import get_logger
 from acqhost.store.base import SaleRecord, SaleResult, Store
 
 log = get_logger("acqhost.ledger")

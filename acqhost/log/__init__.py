@@ -56,7 +56,7 @@ from typing import Any, Final, TextIO, TypeVar, cast
 import structlog
 from structlog.typing import EventDict, FilteringBoundLogger, Processor, WrappedLogger
 
-from acqhost.crypto import luhn_ok, mask_account, mask_pan
+from acqhost.domain.cards import luhn_ok, mask_account, mask_pan
 
 __all__ = (
     "MessageLogger",

@@ -211,7 +211,7 @@ def compile_field_decoder(fs: FieldSpec) -> FieldDecoder:
         src.line("except Exception:")
         src.line(f"    raise {bad}('Failed to decode field, invalid data', {k}, i) from None")
     src.line("return v, i + bl")
-    return src.build("dec", f"<acqhost.codec field {fs.key} decoder>")
+    return src.build("dec", f"<acqhost.wire.codec field {fs.key} decoder>")
 
 
 def compile_field_encoder(fs: FieldSpec) -> FieldEncoder:
@@ -269,7 +269,7 @@ def compile_field_encoder(fs: FieldSpec) -> FieldEncoder:
         src.line(f"if n != {ml}:")
         src.line(f"    raise {bad}(f'Field data is {{n}} {count}, expecting {ml}', {k}, pos)")
         src.line("return data")
-        return src.build("enc", f"<acqhost.codec field {fs.key} encoder>")
+        return src.build("enc", f"<acqhost.wire.codec field {fs.key} encoder>")
     src.line(f"if n > {ml}:")
     src.line(f"    raise {bad}(f'Field data is {{n}} {count}, larger than maximum {ml}', {k}, pos)")
     fit = "Failed to encode field length, field length does not fit into configured field size"
@@ -297,4 +297,4 @@ def compile_field_encoder(fs: FieldSpec) -> FieldEncoder:
         src.line(f"if len(lb) > {lt}:")
         src.line(f"    raise {bad}({fit!r}, {k}, pos)")
     src.line("return lb + data")
-    return src.build("enc", f"<acqhost.codec field {fs.key} encoder>")
+    return src.build("enc", f"<acqhost.wire.codec field {fs.key} encoder>")

@@ -7,7 +7,8 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from acqhost.codec._fields import (
+from acqhost.errors import CodecError
+from acqhost.wire.codec._fields import (
     FieldDecoder,
     FieldEncoder,
     FieldSpec,
@@ -16,7 +17,7 @@ from acqhost.codec._fields import (
     compile_field_encoder,
     field_spec,
 )
-from acqhost.codec._special import (
+from acqhost.wire.codec._special import (
     SpecialDecoder,
     SpecialEncoder,
     ascii_like,
@@ -24,7 +25,6 @@ from acqhost.codec._special import (
     build_encoder,
     mti_spec,
 )
-from acqhost.errors import CodecError
 
 __all__ = ("Codec", "compile_spec")
 
@@ -166,7 +166,7 @@ class Codec:
             src.line("    except Exception:")
             src.line("        pass")
         src.line(f"return {general}(s)")
-        dispatch = src.build("decode", "<acqhost.codec decode dispatch>")
+        dispatch = src.build("decode", "<acqhost.wire.codec decode dispatch>")
         dispatch.__doc__ = "Decode one message (bytes) to a dict of field key -> str."
         return dispatch
 
@@ -332,7 +332,7 @@ class Codec:
         src.line("    except Exception:")
         src.line("        pass")
         src.line(f"return {general}(fields, key)")
-        dispatch = src.build("encode", "<acqhost.codec encode dispatch>")
+        dispatch = src.build("encode", "<acqhost.wire.codec encode dispatch>")
         dispatch.__doc__ = "Encode a dict of field key -> str to one message (bytes)."
         return dispatch
 
@@ -472,7 +472,7 @@ def _coerce_bytes(s: object) -> bytes:
 def compile_spec(
     spec: Mapping[str, Mapping[str, Any]], *, specialize_after: int = 2, max_layouts: int = 512
 ) -> Codec:
-    """Compile a pyiso8583 spec (for example ``acqhost.specs.load("acq87")``) to a :class:`Codec`.
+    """Compile a pyiso8583 spec (``acqhost.wire.specs.load("acq87")``, say) to a :class:`Codec`.
 
     ValueError if the spec is not a usable pyiso8583 spec (a field lacking ``data_enc``,
     ``len_enc``, ``len_type`` or ``max_len``, or with values of the wrong type).

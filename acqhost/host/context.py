@@ -12,11 +12,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from acqhost.crypto import SessionKeys
+from acqhost.domain.crypto import SessionKeys
 from acqhost.store.base import AccountVersion, SaleRecord, Session, Store, Terminal
 
 if TYPE_CHECKING:
-    from acqhost.pipeline.host import Pipeline
+    from acqhost.host.core import Pipeline
 
 __all__ = ("Context", "Effect")
 

@@ -17,7 +17,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from acqhost import crypto, rebind
+from acqhost.domain import crypto, rebind
 from acqhost.errors import AcqHostError
 from acqhost.store.base import AccountVersion, RebindRequest, Terminal
 
@@ -68,7 +68,7 @@ def previous_version(
     (pending, approved but cooling off, rejected, cancelled), the one in force at ``now``.
 
     Only older versions count, and a version later rolled back still counts for the time it
-    was in force, which is why this is not :func:`acqhost.rebind.in_force`."""
+    was in force, which is why this is not :func:`acqhost.domain.rebind.in_force`."""
     own = versions[request.version - 1]
     at = own.effective_from if own.state in _WAS_IN_FORCE else now
     for v in reversed(versions[: request.version - 1]):

@@ -10,7 +10,7 @@ acquirer's commands get :class:`RebindError` for a refusal.
 
 Timing. A decision (approval, rollback) takes effect at its effective-from, never sooner than
 :data:`DECISION_LEAD` seconds after it is made. Host processes cache a terminal's account for
-at most ``acqhost.pipeline.host.CACHE_SECONDS`` (shorter than the lead) and never past the next
+at most ``acqhost.host.core.CACHE_SECONDS`` (shorter than the lead) and never past the next
 effective-from they know of, so at that instant every process, on every machine sharing the
 store, switches to the new account: none answers with the old one after it.
 """
@@ -25,8 +25,8 @@ import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from acqhost import audit, crypto
 from acqhost.config import RebindPolicy
+from acqhost.domain import audit, cards, crypto
 from acqhost.errors import AcqHostError
 from acqhost.store.base import (
     IN_FORCE_STATES,
@@ -216,7 +216,7 @@ def submit(
     if refused is not None:
         return refused
     account = sub.account
-    if not (12 <= len(account) <= 19 and crypto.luhn_ok(account)):
+    if not (12 <= len(account) <= 19 and cards.luhn_ok(account)):
         return Outcome("14", "BAD_ACCOUNT")
     versions = tx.versions(sub.tid)
     if any(v.state == "APPROVED" and v.effective_from <= now for v in versions):
@@ -240,7 +240,7 @@ def submit(
     last = _last_accepted(tx, sub.tid)
     if last is not None and now - last < policy.min_interval:
         return Outcome("65", "TOO_FREQUENT")
-    masked = crypto.mask_account(account)
+    masked = cards.mask_account(account)
     number = versions[-1].version + 1
     ef = effective_from(now, policy.cooling_off)  # an estimate until it is approved
     actor = f"operator {sub.operator_id}"

@@ -2,7 +2,7 @@
 
 ``Pipeline.handle(frame) -> bytes | None`` is the whole host apart from sockets: decode, pick
 the route by (MTI, processing code or network code), run its stages, make the route's effect
-durable (group commit through the :class:`~acqhost.ledger.Ledger`), then build, MAC and
+durable (group commit through the :class:`~acqhost.runtime.ledger.Ledger`), then build, MAC and
 encode the response. Only an undecodable frame gets no answer.
 """
 
@@ -13,17 +13,14 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import NamedTuple
 
-from acqhost import crypto
-from acqhost import rebind as rebind_flow
-from acqhost.codec import Codec, CodecError
 from acqhost.config import Config
-from acqhost.crypto import HostKeys, SessionKeys
+from acqhost.domain import crypto
+from acqhost.domain import rebind as rebind_flow
+from acqhost.domain.crypto import HostKeys, SessionKeys
 from acqhost.errors import Decline
-from acqhost.ledger import Ledger, Write
-from acqhost.logging import get_logger, message_logger
-from acqhost.pipeline import network, rebind, reversal, sale
-from acqhost.pipeline.context import Context
-from acqhost.pipeline.stages import (
+from acqhost.host.routes import network, rebind, reversal, sale
+from acqhost.host.context import Context
+from acqhost.host.stages import (
     Stage,
     active,
     echo,
@@ -34,15 +31,18 @@ from acqhost.pipeline.stages import (
     signed_on,
     verify_mac,
 )
+from acqhost.log import get_logger, message_logger
+from acqhost.runtime.ledger import Ledger, Write
 from acqhost.store.base import AccountVersion, SaleResult, Store, Terminal
-from acqhost.tlv import encode_tlv
+from acqhost.wire.codec import Codec, CodecError
+from acqhost.wire.tlv import encode_tlv
 
 __all__ = ("Pipeline", "Route", "build_routes")
 
 # How long cached terminals and accounts are trusted before the store is asked again, so a
 # change made by the CLI reaches a running host within this many seconds. A cached account is
 # also never trusted past the next effective-from the store knows of; with every decision
-# taking effect acqhost.rebind.DECISION_LEAD (> CACHE_SECONDS) after it is made, all host
+# taking effect acqhost.domain.rebind.DECISION_LEAD (> CACHE_SECONDS) after it is made, all host
 # processes switch to a new account at its effective-from exactly.
 CACHE_SECONDS = 1.0
 assert CACHE_SECONDS < rebind_flow.DECISION_LEAD

@@ -6,7 +6,7 @@
 * Identities and sign-on transcripts: Ed25519 (detached signatures).
 * Encrypted operator password (48 PW): SecretBox, 24-byte nonce first, hex.
 * Operator password storage: argon2id strings.
-* Settlement accounts: keyed BLAKE2b for equality checks without storing the number, masks.
+* Settlement accounts: keyed BLAKE2b for equality checks without storing the number.
 
 BLAKE2b comes from :mod:`hashlib` (the same function as libsodium's ``crypto_generichash``, and
 cheaper to call than pynacl on the hot path); everything else from pynacl.
@@ -43,12 +43,9 @@ __all__ = (
     "hash_password",
     "host_session",
     "kx_keypair",
-    "luhn_ok",
     "mac",
     "mac_hex",
     "mac_ok",
-    "mask_account",
-    "mask_pan",
     "new_signing_key",
     "seal",
     "sign",
@@ -386,51 +383,6 @@ def audit_digest(data_key: bytes, prev_digest: bytes, content: bytes) -> bytes:
     state.update(prev_digest)
     state.update(content)
     return state.digest()
-
-
-def mask_pan(pan: str) -> str:
-    """First 6 and last 4 characters kept, ``*`` between (``622202*********0123``).
-
-    Shorter than 13 characters: all but the last 4 masked; 4 or fewer: all masked.
-    """
-    return _mask(pan, 6, 13)
-
-
-def mask_account(account: str) -> str:
-    """First 4 and last 4 characters kept, ``*`` between (``6222********1234``, as 48 SA).
-
-    Shorter than 12 characters: all but the last 4 masked; 4 or fewer: all masked.
-    """
-    return _mask(account, 4, 12)
-
-
-def _mask(text: str, head: int, full_from: int) -> str:
-    n = len(text)
-    if n >= full_from:
-        return text[:head] + "*" * (n - head - 4) + text[-4:]
-    return _mask_short(text)
-
-
-def _mask_short(text: str) -> str:
-    n = len(text)
-    if n <= 4:
-        return "*" * n
-    return "*" * (n - 4) + text[-4:]
-
-
-# Every digit doubled, minus 9 when above 9, as the translation table of bytes.translate.
-_LUHN_DOUBLED: Final = bytes.maketrans(b"0123456789", b"0246813579")
-
-
-def luhn_ok(digits: str) -> bool:
-    """True if ``digits`` is a non-empty string of ASCII digits passing the Luhn check."""
-    if not digits or not digits.isascii() or not digits.isdigit():
-        return False
-    # From the right: the check digit and every second one plain, the others doubled. The
-    # digit sum of a string is its bytes' sum minus 48 per character.
-    data = digits.encode()
-    total = sum(data[::-2]) + sum(data[-2::-2].translate(_LUHN_DOUBLED)) - 48 * len(data)
-    return total % 10 == 0
 
 
 # --- host keys at rest -----------------------------------------------------------------------

@@ -11,16 +11,16 @@ import anyio.from_thread
 import anyio.lowlevel
 import anyio.to_thread
 
-from acqhost import specs
-from acqhost.codec import compile_spec
 from acqhost.config import Config
-from acqhost.crypto import HostKeys
-from acqhost.ledger import Ledger
-from acqhost.logging import configure_logging, get_logger
-from acqhost.pipeline.host import Pipeline
-from acqhost.server import Server, Service, run_backend
+from acqhost.domain.crypto import HostKeys
+from acqhost.host.core import Pipeline
+from acqhost.log import configure_logging, get_logger
+from acqhost.runtime.ledger import Ledger
+from acqhost.runtime.server import Server, Service, run_backend
 from acqhost.store import open_store
 from acqhost.store.sqlite import SQLiteStore
+from acqhost.wire import specs
+from acqhost.wire.codec import compile_spec
 
 if TYPE_CHECKING:
     from acqhost.store.postgres import PostgresStore

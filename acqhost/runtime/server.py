@@ -33,10 +33,10 @@ import anyio.abc
 
 from acqhost.config import Config
 from acqhost.errors import FramingError
-from acqhost.framing import Frame, FrameDecoder, FrameEncoder, reply_tpdu
-from acqhost.ledger import Ledger, Write
-from acqhost.logging import get_logger
-from acqhost.pipeline.host import Pipeline
+from acqhost.host.core import Pipeline
+from acqhost.log import get_logger
+from acqhost.runtime.ledger import Ledger, Write
+from acqhost.wire.framing import Frame, FrameDecoder, FrameEncoder, reply_tpdu
 
 __all__ = ("Server", "Service", "run_backend")
 

@@ -3,7 +3,7 @@
 Each entry says who (``actor``), when (``at``), what (``action``, the terminal, the subject: an
 RF or a version) and the details (``detail``: canonical JSON with the state before and after,
 masked account numbers only, the reason). Its ``digest`` is the keyed BLAKE2b of the previous
-entry's digest and this entry's content (:func:`acqhost.crypto.audit_digest`, keyed with the
+entry's digest and this entry's content (:func:`acqhost.domain.crypto.audit_digest`, keyed with the
 host data key), and an entry that creates a version (a registration, a submission, a
 rollback) carries that version's :func:`fingerprint`. :func:`verify` finds:
 
@@ -25,7 +25,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from acqhost import crypto
+from acqhost.domain import cards, crypto
 from acqhost.store.base import AccountVersion, AuditEntry, Store, StoreTx
 
 __all__ = ("GENESIS", "append", "content", "fingerprint", "verify")
@@ -143,7 +143,7 @@ def _check_version(
     try:
         account = crypto.unseal(data_key, v.sealed_account).decode("ascii")
         sound = crypto.account_hash(data_key, account) == v.account_hash
-        sound = sound and crypto.mask_account(account) == v.account_masked
+        sound = sound and cards.mask_account(account) == v.account_masked
     except (crypto.CryptoError, UnicodeDecodeError):
         sound = False
     if not sound:

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from acqhost import crypto
+from acqhost.domain import crypto
 from acqhost.errors import Decline
-from acqhost.pipeline.context import Context, Effect
+from acqhost.host.context import Context, Effect
 from acqhost.store.base import Session
-from acqhost.tlv import encode_tlv
+from acqhost.wire.tlv import encode_tlv
 
 if TYPE_CHECKING:
-    from acqhost.pipeline.host import Pipeline
+    from acqhost.host.core import Pipeline
 
 __all__ = ("NETWORK_ECHO", "NETWORK_FIELDS", "echo_test", "sign_off", "sign_on")
 

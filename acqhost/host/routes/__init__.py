@@ -1,0 +1,1 @@
+"""One module per message family: its fields, its stages and the answer it builds."""

@@ -1,0 +1,1 @@
+"""The only layer with an event loop: server, connections, ledger, services, app wiring."""
