@@ -1,13 +1,13 @@
 # make demo: set up, start a host on a fresh SQLite store, drive a terminal through it, stop.
 # make test: create .venv when missing, install acqhost with its test extras, then run
-# ruff (lint + format check), mypy (strict on acqhost/) and pytest.
+# ruff (lint + format check), mypy (strict on acqhost/), the import-linter contracts and pytest.
 # Set ACQHOST_TEST_PG (a superuser libpq URL) to run the store tests on PostgreSQL too.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo lint typecheck pytest bench clean
+.PHONY: test demo lint typecheck imports pytest bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -24,10 +24,14 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
+# The layers of acqhost/ (import-linter contracts in pyproject.toml).
+imports: $(STAMP)
+	$(BIN)/lint-imports
+
 pytest: $(STAMP)
 	$(BIN)/python -m pytest
 
-test: lint typecheck pytest
+test: lint typecheck imports pytest
 
 demo: $(STAMP)
 	$(BIN)/python -m simulators.demo .demo

@@ -16,7 +16,7 @@ import anyio
 
 from acqhost.cli import main as cli
 from acqhost.config import Config, load_config
-from acqhost.runtime.app import build_server
+from acqhost.runtime.app import build_server, close_stores
 from acqhost.runtime.server import Server
 from simulators.terminal import TerminalClient
 
@@ -94,6 +94,4 @@ async def running(setup: HostSetup) -> AsyncIterator[Server]:
             finally:
                 server.shutdown()
     finally:
-        server.pipeline.store.close()
-        if server.ledger.store is not server.pipeline.store:
-            server.ledger.store.close()
+        close_stores(server)

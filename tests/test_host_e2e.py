@@ -74,7 +74,7 @@ async def test_sign_on_echo_sale_test_sale_and_reversal(setup: HostSetup) -> Non
         client.keys = crypto.SessionKeys.from_kx(bytes(32), bytes(32))  # stale keys
         assert (await client.request(client.sale_fields(5))).rc == "58"
         await client.close()
-        sales = {s.rrn: s for s in server.pipeline.store.sales("TERM0001")}
+        sales = {s.rrn: s for s in server.core.state.store.sales("TERM0001")}
         assert sales[r["37"]].status == "reversed" and sales[r["37"]].amount == 1234
         assert sales[test.response["37"]].test
 
@@ -130,7 +130,7 @@ async def test_unknown_terminal_merchant_mismatch_and_disabled(setup: HostSetup)
         ex = await other.request(other.sale_fields(100), mac=False)
         assert ex.rc == "58" and "64" not in ex.response  # not signed on
         assert cli(["terminal", "disable", "--db", setup.config.db, "TERM0001"]) == 0
-        server.pipeline._terminals.clear()  # skip the one-second cache in this test
+        server.core.state.invalidate("terminal", "TERM0001")  # skip the 1 s cache
         ex = await client.request(client.sale_fields(100))
         assert ex.rc == "58" and "64" not in ex.response
         assert (await client.echo()).rc == "58"
@@ -384,7 +384,7 @@ async def test_format_errors_name_the_field(setup: HostSetup) -> None:
                 fields[name] = value
             ex = await client.request(fields)
             assert ex.rc == "30", name
-            ctx = server.pipeline.prepare(client.encode(fields, mac=True))
+            ctx = server.core.decide(client.encode(fields, mac=True))
             assert ctx is not None
             assert ctx.reason == (f"MISSING_{name}" if value is None else f"FORMAT_{name}")
         await client.close()
@@ -399,7 +399,7 @@ async def test_retransmitted_approval_gets_94_even_where_it_would_now_be_decline
         assert (await client.request(fields)).rc == "00"
         with sqlite3.connect(setup.config.db) as db:  # the limit drops below the amount
             db.execute("UPDATE terminals SET sale_limit = 100 WHERE tid = 'TERM0001'")
-        server.pipeline._terminals.clear()
+        server.core.state.invalidate("terminal", "TERM0001")
         assert (await client.request(fields)).rc == "94"
         assert (await client.request(client.sale_fields(5000))).rc == "61"
         await client.close()
@@ -429,9 +429,9 @@ async def test_sign_off_through_another_host_process_reaches_this_one(setup: Hos
         with sqlite3.connect(setup.config.db) as db:  # what the other process's sign-off does
             db.execute("DELETE FROM sessions WHERE tid = 'TERM0001'")
         assert (await client.sale(100)).rc == "00"  # still cached, for at most a second
-        server.pipeline._sessions = {
-            tid: (entry[0] - 2, *entry[1:]) for tid, entry in server.pipeline._sessions.items()
-        }
+        sessions = server.core.state.sessions
+        for tid, entry in sessions.items():
+            sessions[tid] = (entry[0] - 2, *entry[1:])
         ex = await client.request(client.sale_fields(100))
         assert ex.rc == "58" and "64" not in ex.response
         await client.close()

@@ -23,27 +23,58 @@ def test_response_mti(mti: str, answer: str) -> None:
     assert response_mti(mti) == answer
 
 
-def test_our_own_bug_in_a_stage_is_answered_96_and_logged(json_logs: io.StringIO) -> None:
-    pipeline, _, seed = bench.build()
+def test_our_own_bug_in_a_stage_is_answered_96_and_logged(
+    json_logs: io.StringIO, tmp_path: Path
+) -> None:
+    dispatcher, _, seed = bench.build(tmp_path / "host.db")
 
     async def run() -> dict[str, str]:
-        keys = await bench.sign_on(pipeline, seed)
-        frame = bench.sales(pipeline, keys, 1)[0]
+        async with anyio.create_task_group() as tg:
+            await tg.start(dispatcher.ledger.run)
+            keys = await bench.sign_on(dispatcher, seed)
+            frame = bench.sales(dispatcher, keys, 1)[0]
 
-        def broken(tid: str, now: float) -> None:
-            raise RuntimeError("store exploded")
+            def broken(tid: str, now: float) -> None:
+                raise RuntimeError("store exploded")
 
-        pipeline.account = broken  # type: ignore[method-assign,assignment]
-        out = await pipeline.handle(frame)
+            dispatcher.core.state.account = broken  # type: ignore[method-assign,assignment]
+            out = await dispatcher.handle(frame)
+            dispatcher.ledger.close()
         assert out is not None
-        return pipeline.codec.decode(out)
+        return dispatcher.core.codec.decode(out)
 
-    response = anyio.run(run)
-    assert response["39"] == "96" and "38" not in response
-    events = [json.loads(line) for line in json_logs.getvalue().splitlines()]
-    assert any(e["event"] == "stage failed" and "store exploded" in e.get("exception", "")
-               for e in events)  # fmt: skip
-    assert pipeline.store.sales(bench.TID) == []
+    try:
+        response = anyio.run(run)
+        assert response["39"] == "96" and "38" not in response
+        events = [json.loads(line) for line in json_logs.getvalue().splitlines()]
+        assert any(e["event"] == "stage failed" and "store exploded" in e.get("exception", "")
+                   for e in events)  # fmt: skip
+        assert dispatcher.core.state.store.sales(bench.TID) == []
+    finally:
+        bench.close(dispatcher)
+
+
+def test_the_benchmark_path_answers_every_sale_and_records_it(tmp_path: Path) -> None:
+    """benchmarks/pipeline.py's own path: many sales in flight through the dispatcher, each
+    answered 00 once its group commit is durable, each stored once."""
+    dispatcher, _, seed = bench.build(tmp_path / "host.db")
+
+    async def run() -> tuple[float, float, int]:
+        async with anyio.create_task_group() as tg:
+            await tg.start(dispatcher.ledger.run)
+            keys = await bench.sign_on(dispatcher, seed)
+            frames = bench.sales(dispatcher, keys, 300)
+            result = await bench.through_the_host(dispatcher, frames, 64)
+            dispatcher.ledger.close()
+        return result
+
+    try:
+        rate, cpu, approved = anyio.run(run)
+        assert approved == 300 and rate > 0 and cpu > 0
+        assert len(dispatcher.core.state.store.sales(bench.TID)) == 300
+        assert dispatcher.ledger.flushes < 300  # sales in flight share commits
+    finally:
+        bench.close(dispatcher)
 
 
 @pytest.mark.parametrize(
@@ -60,11 +91,11 @@ def test_our_own_bug_in_a_stage_is_answered_96_and_logged(json_logs: io.StringIO
     ],
 )
 def test_a_card_is_valid_through_its_expiry_month(expiry: str, now: str, expired: bool) -> None:
-    from acqhost.host.routes.sale import _expired
+    from acqhost.host.routes.sale import card_expired
 
     at = datetime.fromisoformat(now).replace(tzinfo=UTC).timestamp()
     year_2000 = datetime(2000, 1, 1, tzinfo=UTC).timestamp()
     # Another day asked in between: the month remembered for one day is not used on another.
-    assert _expired(expiry, at) is expired
-    assert _expired(expiry, year_2000) is (expiry[2:] in ("00", "13"))
-    assert _expired(expiry, at) is expired
+    assert card_expired(expiry, at) is expired
+    assert card_expired(expiry, year_2000) is (expiry[2:] in ("00", "13"))
+    assert card_expired(expiry, at) is expired

@@ -21,6 +21,7 @@ import anyio.abc
 import anyio.to_thread
 import pytest
 
+import acqhost.runtime.connection
 import acqhost.runtime.server
 from acqhost.log import configure_logging
 from acqhost.wire.framing import FrameDecoder
@@ -94,7 +95,7 @@ async def until_closed(stream: anyio.abc.SocketStream, seconds: float = 3) -> by
 
 async def wait_no_connections(server: acqhost.runtime.server.Server, seconds: float = 3) -> None:
     with anyio.fail_after(seconds):
-        while server._connections:
+        while server.connections.open:
             await anyio.sleep(0.01)
 
 
@@ -245,7 +246,7 @@ async def test_waiting_for_a_locked_ledger_is_not_idle_time(
     # Reading stops at MAX_IN_FLIGHT queued answers; while they wait for the ledger (here
     # SQLite's write lock, held by another connection for three read timeouts) the
     # connection is not idle: every answer comes, in order, and the connection reads on.
-    monkeypatch.setattr(acqhost.runtime.server, "MAX_IN_FLIGHT", 4)
+    monkeypatch.setattr(acqhost.runtime.connection, "MAX_IN_FLIGHT", 4)
     setup = make_host(tmp_path, read_timeout=0.3)
     async with running(setup):
         client = await signed_on(setup)
@@ -542,7 +543,7 @@ async def test_no_read_timer_outlives_its_connection(tmp_path: Path) -> None:
         refused = await anyio.connect_tcp("127.0.0.1", setup.config.port)
         await until_closed(refused)
         await refused.aclose()
-        assert live_timers() == len(server._connections) == 4
+        assert live_timers() == len(server.connections.open) == 4
         server.shutdown()
         for stream in held:
             await until_closed(stream)
@@ -555,7 +556,7 @@ async def _fail_a_host(
     setup: HostSetup,
 ) -> tuple[TerminalClient, int, acqhost.runtime.server.Server]:
     """A host whose service fails (so run() raises), with a connection open at the time."""
-    from acqhost.runtime.app import build_server
+    from acqhost.runtime.app import build_server, close_stores
 
     failed = anyio.Event()
 
@@ -573,8 +574,7 @@ async def _fail_a_host(
             setup.with_port(port)
             client = await signed_on(setup)
             failed.set()
-    server.pipeline.store.close()
-    server.ledger.store.close()
+    close_stores(server)
     return client, port, server
 
 
@@ -585,7 +585,7 @@ async def test_a_host_that_fails_closes_its_connections(setup: HostSetup) -> Non
     with anyio.fail_after(2), pytest.raises((TerminalError, anyio.BrokenResourceError)):
         await client.echo()
     await client.close()
-    assert not server._connections
+    assert not server.connections.open
 
 
 async def test_a_host_that_fails_stops_listening(setup: HostSetup) -> None:

@@ -18,7 +18,9 @@ import anyio.to_thread
 import pytest
 
 import acqhost.runtime.server
-from acqhost.runtime.server import WRITE_TIMEOUT
+from acqhost.runtime.asyncio_driver import AsyncioConnection
+from acqhost.runtime.connection import WRITE_TIMEOUT
+from acqhost.runtime.stream_driver import StreamConnection
 from acqhost.wire.framing import FrameDecoder
 from tests.hostkit import make_host, running
 from tests.test_server_edges import connect_small, echo_frame, wait_no_connections
@@ -42,31 +44,28 @@ def disconnect_reasons(json_logs: io.StringIO) -> list[str]:
 def unsent_in_host(server: acqhost.runtime.server.Server) -> int | None:
     """Bytes the host has written but the kernel did not take (asyncio's transport buffer);
     None on the stream path, where a send that does not fit waits instead."""
-    for conn in server._connections:
-        if (
-            isinstance(conn, acqhost.runtime.server._AsyncioConnection)
-            and conn.transport is not None
-        ):
+    for conn in server.connections.open:
+        if isinstance(conn, AsyncioConnection) and conn.transport is not None:
             return conn.transport.get_write_buffer_size()
     return None
 
 
-Connection = acqhost.runtime.server._Connection | acqhost.runtime.server._AsyncioConnection
+Connection = StreamConnection | AsyncioConnection
 
 
 async def only_connection(server: acqhost.runtime.server.Server) -> Connection:
     """The host's one connection, once it has it."""
     with anyio.fail_after(2):
-        while not server._connections:
+        while not server.connections.open:
             await anyio.sleep(0.01)
-    (conn,) = server._connections
+    (conn,) = server.connections.open
     return conn
 
 
 def small_send_buffer(conn: Connection) -> None:
     """The host's kernel send buffer for ``conn`` made small, so a few thousand answers
     fill it."""
-    if isinstance(conn, acqhost.runtime.server._AsyncioConnection):
+    if isinstance(conn, AsyncioConnection):
         assert conn.transport is not None
         sock: socket.socket = conn.transport.get_extra_info("socket")
     else:
@@ -111,8 +110,8 @@ async def test_a_peer_that_stops_reading_with_a_little_unsent_is_still_closed(
                     if unsent or (unsent is None and n >= 40):
                         break
             if unsent is not None:
-                (conn,) = server._connections
-                assert isinstance(conn, acqhost.runtime.server._AsyncioConnection)
+                (conn,) = server.connections.open
+                assert isinstance(conn, AsyncioConnection)
                 assert conn.transport is not None
                 _, high = conn.transport.get_write_buffer_limits()
                 assert 0 < unsent < high and not conn.write_paused
@@ -176,11 +175,11 @@ async def test_the_timer_of_a_connection_ends_with_it(
     setup = make_host(tmp_path, read_timeout=0.2)
     async with running(setup) as server:
         client = setup.client()
-        gone: list[acqhost.runtime.server._AsyncioConnection] = []
+        gone: list[AsyncioConnection] = []
 
-        async def the_connection() -> acqhost.runtime.server._AsyncioConnection:
+        async def the_connection() -> AsyncioConnection:
             conn = await only_connection(server)
-            assert isinstance(conn, acqhost.runtime.server._AsyncioConnection)
+            assert isinstance(conn, AsyncioConnection)
             return conn
 
         stream = await anyio.connect_tcp("127.0.0.1", setup.config.port)  # closed by the peer
@@ -200,14 +199,18 @@ async def test_the_timer_of_a_connection_ends_with_it(
             data = b"".join(echo_frame(client) for _ in range(3000))
             peer.setblocking(False)
             with anyio.fail_after(3):
-                while server._connections:
+                while server.connections.open:
                     with contextlib.suppress(BlockingIOError, OSError):
                         data = data[peer.send(data) :]
                     await anyio.sleep(0.01)
         finally:
             peer.close()
         await anyio.sleep(0.5)  # past the timers' due times
-        assert [c.reason for c in gone] == ["closed by peer", "read timeout (idle)", WRITE_TIMEOUT]
+        assert [c.core.reason for c in gone if c.core] == [
+            "closed by peer",
+            "read timeout (idle)",
+            WRITE_TIMEOUT,
+        ]
         for conn in gone:
             assert conn.transport is None and conn.timer is not None
             assert conn.timer.cancelled()

@@ -1,4 +1,4 @@
-"""Per-message state and the host state the stages share.
+"""Per-message state: the context one message is worked on in, and the effect it waits for.
 
 A :class:`Context` lives for one message: the decoded request, the response being built, what
 the stages learned (terminal, session keys, field 48) and the durable effect to apply before
@@ -10,31 +10,29 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from acqhost.domain.crypto import SessionKeys
-from acqhost.store.base import AccountVersion, SaleRecord, Session, Store, Terminal
-
-if TYPE_CHECKING:
-    from acqhost.host.core import Pipeline
+from acqhost.host.state import HostState
+from acqhost.store.base import AccountVersion, SaleRecord, Store, Terminal
 
 __all__ = ("Context", "Effect")
 
 
 @dataclass(slots=True)
 class Effect:
-    """A durable write the response waits for: a sale to record, a session to save or drop,
-    a sale to reverse, or any other store work (``call``, in the ledger writer's thread, after
-    ``pre`` in a thread of its own; ``then`` builds the answer from its result and may raise
-    ``Decline``)."""
+    """A durable write the answer waits for.
+
+    ``sale`` is grouped with its neighbours' into one transaction (one fsync) unless ``call``
+    is given; ``call`` is any other store work, run in the ledger writer's thread in a
+    transaction of its own, after ``pre`` (slow work such as an argon2id check) in a thread of
+    its own. Once durable, ``then(state, ctx, result)`` finishes the answer from the result and
+    may raise ``Decline``; a failed write is answered 96 without it."""
 
     sale: SaleRecord | None = None
-    session: Session | None = None
-    drop_session: str | None = None
-    reverse_rrn: str | None = None
     call: Callable[[Store], Any] | None = None
     pre: Callable[[], None] | None = None
-    then: Callable[[Pipeline, Context, Any], None] | None = None
+    then: Callable[[HostState, Context, Any], None] | None = None
 
 
 @dataclass(slots=True)

@@ -5,15 +5,12 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING
 
 from acqhost.domain import crypto
 from acqhost.errors import Decline, TLVError
 from acqhost.host.context import Context
+from acqhost.host.state import HostState
 from acqhost.wire.tlv import decode_tlv
-
-if TYPE_CHECKING:
-    from acqhost.host.core import Pipeline
 
 __all__ = (
     "Stage",
@@ -27,38 +24,38 @@ __all__ = (
     "verify_mac",
 )
 
-Stage = Callable[["Pipeline", Context], None]
+Stage = Callable[[HostState, Context], None]
 
 
-def known_terminal(host: Pipeline, ctx: Context) -> None:
+def known_terminal(state: HostState, ctx: Context) -> None:
     """03 unless field 41 names a registered terminal and field 42 is its merchant."""
     tid = ctx.req.get("41")
-    terminal = host.terminal(tid) if tid else None
+    terminal = state.terminal(tid) if tid else None
     if terminal is None or terminal.mid != ctx.req.get("42"):
         raise Decline("03", "UNKNOWN_TERMINAL" if terminal is None else "MERCHANT_MISMATCH")
     ctx.terminal = terminal
 
 
-def active(host: Pipeline, ctx: Context) -> None:
+def active(state: HostState, ctx: Context) -> None:
     """58 for a disabled terminal."""
     assert ctx.terminal is not None
     if ctx.terminal.status != "active":
         raise Decline("58", "TERMINAL_DISABLED")
 
 
-def signed_on(host: Pipeline, ctx: Context) -> None:
+def signed_on(state: HostState, ctx: Context) -> None:
     """58 for a disabled terminal or one without session keys."""
     terminal = ctx.terminal
     assert terminal is not None
     if terminal.status != "active":  # active(), without a call
         raise Decline("58", "TERMINAL_DISABLED")
-    keys = host.session_keys(terminal.tid)
+    keys = state.session_keys(terminal.tid)
     if keys is None:
         raise Decline("58", "NOT_SIGNED_ON")
     ctx.keys = keys
 
 
-def verify_mac(host: Pipeline, ctx: Context) -> None:
+def verify_mac(state: HostState, ctx: Context) -> None:
     """63 for a missing or wrong MAC. The MAC field (64, or 128 with a secondary bitmap) is the
     last field of the message, so it covers every byte before the last eight."""
     assert ctx.keys is not None and ctx.terminal is not None
@@ -67,7 +64,7 @@ def verify_mac(host: Pipeline, ctx: Context) -> None:
     raw = ctx.raw
     if not crypto.mac_ok(ctx.keys.rx_mac, raw[:-8], raw[-8:]):
         # Another host process may have taken a newer sign-on: reload the keys once.
-        fresh = host.session_keys(ctx.terminal.tid, reload=True)
+        fresh = state.session_keys(ctx.terminal.tid, reload=True)
         if fresh is None or not crypto.mac_ok(fresh.rx_mac, raw[:-8], raw[-8:]):
             raise Decline("63", "BAD_MAC")
         ctx.keys = fresh
@@ -78,7 +75,7 @@ def require(*names: str) -> Stage:
     """30 unless every named field is present."""
     wanted = tuple(names)
 
-    def stage(host: Pipeline, ctx: Context) -> None:
+    def stage(state: HostState, ctx: Context) -> None:
         req = ctx.req
         for name in wanted:
             if name not in req:
@@ -92,7 +89,7 @@ def digits(*names: str) -> Stage:
     """30 unless every named field present is all ASCII digits (the codec has fixed lengths)."""
     wanted = tuple(names)
 
-    def stage(host: Pipeline, ctx: Context) -> None:
+    def stage(state: HostState, ctx: Context) -> None:
         req = ctx.req
         for name in wanted:
             value = req.get(name)
@@ -118,22 +115,22 @@ def fields(required: tuple[str, ...], numeric: tuple[str, ...]) -> Stage:
         operator.itemgetter(*always) if always else lambda req: ()
     )
 
-    def stage(host: Pipeline, ctx: Context) -> None:
+    def stage(state: HostState, ctx: Context) -> None:
         req = ctx.req
         if not need.issubset(req):
-            check_required(host, ctx)  # names the first missing field
+            check_required(state, ctx)  # names the first missing field
         text = "".join(get_always(req))
         for n in sometimes:
             if n in req:
                 text += req[n]
         if text and not (text.isdigit() and text.isascii()):
-            check_digits(host, ctx)  # raises, naming the first bad field
+            check_digits(state, ctx)  # raises, naming the first bad field
 
     stage.__name__ = "fields"
     return stage
 
 
-def parse_tlv(host: Pipeline, ctx: Context) -> None:
+def parse_tlv(state: HostState, ctx: Context) -> None:
     """Field 48 into ``ctx.tlv``; a malformed TLV is a format error (30)."""
     raw = ctx.req.get("48")
     if raw:

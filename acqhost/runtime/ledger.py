@@ -76,16 +76,11 @@ def apply_writes(store: Store, writes: Sequence[Write], batch: int) -> None:
 
 
 class Ledger:
-    """Queues writes and applies them in a worker thread with its own store connection.
+    """Queues writes and applies them in a worker thread with its own store connection."""
 
-    ``inline=True`` applies each write at once in the caller's thread (the in-memory store of
-    the pipeline benchmark and unit tests, where there is no fsync to share).
-    """
-
-    def __init__(self, store: Store, *, batch: int = 512, inline: bool = False) -> None:
+    def __init__(self, store: Store, *, batch: int = 512) -> None:
         self.store = store
         self._batch = batch
-        self._inline = inline
         self._queue: list[Write] = []
         self._wakeup = anyio.Event()
         self._closed = False
@@ -101,24 +96,12 @@ class Ledger:
 
     async def submit(self, w: Write) -> None:
         """Queue ``w`` and wait until it is durable (or has failed: see ``w.error``)."""
-        if self._inline:
-            if w.pre is not None:
-                await anyio.to_thread.run_sync(self._run_pre, w)
-            self._apply_inline(w)
-            return
         w.done = done = anyio.Event()
         self.enqueue(w)
         await done.wait()
 
     def enqueue(self, w: Write) -> None:
         """Queue ``w`` without waiting; ``w.on_done`` is called when it is durable."""
-        if self._inline:
-            if w.pre is not None:
-                self._run_pre(w)
-            self._apply_inline(w)
-            if w.on_done is not None:
-                w.on_done(w)
-            return
         if self._closed:
             raise RuntimeError("ledger is closed")
         if w.pre is not None:
@@ -127,26 +110,6 @@ class Ledger:
         else:
             self._queue.append(w)
         self._wakeup.set()
-
-    def apply_now(self, w: Write) -> bool:
-        """Apply ``w`` at once when the ledger is inline and ``w`` has no ``pre`` (what
-        :meth:`submit` would do, without a coroutine); False, and nothing done, otherwise."""
-        if not self._inline or w.pre is not None:
-            return False
-        self._apply_inline(w)
-        return True
-
-    def _apply_inline(self, w: Write) -> None:
-        sale = w.sale
-        if sale is not None:  # apply_writes for one sale, without its grouping
-            try:
-                w.result = self.store.record_sales((sale,))[0]
-            except Exception as e:
-                w.error = e
-        else:
-            apply_writes(self.store, (w,), self._batch)
-        self.flushes += 1
-        self.written += 1
 
     async def run(
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED

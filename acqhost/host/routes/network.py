@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from acqhost.domain import crypto
 from acqhost.errors import Decline
 from acqhost.host.context import Context, Effect
+from acqhost.host.state import HostState
 from acqhost.store.base import Session
 from acqhost.wire.tlv import encode_tlv
-
-if TYPE_CHECKING:
-    from acqhost.host.core import Pipeline
 
 __all__ = ("NETWORK_ECHO", "NETWORK_FIELDS", "echo_test", "sign_off", "sign_on")
 
@@ -27,7 +23,7 @@ def _hex32(value: str | None, what: str) -> bytes:
     return raw
 
 
-def sign_on(host: Pipeline, ctx: Context) -> None:
+def sign_on(state: HostState, ctx: Context) -> None:
     """Verify the terminal's signature over its ephemeral key; answer with the host's."""
     req, terminal = ctx.req, ctx.terminal
     assert terminal is not None
@@ -43,25 +39,36 @@ def sign_on(host: Pipeline, ctx: Context) -> None:
         rx, tx = crypto.host_session(kx_host_pk, kx_host_sk, kx_terminal)
     except crypto.CryptoError:
         raise Decline("63", "BAD_KX") from None
-    data_key = host.host_keys.data_key
-    ctx.effect = Effect(
-        session=Session(
-            tid=terminal.tid,
-            sealed_rx=crypto.seal(data_key, rx),
-            sealed_tx=crypto.seal(data_key, tx),
-            signed_on_at=ctx.now,
-        )
+    data_key = state.host_keys.data_key
+    session = Session(
+        tid=terminal.tid,
+        sealed_rx=crypto.seal(data_key, rx),
+        sealed_tx=crypto.seal(data_key, tx),
+        signed_on_at=ctx.now,
     )
+    ctx.effect = Effect(call=lambda store: store.save_session(session), then=_signed_on)
     response = crypto.signon_response_transcript(terminal.tid, req["11"], kx_host_pk, kx_terminal)
     ctx.resp["48"] = encode_tlv(
-        {"KX": kx_host_pk.hex(), "SG": crypto.sign(host.host_keys.signing_seed, response).hex()}
+        {"KX": kx_host_pk.hex(), "SG": crypto.sign(state.host_keys.signing_seed, response).hex()}
     )
 
 
-def sign_off(host: Pipeline, ctx: Context) -> None:
+def _signed_on(state: HostState, ctx: Context, result: object) -> None:
+    """The new session is durable: this process takes its keys at once."""
     assert ctx.terminal is not None
-    ctx.effect = Effect(drop_session=ctx.terminal.tid)
+    state.session_keys(ctx.terminal.tid, reload=True)
 
 
-def echo_test(host: Pipeline, ctx: Context) -> None:
+def sign_off(state: HostState, ctx: Context) -> None:
+    assert ctx.terminal is not None
+    tid = ctx.terminal.tid
+    ctx.effect = Effect(call=lambda store: store.drop_session(tid), then=_signed_off)
+
+
+def _signed_off(state: HostState, ctx: Context, result: object) -> None:
+    assert ctx.terminal is not None
+    state.sessions.pop(ctx.terminal.tid, None)
+
+
+def echo_test(state: HostState, ctx: Context) -> None:
     """Nothing to do: reaching here means the terminal is known and active."""

@@ -1,8 +1,8 @@
 """Settlement-account change, 0300 -> 0310 (PROTOCOL.md 5.3): submit, inquire, cancel.
 
 The stages check formats (30) and retransmissions (94) from what the event loop may read
-cheaply; everything else is decided by :mod:`acqhost.domain.rebind` inside one store transaction run
-by the ledger writer, after the operator's password was checked with argon2id in a thread of
+cheaply; everything else is decided by :mod:`acqhost.domain.rebind` inside one store transaction
+run by the ledger writer, after the operator's password was checked with argon2id in a thread of
 its own (a tenth of a second that must not stall the loop or the group commit).
 
 Order of the checks of a submit, first failure wins (PROTOCOL.md 3 puts formats first):
@@ -19,17 +19,15 @@ yet. (A terminal needs the submit's RF to ask about it, so it waits for the 0310
 from __future__ import annotations
 
 import secrets
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from acqhost.domain import crypto, rebind
 from acqhost.domain.cards import track2_card
 from acqhost.errors import Decline
 from acqhost.host.context import Context, Effect
+from acqhost.host.state import HostState
 from acqhost.store.base import Store
 from acqhost.wire.tlv import encode_tlv
-
-if TYPE_CHECKING:
-    from acqhost.host.core import Pipeline
 
 __all__ = (
     "FILE_NAME",
@@ -47,7 +45,7 @@ REBIND_ECHO = ("7", "11", "41", "42", "91", "101")
 REFUSALS_KEPT = 1024  # refused submits remembered per host process, for retransmissions
 
 
-def file_name(host: Pipeline, ctx: Context) -> None:
+def file_name(state: HostState, ctx: Context) -> None:
     """A submit must name the file it changes (30 without 101); any file but SETTLEACCT is
     one this host does not keep (12)."""
     name = ctx.req.get("101")
@@ -71,9 +69,9 @@ class _SubmitJob:
     then the decision (``call``, in the ledger writer's transaction)."""
 
     def __init__(
-        self, host: Pipeline, sub: rebind.Submission, password: str, password_hash: bytes | None
+        self, state: HostState, sub: rebind.Submission, password: str, password_hash: bytes | None
     ) -> None:
-        self.host = host
+        self.state = state
         self.sub = sub
         self._password = password
         self._hash = password_hash
@@ -88,17 +86,17 @@ class _SubmitJob:
         self._password = ""
 
     def apply(self, store: Store) -> rebind.Outcome:
-        host = self.host
+        state = self.state
         with store.transaction(self.sub.tid) as tx:
             # The time of the decision is taken once the transaction holds its lock, so no
             # wait before it can eat into the lead before an effective-from.
             return rebind.submit(
                 tx,
-                host.host_keys.data_key,
+                state.host_keys.data_key,
                 self.sub,
                 password_ok=self.password_ok,
-                policy=host.config.rebind,
-                now=host.clock(),
+                policy=state.config.rebind,
+                now=state.clock(),
             )
 
 
@@ -112,7 +110,7 @@ def _dummy_hash() -> bytes:
     return _dummy[0]
 
 
-def submit(host: Pipeline, ctx: Context) -> None:
+def submit(state: HostState, ctx: Context) -> None:
     """91 = 2: format checks, the retransmission check, then the effect that decides."""
     req, terminal, keys = ctx.req, ctx.terminal, ctx.keys
     assert terminal is not None and keys is not None
@@ -139,16 +137,16 @@ def submit(host: Pipeline, ctx: Context) -> None:
     # A retransmission of a refused submit gets the same answer (its wrong password is not
     # counted twice), one of an accepted submit a 94 naming its request, both without a
     # password check; the decision's transaction checks again, for one still in flight.
-    refused = host.rebind_refusals.get((terminal.tid, req["11"], req["7"]))
+    refused = state.rebind_refusals.get((terminal.tid, req["11"], req["7"]))
     if refused is not None:
         raise Decline(refused.code, refused.reason, refused.elements)
-    with host.store.transaction(write=False) as tx:
+    with state.store.transaction(write=False) as tx:
         earlier = tx.request_for_message(terminal.tid, req["11"], req["7"])
         if earlier is not None:
             raise Decline("94", "DUPLICATE", rebind.describe(tx, earlier, ctx.now))
         operator = tx.operator(terminal.tid, operator_id)
     job = _SubmitJob(
-        host,
+        state,
         rebind.Submission(
             tid=terminal.tid,
             operator_id=operator_id,
@@ -168,10 +166,10 @@ def submit(host: Pipeline, ctx: Context) -> None:
     ctx.log["source"] = source
 
 
-def inquire(host: Pipeline, ctx: Context) -> None:
+def inquire(state: HostState, ctx: Context) -> None:
     """91 = 5: the request named by 48 RF, or the terminal's latest; 25 when there is none."""
     assert ctx.terminal is not None
-    with host.store.transaction(write=False) as tx:
+    with state.store.transaction(write=False) as tx:
         request = rebind.find(tx, ctx.terminal.tid, ctx.tlv.get("RF", "").strip() or None)
         if request is None:
             raise Decline("25", "NO_SUCH_REQUEST")
@@ -179,12 +177,12 @@ def inquire(host: Pipeline, ctx: Context) -> None:
     ctx.log["rf"] = request.rf
 
 
-def cancel(host: Pipeline, ctx: Context) -> None:
+def cancel(state: HostState, ctx: Context) -> None:
     """91 = 3: cancel the pending request named by 48 RF (decided in the ledger writer)."""
     assert ctx.terminal is not None
     rf = _text(ctx, "RF")
     tid = ctx.terminal.tid
-    key, clock = host.host_keys.data_key, host.clock
+    key, clock = state.host_keys.data_key, state.clock
 
     def apply(store: Store) -> rebind.Outcome:
         with store.transaction(tid) as tx:
@@ -194,7 +192,7 @@ def cancel(host: Pipeline, ctx: Context) -> None:
     ctx.log["rf"] = rf
 
 
-def _answer(host: Pipeline, ctx: Context, outcome: Any) -> None:
+def _answer(state: HostState, ctx: Context, outcome: Any) -> None:
     """The 0310 from what the transaction decided."""
     assert isinstance(outcome, rebind.Outcome)
     if outcome.request is not None:
@@ -202,7 +200,7 @@ def _answer(host: Pipeline, ctx: Context, outcome: Any) -> None:
     if outcome.code != "00":
         refusal = Decline(outcome.code, outcome.reason, outcome.elements)
         if ctx.route == "rebind_submit" and outcome.code != "94":
-            refusals = host.rebind_refusals
+            refusals = state.rebind_refusals
             refusals[(ctx.req["41"], ctx.req["11"], ctx.req["7"])] = refusal
             if len(refusals) > REFUSALS_KEPT:
                 refusals.popitem(last=False)

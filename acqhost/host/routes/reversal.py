@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from acqhost.errors import Decline
 from acqhost.host.context import Context, Effect
-
-if TYPE_CHECKING:
-    from acqhost.host.core import Pipeline
+from acqhost.host.state import HostState
 
 __all__ = ("REVERSAL_ECHO", "REVERSAL_FIELDS", "reverse")
 
@@ -16,7 +12,7 @@ REVERSAL_FIELDS = ("3", "4", "7", "11", "41", "42", "49", "90")
 REVERSAL_ECHO = ("3", "4", "7", "11", "41", "42", "49", "90")
 
 
-def reverse(host: Pipeline, ctx: Context) -> None:
+def reverse(state: HostState, ctx: Context) -> None:
     """Field 90: original MTI (4) + original STAN (6) + original field 7 (10) + 22 zeros."""
     assert ctx.terminal is not None
     original = ctx.req["90"]
@@ -24,11 +20,12 @@ def reverse(host: Pipeline, ctx: Context) -> None:
         raise Decline("30", "FORMAT_90")
     if original[:4] != "0200":
         raise Decline("25", "NOT_A_SALE")
-    sale = host.store.find_sale(ctx.terminal.tid, original[4:10], original[10:20])
+    sale = state.store.find_sale(ctx.terminal.tid, original[4:10], original[10:20])
     if sale is None:
         raise Decline("25", "ORIGINAL_NOT_FOUND")
     if sale.batch_settled:
         raise Decline("12", "BATCH_SETTLED")
     if sale.status != "reversed":
-        ctx.effect = Effect(reverse_rrn=sale.rrn)
+        rrn = sale.rrn
+        ctx.effect = Effect(call=lambda store: store.reverse_sale(rrn))
     ctx.log["rrn"] = sale.rrn

@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import random
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Callable
 
-from acqhost.domain import cards
+from acqhost.domain import cards, rebind
 from acqhost.errors import Decline
 from acqhost.host.context import Context, Effect
-from acqhost.store.base import SaleRecord, Terminal
+from acqhost.host.state import HostState
+from acqhost.log import get_logger
+from acqhost.store.base import SaleRecord, SaleResult, Store, Terminal
 
-if TYPE_CHECKING:
-    from acqhost.host.core import Pipeline
+__all__ = ("SALE_ECHO", "SALE_FIELDS", "approved", "authorise", "card")
 
-__all__ = ("SALE_ECHO", "SALE_FIELDS", "authorise", "card")
+log = get_logger("acqhost.message")
 
 # Auth codes are not secrets (they travel in the clear); a seeded PRNG is enough and cheap.
 _random = random.Random()
@@ -23,7 +24,7 @@ SALE_FIELDS = ("3", "4", "7", "11", "12", "13", "22", "41", "42", "49")
 SALE_ECHO = ("3", "4", "7", "11", "12", "13", "41", "42", "49")
 
 
-def card(host: Pipeline, ctx: Context) -> None:
+def card(state: HostState, ctx: Context) -> None:
     """The card comes as track 2 (35) or as PAN (2) + expiry (14): 30 when neither is whole."""
     req = ctx.req
     track2 = req.get("35")
@@ -44,7 +45,7 @@ def _business_checks(ctx: Context, terminal: Terminal) -> tuple[int, bool]:
     pan, expiry = ctx.card
     if not 12 <= len(pan) <= 19 or not cards.luhn_ok(pan):
         raise Decline("14", "BAD_PAN")
-    if _expired(expiry, ctx.now):
+    if card_expired(expiry, ctx.now):
         raise Decline("54", "EXPIRED")
     amount = int(ctx.req["4"])
     if amount <= 0:
@@ -57,7 +58,7 @@ def _business_checks(ctx: Context, terminal: Terminal) -> tuple[int, bool]:
     return amount, test
 
 
-def authorise(host: Pipeline, ctx: Context) -> None:
+def authorise(state: HostState, ctx: Context) -> None:
     """The business checks, then the approval to be made durable.
 
     A duplicate (41, 11, 13) is answered 94 before any business check, as PROTOCOL.md orders,
@@ -72,10 +73,10 @@ def authorise(host: Pipeline, ctx: Context) -> None:
     try:
         amount, test = _business_checks(ctx, terminal)
     except Decline:
-        if host.sale_seen(req["41"], req["11"], req["13"]):
+        if state.sale_seen(req["41"], req["11"], req["13"]):
             raise Decline("94", "DUPLICATE") from None
         raise
-    account = host.account(terminal.tid, ctx.now)
+    account = state.account(terminal.tid, ctx.now)
     if account is None:  # every terminal is registered with version 1: our fault
         raise RuntimeError(f"terminal {terminal.tid} has no settlement account in force")
     ctx.account = account
@@ -85,37 +86,81 @@ def authorise(host: Pipeline, ctx: Context) -> None:
     # Positional: fourteen keyword arguments cost ~0.8 us more a sale (fields in the order
     # of SaleRecord: tid, mid, stan, local_date, local_time, transmission, amount, currency,
     # pan_masked, auth_code, test, account_version, batch_no, received_at).
-    ctx.effect = Effect(
-        SaleRecord(
-            terminal.tid,
-            terminal.mid,
-            req["11"],
-            req["13"],
-            req["12"],
-            req["7"],
-            amount,
-            req["49"],
-            cards.mask_pan(pan),
-            auth_code,
-            test,
-            account.version,
-            host.batch(terminal.tid),
-            ctx.now,
-        )
+    sale = SaleRecord(
+        terminal.tid,
+        terminal.mid,
+        req["11"],
+        req["13"],
+        req["12"],
+        req["7"],
+        amount,
+        req["49"],
+        cards.mask_pan(pan),
+        auth_code,
+        test,
+        account.version,
+        state.batch(terminal.tid),
+        ctx.now,
     )
+    if test and account.state != "VERIFIED":
+        # The test sale that proves a new account: recorded with the version's VERIFIED in
+        # one transaction, so whoever reads the account after the 0210 reads VERIFIED.
+        ctx.effect = Effect(
+            sale, _record_and_verify(sale, state.host_keys.data_key), then=_approved_verifying
+        )
+    else:
+        ctx.effect = Effect(sale, then=approved)
     ctx.log["amount"] = amount
     if test:
         ctx.log["test"] = True
 
 
+def approved(state: HostState, ctx: Context, result: SaleResult) -> None:
+    """The 0210 of a recorded sale: its RRN, auth code and the account it settles to; 94 when
+    the ledger already had (41, 11, 13)."""
+    if result.duplicate:
+        raise Decline("94", "DUPLICATE")
+    effect, account = ctx.effect, ctx.account
+    assert effect is not None and effect.sale is not None and account is not None
+    resp = ctx.resp
+    resp["37"] = result.rrn
+    resp["38"] = effect.sale.auth_code
+    resp["48"] = state.account_tlv(account)
+
+
+def _record_and_verify(sale: SaleRecord, key: bytes) -> Callable[[Store], tuple[SaleResult, bool]]:
+    """The ledger's work for a test sale on a version not yet VERIFIED: the sale, and the
+    version VERIFIED, in one transaction (the sale's result, and whether this verified it)."""
+
+    def call(store: Store) -> tuple[SaleResult, bool]:
+        with store.transaction(sale.tid) as tx:
+            result = tx.record_sales((sale,))[0]
+            verified = not result.duplicate and rebind.verify(
+                tx, key, sale.tid, sale.account_version, sale.received_at
+            )
+        return result, verified
+
+    return call
+
+
+def _approved_verifying(state: HostState, ctx: Context, outcome: tuple[SaleResult, bool]) -> None:
+    result, verified = outcome
+    if verified:
+        sale = ctx.effect.sale if ctx.effect is not None else None
+        assert sale is not None
+        state.accounts.pop(sale.tid, None)
+        log.info("account verified", tid=sale.tid, version=sale.account_version)
+    approved(state, ctx, result)
+
+
 # (UTC day number, year * 12 + month of that day): gmtime once a day, not once a sale.
 _this_month: list[tuple[int, int]] = [(0, 0)]
-# The answers of _expired for the UTC day _expiry_day[0] (a day never spans two months).
+# The answers of card_expired for the UTC day _expiry_day[0] (a day never spans two months).
 _expiry_day: list[int] = [-1]
 _expiry: dict[str, bool] = {}
 
 
-def _expired(yymm: str, now: float) -> bool:
+def card_expired(yymm: str, now: float) -> bool:
     """Is the card expiring in YYMM (20YY) past at ``now``? It is valid through its month."""
     day = int(now // 86400)
     if day == _expiry_day[0]:
@@ -125,13 +170,13 @@ def _expired(yymm: str, now: float) -> bool:
     else:
         _expiry.clear()
         _expiry_day[0] = day
-    expired = _expired_uncached(yymm, now)
+    expired = card_expired_uncached(yymm, now)
     if len(_expiry) < 10_000:  # YYMM is four digits (card() checks): at most 10,000 keys
         _expiry[yymm] = expired
     return expired
 
 
-def _expired_uncached(yymm: str, now: float) -> bool:
+def card_expired_uncached(yymm: str, now: float) -> bool:
     month = int(yymm[2:])
     if not 1 <= month <= 12:
         return True

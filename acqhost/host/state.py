@@ -1,0 +1,149 @@
+"""What the host knows between messages: the store, its keys and configuration, and short-lived
+caches of terminals, session keys, settlement accounts and open batches.
+
+Stages read the host through a :class:`HostState` and nothing else: it is all a stage may
+touch besides its own message's :class:`~acqhost.host.context.Context`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+
+from acqhost.config import Config
+from acqhost.domain import crypto, rebind
+from acqhost.domain.crypto import HostKeys, SessionKeys
+from acqhost.errors import Decline
+from acqhost.store.base import AccountVersion, Store, Terminal
+from acqhost.wire.tlv import encode_tlv
+
+__all__ = ("CACHE_SECONDS", "HostState")
+
+# How long cached terminals and accounts are trusted before the store is asked again, so a
+# change made by the CLI reaches a running host within this many seconds. A cached account is
+# also never trusted past the next effective-from the store knows of; with every decision
+# taking effect acqhost.domain.rebind.DECISION_LEAD (> CACHE_SECONDS) after it is made, all
+# host processes switch to a new account at its effective-from exactly.
+CACHE_SECONDS = 1.0
+assert CACHE_SECONDS < rebind.DECISION_LEAD
+
+
+class HostState:
+    """The store (read through caches), the host keys, the configuration and the clock.
+
+    Lives in the event loop's thread: the caches are not locked.
+    """
+
+    def __init__(
+        self,
+        *,
+        store: Store,
+        host_keys: HostKeys,
+        config: Config,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.host_keys = host_keys
+        self.config = config
+        self.clock = clock
+        self.terminals: dict[str, tuple[float, Terminal | None]] = {}  # (read at, terminal)
+        self.sessions: dict[str, tuple[float, SessionKeys, bytes]] = {}  # (read at, keys, rx)
+        self.accounts: dict[str, tuple[float, AccountVersion | None]] = {}  # (expires, ...)
+        self.batches: dict[str, int] = {}
+        self._account_tlv: dict[tuple[str, int], str] = {}
+        # Submits (41, 11, 7) this process refused lately, with the answer they got: a
+        # retransmission gets the same answer instead of counting a wrong password twice.
+        self.rebind_refusals: OrderedDict[tuple[str, str, str], Decline] = OrderedDict()
+
+    def terminal(self, tid: str) -> Terminal | None:
+        now = self.clock()
+        hit = self.terminals.get(tid)
+        if hit is not None and now - hit[0] < CACHE_SECONDS:
+            return hit[1]
+        terminal = self.store.get_terminal(tid)
+        self.terminals[tid] = (now, terminal)
+        if len(self.terminals) > 100_000:
+            self.terminals.clear()
+        return terminal
+
+    def session_keys(self, tid: str, *, reload: bool = False) -> SessionKeys | None:
+        """The terminal's session keys. Cached for CACHE_SECONDS: a sign-off or a new sign-on
+        through another host process sharing the store reaches this one within that time
+        (and a MAC that fails on cached keys reloads them at once)."""
+        now = self.clock()
+        if not reload:
+            hit = self.sessions.get(tid)
+            if hit is not None and now - hit[0] < CACHE_SECONDS:
+                return hit[1]
+        session = self.store.get_session(tid)
+        if session is None:
+            self.sessions.pop(tid, None)
+            return None
+        hit = self.sessions.get(tid)
+        if hit is not None and hit[2] == session.sealed_rx:  # the same sign-on: keep its keys
+            self.sessions[tid] = (now, hit[1], hit[2])
+            return hit[1]
+        data_key = self.host_keys.data_key
+        keys = SessionKeys.from_kx(
+            crypto.unseal(data_key, session.sealed_rx), crypto.unseal(data_key, session.sealed_tx)
+        )
+        self.sessions[tid] = (now, keys, session.sealed_rx)
+        return keys
+
+    def account(self, tid: str, now: float) -> AccountVersion | None:
+        """The version in force at ``now``, cached until CACHE_SECONDS pass or the next
+        effective-from comes, whichever is first."""
+        hit = self.accounts.get(tid)
+        if hit is not None and now < hit[0]:
+            return hit[1]
+        with self.store.transaction(write=False) as tx:
+            versions = tx.versions(tid)
+        account = rebind.in_force(versions, now)
+        expires = now + CACHE_SECONDS
+        change = rebind.next_change(versions, now)
+        if change is not None and change < expires:
+            expires = change
+        self.accounts[tid] = (expires, account)
+        return account
+
+    def account_tlv(self, account: AccountVersion) -> str:
+        """48 {SA, SV, BK} naming the account a sale settles to (the same text every time)."""
+        key = (account.tid, account.version)
+        text = self._account_tlv.get(key)
+        if text is None:
+            text = encode_tlv(
+                {"SA": account.account_masked, "SV": str(account.version), "BK": account.bank_code}
+            )
+            self._account_tlv[key] = text
+        return text
+
+    def batch(self, tid: str) -> int:
+        number = self.batches.get(tid)
+        if number is None:
+            number = self.batches[tid] = self.store.open_batch(tid)
+        return number
+
+    def sale_seen(self, tid: str, stan: str, local_date: str) -> bool:
+        return self.store.sale_exists(tid, stan, local_date)
+
+    def invalidate(self, kind: str, tid: str) -> None:
+        """Forget what is cached of terminal ``tid`` because it changed in the store: ``kind``
+        "terminal", "session" or "account" drops that entry, any other kind every entry of the
+        terminal, and "*" (notifications may have been missed) every cache."""
+        if kind == "*":
+            self.terminals.clear()
+            self.sessions.clear()
+            self.accounts.clear()
+            self.batches.clear()
+        elif kind == "terminal":
+            self.terminals.pop(tid, None)
+        elif kind == "session":
+            self.sessions.pop(tid, None)
+        elif kind == "account":
+            self.accounts.pop(tid, None)
+        else:
+            self.terminals.pop(tid, None)
+            self.sessions.pop(tid, None)
+            self.accounts.pop(tid, None)
+            self.batches.pop(tid, None)

@@ -1,0 +1,158 @@
+"""A connection on an anyio stream (trio, or asyncio given a listener): two tasks drive a
+:class:`ConnectionCore`, one reading, one sending.
+
+Shaped like trio's ``serve_listeners``: one task per connection, the stream closed in a
+``finally``, a timeout around reads, a deadline around sends.
+"""
+
+from __future__ import annotations
+
+import math
+
+import anyio
+import anyio.abc
+
+from acqhost.log import get_logger
+from acqhost.runtime.connection import (
+    WRITE_TIMEOUT,
+    ConnectionCore,
+    Connections,
+)
+
+__all__ = ("StreamConnection",)
+
+log = get_logger("acqhost.server")
+
+READ_SIZE = 65536
+# The most sent under one write deadline: a peer taking fewer than SEND_CHUNK bytes per
+# read_timeout (137 bytes a second at the default) is cut.
+SEND_CHUNK = 4096
+
+
+class _WriteTimeout(Exception):
+    """The peer took no answer for ``read_timeout`` seconds."""
+
+
+class StreamConnection:
+    """One connection on ``stream``; :meth:`serve` returns once it is closed."""
+
+    def __init__(self, connections: Connections, stream: anyio.abc.SocketStream) -> None:
+        self.stream = stream
+        self.timeout = connections.config.read_timeout
+        self.reading = anyio.CancelScope()  # cancelled by stop()
+        self.core: ConnectionCore = connections.new_core(
+            self._wake, _peer(stream), anyio.current_time()
+        )
+        self._answer_ready: anyio.Event | None = None  # the sender waits on it
+        self._room: anyio.Event | None = None  # the reader waits on it, too much in flight
+
+    def stop(self) -> None:
+        """Stop reading; the connection answers what it read, then closes."""
+        self.reading.cancel()
+
+    def _wake(self) -> None:
+        if self._answer_ready is not None:
+            self._answer_ready.set()
+            self._answer_ready = None
+
+    async def serve(self) -> None:
+        core, stream = self.core, self.stream
+        log.info("connected", peer=core.peer)
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._send_answers)
+                try:
+                    with self.reading:
+                        await self._read_requests()
+                    if self.reading.cancelled_caught:
+                        core.stop("host shutting down")
+                finally:
+                    core.stop(core.reason)  # the sender sends what is owed, then ends
+                    self._wake()
+        except* _WriteTimeout:
+            log.warning("write timeout", peer=core.peer)
+            core.reason = WRITE_TIMEOUT
+        except* (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as group:
+            core.reason = f"connection lost: {type(group.exceptions[0]).__name__}"
+        except* Exception as group:  # our bug: logged; it closes this connection, not the host
+            log.error("connection failed", peer=core.peer, exc_info=group.exceptions[0])
+            core.reason = f"internal error: {type(group.exceptions[0]).__name__}"
+        finally:
+            with anyio.CancelScope(shield=True):
+                await stream.aclose()
+            log.info("disconnected", peer=core.peer, reason=core.reason)
+
+    async def _read_requests(self) -> None:
+        core, stream, timeout = self.core, self.stream, self.timeout
+        now = anyio.current_time
+        # The read timeout: a scope whose deadline is ``timeout`` after the last read as of
+        # its making. A read only notes its time (a scope per read, or a deadline moved per
+        # read, cost more than the rest of the read on trio); when the deadline passes, the
+        # connection was idle that long -- or it read meanwhile, and a new scope takes over.
+        # Waiting for the peer to take its answers is not idle time.
+        while True:
+            waiting_for_peer = False
+            with anyio.CancelScope(deadline=core.last_read + timeout):
+                while True:
+                    if core.stopped:
+                        return
+                    if not core.reading:  # the peer reads slower than it writes
+                        waiting_for_peer = True
+                        self._room = room = anyio.Event()
+                        await room.wait()
+                        waiting_for_peer = False
+                        core.last_read = now()
+                        continue
+                    try:
+                        data = await stream.receive(READ_SIZE)
+                    except anyio.EndOfStream:
+                        core.end_of_stream()
+                        return
+                    # No await between reading and starting its frames: a frame read is a
+                    # frame answered, even when shutdown comes meanwhile.
+                    core.received(data, now())
+            # The deadline passed (shutdown's cancellation does not end up here).
+            if waiting_for_peer:
+                core.last_read = now()
+            elif now() - core.last_read >= timeout:
+                break
+        core.read_timed_out()
+
+    async def _send_answers(self) -> None:
+        """Send answers in arrival order; every answer ready at once goes in one write."""
+        core, stream, timeout = self.core, self.stream, self.timeout
+        now = anyio.current_time
+        # Only sends are timed: a deadline for each SEND_CHUNK bytes, so a peer that reads
+        # slowly but steadily is not cut, lifted after the last.
+        while True:
+            with anyio.CancelScope() as sends:
+                while True:
+                    data = core.output()
+                    if self._room is not None and core.has_room:
+                        self._room.set()
+                        self._room = None
+                    if not data:
+                        if core.done:
+                            return
+                        if not (core.answers and core.answers[0].ready):
+                            self._answer_ready = ready = anyio.Event()
+                            await ready.wait()
+                        continue
+                    for start in range(0, len(data), SEND_CHUNK):
+                        sends.deadline = now() + timeout
+                        await stream.send(data[start : start + SEND_CHUNK])
+                    sends.deadline = math.inf
+                    if sends.cancel_called:  # the deadline passed as the send ended:
+                        break  # not a timeout, but this scope is spent
+            if sends.cancelled_caught:
+                raise _WriteTimeout  # ends the connection (the reader with it)
+
+
+def _peer(stream: anyio.abc.SocketStream) -> str:
+    try:
+        address = stream.extra(anyio.abc.SocketAttribute.remote_address)
+    except Exception:
+        return "?"
+    if isinstance(address, tuple):
+        return f"{address[0]}:{address[1]}"
+    return str(address)
