@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from acqhost.cli import main as cli
+from acqhost.cli.common import shown_db
 from acqhost.config import ConfigError, load_config
 from tests.hostkit import ACCOUNT, add_terminal
 
@@ -162,12 +163,10 @@ def test_readme_demo_runs_start_to_finish(tmp_path: Path) -> None:
 
 
 def test_a_database_url_password_is_never_printed() -> None:
-    from acqhost.cli import _shown
-
-    assert _shown("postgresql://acq:s3cret@db.example:5432/acq") == (
+    assert shown_db("postgresql://acq:s3cret@db.example:5432/acq") == (
         "postgresql://acq:***@db.example:5432/acq"
     )
-    assert _shown("acqhost.db") == "acqhost.db"
+    assert shown_db("acqhost.db") == "acqhost.db"
 
 
 def test_key_file_defaults_beside_sqlite_and_in_the_working_directory_for_urls() -> None:
