@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+from acqhost.config import MAX_AMOUNT
 from acqhost.domain import audit, cards, crypto, rebind
 from acqhost.errors import AcqHostError
 from acqhost.store.base import (
@@ -26,7 +27,6 @@ from acqhost.store.base import (
 )
 
 __all__ = (
-    "MAX_AMOUNT",
     "Registered",
     "Registration",
     "RegistrationError",
@@ -39,9 +39,6 @@ __all__ = (
     "register",
     "unlock_operator",
 )
-
-# The largest amount field 4 (12 digits, minor units) can carry: no limit is worth more.
-MAX_AMOUNT = 999_999_999_999
 
 
 class RegistrationError(AcqHostError, ValueError):
