@@ -127,6 +127,8 @@ def test_readme_demo_runs_start_to_finish(tmp_path: Path) -> None:
     log = (tmp_path / "demo" / "host.log").read_text()
     assert ACCOUNT not in log and "6222021234567890128" not in log
     assert "6222020200112233453" not in log + out  # the new account: masked everywhere
+    history = [line.split()[:2] for line in out.splitlines() if line[:2] in ("1 ", "2*")]
+    assert history == [["1", "SUPERSEDED"], ["2*", "VERIFIED"]]  # version 1 was VERIFIED
     json.loads(log.splitlines()[0])  # JSON lines
 
 

@@ -16,7 +16,7 @@ import pytest
 from acqhost.config import RebindPolicy
 from acqhost.domain import audit, cards, crypto, rebind, terminals
 from acqhost.store import open_store
-from acqhost.store.base import Store
+from acqhost.store.base import AccountVersion, Store
 
 ROOT = Path(__file__).resolve().parents[1]
 ACCOUNT = "6222020200112233446"  # Luhn-valid
@@ -196,6 +196,46 @@ def test_unlock_operator_clears_the_count_and_says_whether_it_was_locked(
     assert [(e.action, e.detail) for e in entries[1:]] == [
         ("operator.unlocked", '{"failures":3,"was_locked":true}')
     ]
+
+
+# -- how versions are shown ----------------------------------------------------------------------
+
+
+def version(number: int, state: str, effective_from: float) -> AccountVersion:
+    return AccountVersion(
+        tid="TERM0001", version=number, sealed_account=b"", account_hash=b"",
+        account_masked="6222***********3446", holder="张三", bank_code="102100099996",
+        branch="", state=state, effective_from=effective_from, created_by="tester",
+        reason="", created_at=effective_from,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("stored", "shown"),
+    [
+        ([("ACTIVE", 10)], ["ACTIVE"]),
+        ([("VERIFIED", 10), ("VERIFIED", 50)], [terminals.SUPERSEDED, "VERIFIED"]),
+        ([("ACTIVE", 10), ("ACTIVE", 50)], [terminals.SUPERSEDED, "ACTIVE"]),
+        # Approved, in force since 50 though no host recorded it yet.
+        ([("VERIFIED", 10), ("APPROVED", 50)], [terminals.SUPERSEDED, "ACTIVE"]),
+        # Approved, not yet in force: the old version still is.
+        ([("VERIFIED", 10), ("APPROVED", 150)], ["VERIFIED", "APPROVED"]),
+        ([("ACTIVE", 10), ("PENDING_REVIEW", 150)], ["ACTIVE", "PENDING_REVIEW"]),
+        ([("ACTIVE", 10), ("REJECTED", 150), ("CANCELLED", 90)],
+         ["ACTIVE", "REJECTED", "CANCELLED"]),
+        # A rollback in force: what it undid is ROLLED_BACK, what it restored superseded.
+        ([("VERIFIED", 10), ("ROLLED_BACK", 50), ("ACTIVE", 80)],
+         [terminals.SUPERSEDED, "ROLLED_BACK", "ACTIVE"]),
+        ([("VERIFIED", 10), ("VERIFIED", 50), ("APPROVED", 150)],
+         [terminals.SUPERSEDED, "VERIFIED", "APPROVED"]),
+    ],
+)  # fmt: skip
+def test_a_version_replaced_by_a_newer_one_in_force_is_shown_superseded(
+    stored: list[tuple[str, float]], shown: list[str]
+) -> None:
+    versions = [version(n, state, ef) for n, (state, ef) in enumerate(stored, 1)]
+    assert terminals.shown_states(versions, now=100.0) == shown
+    assert [v.state for v in versions] == [state for state, _ in stored]  # as stored
 
 
 # -- layering ------------------------------------------------------------------------------------

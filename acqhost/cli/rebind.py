@@ -210,10 +210,11 @@ def cmd_account_history(args: argparse.Namespace) -> int:
         versions = tx.versions(args.tid)
     require(bool(versions), f"no terminal {args.tid}")
     current = rebind.in_force(versions, now)
+    states = terminals.shown_states(versions, now)
     rows = [
         (
             f"{v.version}{'*' if v is current else ''}",
-            v.state,
+            state,
             v.account_masked,
             v.holder,
             v.bank_code,
@@ -221,7 +222,7 @@ def cmd_account_history(args: argparse.Namespace) -> int:
             v.created_by,
             v.reason,
         )
-        for v in versions
+        for v, state in zip(versions, states, strict=True)
     ]
     header = ("VER", "STATE", "ACCOUNT", "HOLDER", "BANK", "EFFECTIVE FROM", "CREATED BY")
     table((*header, "REASON"), rows)

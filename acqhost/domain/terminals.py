@@ -9,7 +9,7 @@ in by the caller; the command line only parses, prints and chooses exit codes ar
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -17,6 +17,7 @@ from acqhost.config import MAX_AMOUNT
 from acqhost.domain import audit, cards, crypto, rebind
 from acqhost.errors import AcqHostError
 from acqhost.store.base import (
+    IN_FORCE_STATES,
     AccountVersion,
     NewAccount,
     Operator,
@@ -27,6 +28,7 @@ from acqhost.store.base import (
 )
 
 __all__ = (
+    "SUPERSEDED",
     "Registered",
     "Registration",
     "RegistrationError",
@@ -37,8 +39,14 @@ __all__ = (
     "reading",
     "record_due",
     "register",
+    "shown_states",
     "unlock_operator",
 )
+
+
+# How a version is shown once a newer version has replaced it as the one in force. Not a
+# stored state (the store keeps the state the version last had): a way of showing history.
+SUPERSEDED = "SUPERSEDED"
 
 
 class RegistrationError(AcqHostError, ValueError):
@@ -257,9 +265,29 @@ def unlock_operator(
     return operator
 
 
-# -- how requests are shown ----------------------------------------------------------------------
+# -- how requests and versions are shown -------------------------------------------------------
 
 
 def effective_from_of(request: RebindRequest, version: AccountVersion) -> float | None:
     """A request's effective-from, or None for one that will never take effect."""
     return None if request.state in rebind.NEVER_EFFECTIVE else version.effective_from
+
+
+def shown_states(versions: Sequence[AccountVersion], now: float) -> list[str]:
+    """The state of each of a terminal's versions (oldest first) as the acquirer is shown it
+    at ``now``. The store keeps the state a version last had, so a version that was in force
+    (ACTIVE, VERIFIED) still has it after a newer version took over; shown so it would read as
+    if sales still settled to it. Such a version is shown :data:`SUPERSEDED`. An APPROVED
+    version whose effective-from has passed is shown ACTIVE: it is in force even before a host
+    process records it so. Every other state is shown as stored."""
+    current = rebind.in_force(versions, now)
+    shown = []
+    for v in versions:
+        due = v.state in IN_FORCE_STATES and v.effective_from <= now
+        if due and current is not None and v.version < current.version:
+            shown.append(SUPERSEDED)
+        elif due and v.state == "APPROVED":
+            shown.append("ACTIVE")
+        else:
+            shown.append(v.state)
+    return shown
