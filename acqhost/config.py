@@ -1,30 +1,172 @@
 """Host configuration: a TOML file, then environment variables, then command-line flags.
 
 Every setting has a default, so a host runs with no file at all. The TOML file holds the same
-names as the flags (``[host]`` table, ``max_frame`` not ``max-frame``); the environment uses
-``ACQHOST_`` + the upper-case name (``ACQHOST_PORT=9000``).
+names as the flags (``[host]`` table, ``max_frame`` not ``max-frame``) and the settlement-account
+policy (``[rebind]`` table); the environment uses ``ACQHOST_`` + the upper-case name of a
+``[host]`` setting (``ACQHOST_PORT=9000``).
+
+The whole configuration is checked when it is loaded, every value where it was given: its type,
+its range or its choices, unknown settings and tables, and the settings that must agree with
+each other. A bad one is a :class:`ConfigError` whose one line names the setting as it was
+given (``acqhost.toml: [host] port``, ``environment variable ACQHOST_PORT``, ``option --port``),
+the value and what is allowed, rather than a traceback once the host is starting.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import tomllib
-from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from acqhost.wire import specs
 from acqhost.wire.framing import FRAMINGS
 
-__all__ = ("Config", "ConfigError", "RebindPolicy", "load_config")
+__all__ = (
+    "BACKENDS",
+    "FRAME_SIZES",
+    "LOG_LEVELS",
+    "MAX_AMOUNT",
+    "REVIEW_POLICIES",
+    "TABLES",
+    "Config",
+    "ConfigError",
+    "RebindPolicy",
+    "load_config",
+)
 
 BACKENDS = ("asyncio", "trio")
 REVIEW_POLICIES = ("manual", "auto")
+# The levels acqhost.log.configure_logging accepts, in any case (tests check that they agree).
+LOG_LEVELS = ("debug", "info", "warning", "warn", "error", "critical")
+# The frame sizes each framing's length header can express: what FrameDecoder accepts as its
+# max_size (tests check that they agree). A len2-tpdu frame holds its 5-byte TPDU and a message.
+FRAME_SIZES: Mapping[str, tuple[int, int]] = {
+    "len2": (1, 0xFFFF),
+    "len4": (1, 9999),
+    "len2-tpdu": (6, 0xFFFF),
+}
+# The largest amount field 4 carries (12 digits of minor units): no limit is worth more.
+MAX_AMOUNT = 999_999_999_999
+# The tables a configuration file may hold.
+TABLES = ("host", "rebind")
 
 
 class ConfigError(ValueError):
     """A setting that cannot be used, named with where it came from."""
+
+
+class _Refused(Exception):
+    """A value a rule does not allow (its caller names the setting)."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Rule:
+    """What one setting allows: a type (a number may also be given as text, as the environment
+    gives it), then a range or a set of choices."""
+
+    kind: type  # int, float or str
+    allowed: str  # what is allowed, as a message says it; with choices: filled in from them
+    ok: Callable[[Any], bool] = lambda value: True
+    choices: Callable[[], Sequence[str]] | None = None
+    fold: bool = False  # choices in any case, kept in lower case
+
+    def describe(self) -> str:
+        if self.choices is None:
+            return self.allowed
+        *most, last = self.choices()
+        return f"one of {', '.join(most)} or {last}" if most else last
+
+    def apply(self, value: object) -> Any:
+        """The value as the configuration keeps it; _Refused when it is not allowed."""
+        converted = _convert(self.kind, value)
+        if self.fold:
+            converted = converted.lower()
+        if self.choices is not None and converted not in self.choices():
+            raise _Refused
+        if not self.ok(converted):
+            raise _Refused
+        return converted
+
+
+def _convert(kind: type, value: object) -> Any:
+    if isinstance(value, bool):  # a TOML true is neither text nor a number here
+        raise _Refused
+    if kind is str:
+        if isinstance(value, str):
+            return value
+        raise _Refused
+    if isinstance(value, str):
+        try:
+            return int(value.strip()) if kind is int else float(value.strip())
+        except ValueError:
+            raise _Refused from None
+    if isinstance(value, int):
+        return value if kind is int else float(value)
+    if kind is float and isinstance(value, float):
+        return value
+    raise _Refused
+
+
+def _whole(low: int, high: int | None = None) -> _Rule:
+    if high is None:
+        return _Rule(int, f"a whole number of at least {low}", lambda v: v >= low)
+    return _Rule(int, f"a whole number from {low} to {high}", lambda v: low <= v <= high)
+
+
+def _seconds(*, zero: bool) -> _Rule:
+    if zero:
+        return _Rule(float, "a number of seconds, 0 or more", lambda v: math.isfinite(v) and v >= 0)
+    return _Rule(float, "a number of seconds above 0", lambda v: math.isfinite(v) and v > 0)
+
+
+def _choice(choices: Callable[[], Sequence[str]], *, fold: bool = False) -> _Rule:
+    return _Rule(str, "", choices=choices, fold=fold)
+
+
+def _text(allowed: str, *, empty: bool = False) -> _Rule:
+    return _Rule(str, allowed, lambda v: empty or bool(v.strip()))
+
+
+# The [host] settings (and ACQHOST_* variables, and flags), in the order Config has them.
+_HOST_RULES: Mapping[str, _Rule] = {
+    "host": _text("a non-empty host name or address"),
+    "port": _whole(0, 65535),  # 0: any free port (tests)
+    "framing": _choice(lambda: FRAMINGS),
+    "spec": _choice(specs.available),
+    "max_frame": _whole(1, 0xFFFF),  # and within what the framing's header can express
+    "read_timeout": _seconds(zero=False),
+    "max_connections": _whole(1),
+    "backend": _choice(lambda: BACKENDS),
+    "workers": _whole(1),
+    "db": _text("a non-empty SQLite path or database URL"),
+    "keys": _text("a file path (empty for the default)", empty=True),
+    "log_level": _choice(lambda: LOG_LEVELS, fold=True),
+    "test_limit": _whole(0, MAX_AMOUNT),
+    "default_sale_limit": _whole(1, MAX_AMOUNT),
+    "write_batch": _whole(1),
+}
+_REBIND_RULES: Mapping[str, _Rule] = {
+    "review": _choice(lambda: REVIEW_POLICIES),
+    "cooling_off": _seconds(zero=True),
+    "min_interval": _seconds(zero=True),
+    "operator_max_failures": _whole(1),
+}
+
+
+def _apply(rule: _Rule, value: object, where: str) -> Any:
+    try:
+        return rule.apply(value)
+    except _Refused:
+        raise ConfigError(f"{where} must be {rule.describe()}, not {value!r}") from None
+
+
+def _unknown(where: str, name: str, known: Sequence[str]) -> ConfigError:
+    return ConfigError(f"{where}unknown setting {name}; known: {', '.join(known)}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,25 +180,25 @@ class RebindPolicy:
     operator_max_failures: int = 5  # consecutive wrong passwords before lockout (75)
 
     @classmethod
-    def from_table(cls, table: Any, source: str = "[rebind]") -> RebindPolicy:
-        """The policy a ``[rebind]`` table describes; ConfigError for unknown or bad values."""
+    def from_table(cls, table: Any, file: str | None = None) -> RebindPolicy:
+        """The policy a ``[rebind]`` table describes (read from ``file``, if it was);
+        ConfigError for unknown settings and bad values."""
+        prefix = f"{file}: " if file else ""
         if not isinstance(table, Mapping):
-            raise ConfigError(f"{source} must be a table")
+            raise ConfigError(f"{prefix}rebind must be a table ([rebind]), not {table!r}")
         values: dict[str, Any] = {}
         for name, value in table.items():
-            if name not in ("review", "cooling_off", "min_interval", "operator_max_failures"):
-                raise ConfigError(f"{source}: unknown setting {name}")
-            if name == "review":
-                if value not in REVIEW_POLICIES:
-                    raise ConfigError(f"{source}: review must be manual or auto, not {value!r}")
-            elif isinstance(value, bool) or not isinstance(value, int | float):
-                raise ConfigError(f"{source}: {name} must be a number, not {value!r}")
-            elif value < (1 if name == "operator_max_failures" else 0):
-                raise ConfigError(f"{source}: {name} out of range: {value!r}")
-            elif name == "operator_max_failures" and not isinstance(value, int):
-                raise ConfigError(f"{source}: {name} must be a whole number, not {value!r}")
-            values[name] = float(value) if name in ("cooling_off", "min_interval") else value
+            rule = _REBIND_RULES.get(name)
+            if rule is None:
+                raise _unknown(prefix, f"[rebind] {name}", list(_REBIND_RULES))
+            values[name] = _apply(rule, value, f"{prefix}[rebind] {name}")
         return cls(**values)
+
+    def validate(self) -> RebindPolicy:
+        """This policy, or ConfigError for a value its rules do not allow."""
+        for name, rule in _REBIND_RULES.items():
+            _apply(rule, getattr(self, name), f"[rebind] {name}")
+        return self
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,7 +219,6 @@ class Config:
     test_limit: int = 100  # minor units; a test sale above it gets 13
     default_sale_limit: int = 100_000_00  # minor units, for terminals added without a limit
     write_batch: int = 512  # most sales committed in one transaction
-    extra: Mapping[str, Any] = field(default_factory=dict)  # the file's other tables
     rebind: RebindPolicy = field(default_factory=RebindPolicy)  # the [rebind] table
 
     @property
@@ -90,40 +231,36 @@ class Config:
             return Path("acqhost.keys")
         return Path(f"{self.db}.keys")
 
-    def validate(self) -> Config:
-        if self.framing not in FRAMINGS:
-            raise ConfigError(f"framing must be one of {', '.join(FRAMINGS)}: {self.framing!r}")
-        if self.backend not in BACKENDS:
-            raise ConfigError(f"backend must be asyncio or trio: {self.backend!r}")
-        for name in ("max_frame", "max_connections", "workers", "write_batch"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be at least 1")
-        if not self.read_timeout > 0:
-            raise ConfigError("read_timeout must be positive")
-        if not 0 <= self.port <= 65535:  # 0: any free port (tests)
-            raise ConfigError(f"port out of range: {self.port}")
+    def validate(self, origin: Mapping[str, str] | None = None) -> Config:
+        """This configuration, or ConfigError for a value its rules do not allow or settings
+        that do not agree. ``origin`` names where settings came from (for the messages);
+        a setting not in it is named as it is."""
+        where = dict(origin or {})
+        for name, rule in _HOST_RULES.items():
+            _apply(rule, getattr(self, name), where.get(name, name))
+        self.rebind.validate()
+        low, high = FRAME_SIZES[self.framing]
+        if not low <= self.max_frame <= high:
+            framing = where.get("framing", "the default")
+            raise ConfigError(
+                f"{where.get('max_frame', 'max_frame')} must be a whole number from {low} to "
+                f"{high} with framing {self.framing} ({framing}), not {self.max_frame!r}"
+            )
         return self
 
 
-_FIELDS = {f.name: f for f in fields(Config) if f.name not in ("extra", "rebind")}
-
-
-def _coerce(name: str, value: Any, source: str) -> Any:
-    kind = type(getattr(Config(), name))
-    if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
-        return value
-    if isinstance(value, str):
-        try:
-            if kind is int:
-                return int(value)
-            if kind is float:
-                return float(value)
-        except ValueError:
-            raise ConfigError(f"{source}: {name} must be a number, not {value!r}") from None
-        return value
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    raise ConfigError(f"{source}: {name} must be {kind.__name__}, not {value!r}")
+def _read(path: str | Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: {e}") from None
 
 
 def load_config(
@@ -132,35 +269,41 @@ def load_config(
     environ: Mapping[str, str] | None = None,
 ) -> Config:
     """Build the configuration: defaults < TOML file ``path`` < environment < ``overrides``
-    (the command line; None values mean "not given")."""
+    (the command line; None values mean "not given"). Every value is checked where it is
+    given; ConfigError names the first that cannot be used."""
     values: dict[str, Any] = {}
-    extra: dict[str, Any] = {}
+    origin: dict[str, str] = {}
     rebind = RebindPolicy()
     if path is not None:
-        try:
-            with open(path, "rb") as f:
-                data = tomllib.load(f)
-        except FileNotFoundError:
-            raise ConfigError(f"config file not found: {path}") from None
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"{path}: {e}") from None
-        host_table = data.pop("host", {})
-        if not isinstance(host_table, dict):
-            raise ConfigError(f"{path}: [host] must be a table")
-        for name, value in host_table.items():
-            if name not in _FIELDS:
-                raise ConfigError(f"{path}: unknown setting [host] {name}")
-            values[name] = _coerce(name, value, str(path))
-        extra = data
-        rebind = RebindPolicy.from_table(extra.get("rebind", {}), f"{path}: [rebind]")
+        data = _read(path)
+        for name, value in data.items():
+            if name not in TABLES:
+                what = f"table [{name}]" if isinstance(value, dict) else f"setting {name}"
+                known = ", ".join(f"[{t}]" for t in TABLES)
+                raise ConfigError(f"{path}: unknown {what} (settings go in {known})")
+        host = data.get("host", {})
+        if not isinstance(host, dict):
+            raise ConfigError(f"{path}: host must be a table ([host]), not {host!r}")
+        for name, value in host.items():
+            rule = _HOST_RULES.get(name)
+            if rule is None:
+                raise _unknown(f"{path}: ", f"[host] {name}", list(_HOST_RULES))
+            origin[name] = f"{path}: [host] {name}"
+            values[name] = _apply(rule, value, origin[name])
+        rebind = RebindPolicy.from_table(data.get("rebind", {}), str(path))
     env = os.environ if environ is None else environ
-    for name in _FIELDS:
-        raw = env.get(f"ACQHOST_{name.upper()}")
+    for name, rule in _HOST_RULES.items():
+        variable = f"ACQHOST_{name.upper()}"
+        raw = env.get(variable)
         if raw is not None:
-            values[name] = _coerce(name, raw, f"ACQHOST_{name.upper()}")
+            origin[name] = f"environment variable {variable}"
+            values[name] = _apply(rule, raw, origin[name])
     for name, value in (overrides or {}).items():
-        if value is not None:
-            if name not in _FIELDS:
-                raise ConfigError(f"unknown setting {name}")
-            values[name] = _coerce(name, value, f"--{name.replace('_', '-')}")
-    return dataclasses.replace(Config(), **values, extra=extra, rebind=rebind).validate()
+        if value is None:
+            continue
+        rule = _HOST_RULES.get(name)
+        if rule is None:  # the command line's own mistake, not its user's
+            raise _unknown("", name, list(_HOST_RULES))
+        origin[name] = f"option --{name.replace('_', '-')}"
+        values[name] = _apply(rule, value, origin[name])
+    return dataclasses.replace(Config(), **values, rebind=rebind).validate(origin)

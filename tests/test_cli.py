@@ -1,4 +1,5 @@
-"""The acqhost command line, the config precedence, and the README's demo."""
+"""The acqhost command line (init, terminal add/list/disable, serve's checks), and the README's
+demo. The configuration's own tests are in test_config.py."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from acqhost.cli import main as cli
-from acqhost.config import ConfigError, load_config
+from acqhost.cli.common import shown_db
 from tests.hostkit import ACCOUNT, add_terminal
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -110,38 +111,6 @@ def test_help_everywhere(argv: list[str]) -> None:
     assert result.returncode == 0 and "usage: acqhost" in result.stdout
 
 
-def test_config_precedence_file_then_environment_then_flags(tmp_path: Path) -> None:
-    toml = tmp_path / "acqhost.toml"
-    toml.write_text('[host]\nport = 9001\nframing = "len4"\nread_timeout = 5\n'
-                    '[rebind]\nreview = "manual"\n')  # fmt: skip
-    cfg = load_config(toml, {}, environ={})
-    assert (cfg.port, cfg.framing, cfg.read_timeout) == (9001, "len4", 5.0)
-    assert cfg.extra["rebind"] == {"review": "manual"}
-    cfg = load_config(toml, {}, environ={"ACQHOST_PORT": "9002"})
-    assert cfg.port == 9002
-    cfg = load_config(toml, {"port": 9003, "framing": None}, environ={"ACQHOST_PORT": "9002"})
-    assert (cfg.port, cfg.framing) == (9003, "len4")
-
-
-@pytest.mark.parametrize(
-    ("text", "env", "message"),
-    [
-        ("[host]\nframing = 'tcp'\n", {}, "framing must be one of"),
-        ("[host]\nportt = 1\n", {}, "unknown setting [host] portt"),
-        ("[host]\nport = 'x'\n", {}, "port must be a number"),
-        ("", {"ACQHOST_MAX_FRAME": "0"}, "max_frame must be at least 1"),
-        ("[host\n", {}, "acqhost.toml"),
-    ],
-)
-def test_bad_config_is_refused_with_its_source(
-    tmp_path: Path, text: str, env: dict[str, str], message: str
-) -> None:
-    toml = tmp_path / "acqhost.toml"
-    toml.write_text(text)
-    with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
-        load_config(toml, {}, environ=env)
-
-
 def test_readme_demo_runs_start_to_finish(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "simulators.demo", str(tmp_path / "demo")], cwd=ROOT,
@@ -158,18 +127,13 @@ def test_readme_demo_runs_start_to_finish(tmp_path: Path) -> None:
     log = (tmp_path / "demo" / "host.log").read_text()
     assert ACCOUNT not in log and "6222021234567890128" not in log
     assert "6222020200112233453" not in log + out  # the new account: masked everywhere
+    history = [line.split()[:2] for line in out.splitlines() if line[:2] in ("1 ", "2*")]
+    assert history == [["1", "SUPERSEDED"], ["2*", "VERIFIED"]]  # version 1 was VERIFIED
     json.loads(log.splitlines()[0])  # JSON lines
 
 
 def test_a_database_url_password_is_never_printed() -> None:
-    from acqhost.cli import _shown
-
-    assert _shown("postgresql://acq:s3cret@db.example:5432/acq") == (
+    assert shown_db("postgresql://acq:s3cret@db.example:5432/acq") == (
         "postgresql://acq:***@db.example:5432/acq"
     )
-    assert _shown("acqhost.db") == "acqhost.db"
-
-
-def test_key_file_defaults_beside_sqlite_and_in_the_working_directory_for_urls() -> None:
-    assert str(load_config(None, {"db": "x/acq.db"}, environ={}).key_path) == "x/acq.db.keys"
-    assert str(load_config(None, {"db": "postgresql:///a"}, environ={}).key_path) == "acqhost.keys"
+    assert shown_db("acqhost.db") == "acqhost.db"

@@ -20,7 +20,7 @@ from acqhost.cli import main as cli
 from acqhost.config import RebindPolicy
 from acqhost.domain import cards, crypto, rebind, voucher
 from acqhost.store import open_store
-from acqhost.store.base import Store
+from acqhost.store.base import SaleRecord, Store
 from tests.hostkit import ACCOUNT, BANK, HOLDER, add_terminal, make_host, running
 
 NEW = "6217001234567890122"  # Luhn-valid, the account the terminals change to
@@ -200,7 +200,7 @@ def test_account_show_history_and_rollback_with_its_refusals(
     assert status == 0
     rows = [line.split() for line in out.splitlines()[1:-1]]
     assert [(r[0], r[1], r[2]) for r in rows] == [
-        ("1", "ACTIVE", cards.mask_account(ACCOUNT)),
+        ("1", "SUPERSEDED", cards.mask_account(ACCOUNT)),  # stored ACTIVE: no longer in force
         ("2*", "ACTIVE", cards.mask_account(NEW)),
     ]
     assert "operator 01" in out and "rebind from the terminal" in out and HOLDER in out
@@ -376,14 +376,54 @@ def test_a_rollback_voucher_names_the_version_it_undid(
         rebind.activate_due(tx, host.keys.data_key, at)
         back = rebind.rollback(tx, host.keys.data_key, "TERM0001", 1, "carol", "fraud", at)
     status, out, _ = run(capsys, host, "rebind", "voucher", back.rf)
+    assert status == 0
     doc = json.loads(out)
     assert doc["kind"] == "rollback" and doc["restores"] == 1
     assert doc["version"] == 3 and doc["state"] == "ACTIVE"
     assert doc["account_masked"] == cards.mask_account(ACCOUNT)
     assert doc["previous"]["version"] == 2  # rolled back now, but in force until version 3
     assert doc["previous"]["account_masked"] == cards.mask_account(NEW)
+    assert history(capsys, host) == [("1", "SUPERSEDED"), ("2", "ROLLED_BACK"), ("3*", "ACTIVE")]
+
+
+def history(capsys: pytest.CaptureFixture[str], host: Host) -> list[tuple[str, str]]:
+    """``acqhost account history TERM0001``: each version's number (* in force) and state."""
     status, out, _ = run(capsys, host, "account", "history", "TERM0001")
-    assert status == 0 and "ROLLED_BACK" in out and "3*" in out
+    assert status == 0 and out.endswith("* in force now\n")
+    return [(line.split()[0], line.split()[1]) for line in out.splitlines()[1:-1]]
+
+
+def stored_states(host: Host) -> list[str]:
+    with host.store() as store:
+        return [v.state for v in store.account_history("TERM0001")]
+
+
+def test_history_shows_a_verified_version_superseded_once_a_change_or_rollback_is_in_force(
+    host: Host, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with host.store() as store:  # a test sale on version 1, as the demo makes: VERIFIED
+        test_sale = SaleRecord("TERM0001", "MERCHANT0000001", "000001", "0101", "120000",
+                               "0101120000", 100, "156", "622202******0128", "123456", True,
+                               1, 1, time.time())  # fmt: skip
+        store.record_sales([test_sale])
+        with store.transaction("TERM0001") as tx:
+            assert rebind.verify(tx, host.keys.data_key, "TERM0001", 1, time.time())
+    assert history(capsys, host) == [("1*", "VERIFIED")]
+
+    rf = changed(host, ago=10)  # version 2, in force for 10 s
+    assert history(capsys, host) == [("1", "SUPERSEDED"), ("2*", "ACTIVE")]
+    assert stored_states(host) == ["VERIFIED", "ACTIVE"]  # the store keeps its states
+    status, out, _ = run(capsys, host, "rebind", "show", rf)
+    lines = dict(line.split(":", 1) for line in out.splitlines())
+    assert status == 0 and lines["in force now"].strip().startswith("v2 ")
+
+    at = time.time() - 5  # a rollback to version 1, in force for about 3 s
+    with host.store() as store, store.transaction("TERM0001") as tx:
+        rebind.rollback(tx, host.keys.data_key, "TERM0001", 1, "carol", "fraud", at)
+    assert history(capsys, host) == [("1", "SUPERSEDED"), ("2", "ROLLED_BACK"), ("3*", "ACTIVE")]
+    assert stored_states(host) == ["VERIFIED", "ROLLED_BACK", "ACTIVE"]
+    status, out, _ = run(capsys, host, "audit", "verify")
+    assert status == 0 and "audit log OK" in out
 
 
 # -- the audit log -----------------------------------------------------------------------------

@@ -2,9 +2,10 @@
 5.3): list, show, approve and reject requests; show an account, its history, roll it back;
 signed vouchers and their check; the audit log's check; unlocking a terminal operator.
 
-``acqhost.cli`` builds the parser and wires these in. Each command opens the store, works in one
-transaction and closes it, so it may run while host processes serve: they see a decision within
-``CACHE_SECONDS``, before it takes effect (``acqhost.domain.rebind.DECISION_LEAD``).
+Each command opens the store, works in one transaction and closes it, so it may run while host
+processes serve: they see a decision within ``CACHE_SECONDS``, before it takes effect
+(``acqhost.domain.rebind.DECISION_LEAD``). The rules are the domain's (``acqhost.domain.rebind``
+and ``acqhost.domain.terminals``); these commands parse, print and choose the exit status.
 """
 
 from __future__ import annotations
@@ -17,11 +18,21 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from acqhost.cli import CliError, _check, _config, _host_keys, _table, _write_new
+from acqhost.cli.common import (
+    CliError,
+    Subparsers,
+    add_command,
+    add_group,
+    config_from,
+    host_keys,
+    opened,
+    require,
+    table,
+    write_new,
+)
 from acqhost.config import Config
-from acqhost.domain import audit, rebind, voucher
+from acqhost.domain import audit, rebind, terminals, voucher
 from acqhost.domain.crypto import HostKeys
-from acqhost.store import open_store
 from acqhost.store.base import (
     ACCOUNT_STATES,
     OPEN_REBIND_STATES,
@@ -32,6 +43,7 @@ from acqhost.store.base import (
 )
 
 __all__ = (
+    "add_account_commands",
     "cmd_account_history",
     "cmd_account_rollback",
     "cmd_account_show",
@@ -52,53 +64,20 @@ def _utc(at: float | None) -> str:
 
 
 @contextmanager
-def _opened(cfg: Config) -> Iterator[Store]:
+def _deciding(store: Store, key: bytes, tid: str) -> Iterator[tuple[StoreTx, float]]:
+    """:func:`acqhost.domain.terminals.deciding`, its refusals user errors."""
     try:
-        store = open_store(cfg.db)
-    except ValueError as e:
+        with terminals.deciding(store, key, tid) as (tx, now):
+            yield tx, now
+    except ValueError as e:  # RebindError, or a store constraint (one open request)
         raise CliError(str(e)) from None
-    try:
-        yield store
-    finally:
-        store.close()
-
-
-def _record_due(store: Store, key: bytes, now: float) -> None:
-    """Record the activations that are due (as a running host does every second), so that a
-    read command shows the states as they are even when no host runs."""
-    with store.transaction(write=False) as tx:
-        if not tx.due_versions(now):
-            return
-    with store.transaction() as tx:
-        rebind.activate_due(tx, key, now)
 
 
 @contextmanager
 def _reading(cfg: Config, keys: HostKeys) -> Iterator[tuple[StoreTx, float]]:
-    """A read transaction on the configured store, and the time it reads at; due activations
-    are recorded first, so what a command shows is current even when no host runs."""
-    now = time.time()
-    with _opened(cfg) as store:
-        _record_due(store, keys.data_key, now)
-        with store.transaction(write=False) as tx:
-            yield tx, now
-
-
-@contextmanager
-def _deciding(store: Store, key: bytes, tid: str) -> Iterator[tuple[StoreTx, float]]:
-    """The write transaction of an acquirer's decision about ``tid``, and the time of the
-    decision: read once the transaction holds its lock, so that waiting for the lock can never
-    eat into the lead between a decision and its effective-from. Due activations are recorded
-    first, so that when a host was down at an effective-from, that activation is on record
-    before anything else is decided. A refusal rolls back the whole transaction (those
-    activations too: the running host or the next command records them)."""
-    try:
-        with store.transaction(tid) as tx:
-            now = time.time()
-            rebind.activate_due(tx, key, now)
-            yield tx, now
-    except ValueError as e:  # RebindError, or a store constraint (one open request)
-        raise CliError(str(e)) from None
+    """:func:`acqhost.domain.terminals.reading` on the configured store."""
+    with opened(cfg) as store, terminals.reading(store, keys.data_key) as (tx, now):
+        yield tx, now
 
 
 def _request(tx: StoreTx, rf: str) -> RebindRequest:
@@ -123,20 +102,15 @@ def _version_text(v: AccountVersion | None) -> str:
 
 
 def _named(value: str, option: str) -> str:
-    _check(bool(value.strip()), f"{option} must not be empty")
+    require(bool(value.strip()), f"{option} must not be empty")
     return value.strip()
 
 
-def _effective(request: RebindRequest, version: AccountVersion) -> float | None:
-    """A request's effective-from, or None for one that will never take effect."""
-    return None if request.state in rebind.NEVER_EFFECTIVE else version.effective_from
-
-
 def cmd_rebind_list(args: argparse.Namespace) -> int:
-    cfg = _config(args)
-    keys = _host_keys(cfg)
+    cfg = config_from(args)
+    keys = host_keys(cfg)
     state = args.state.upper() if args.state else None
-    _check(state in (None, *ACCOUNT_STATES), f"--state must be one of {', '.join(ACCOUNT_STATES)}")
+    require(state in (None, *ACCOUNT_STATES), f"--state must be one of {', '.join(ACCOUNT_STATES)}")
     rows = []
     with _reading(cfg, keys) as (tx, _):
         versions: dict[str, list[AccountVersion]] = {}
@@ -145,18 +119,18 @@ def cmd_rebind_list(args: argparse.Namespace) -> int:
                 versions[r.tid] = tx.versions(r.tid)
             v = versions[r.tid][r.version - 1]
             times = (_utc(r.submitted_at), r.decided_by or "-", _utc(r.decided_at))
-            ef = _utc(_effective(r, v))
+            ef = _utc(terminals.effective_from_of(r, v))
             rows.append(
                 (r.rf, r.tid, r.kind, r.state, f"v{r.version}", v.account_masked, *times, ef)
             )
     header = ("RF", "TID", "KIND", "STATE", "VER", "NEW ACCOUNT", "SUBMITTED", "DECIDED BY")
-    _table((*header, "DECIDED AT", "EFFECTIVE FROM"), rows)
+    table((*header, "DECIDED AT", "EFFECTIVE FROM"), rows)
     return 0
 
 
 def cmd_rebind_show(args: argparse.Namespace) -> int:
-    cfg = _config(args)
-    keys = _host_keys(cfg)
+    cfg = config_from(args)
+    keys = host_keys(cfg)
     with _reading(cfg, keys) as (tx, now):
         r = _request(tx, args.rf)
         terminal = tx.terminal(r.tid)
@@ -172,7 +146,7 @@ def cmd_rebind_show(args: argparse.Namespace) -> int:
         ("submitted", _utc(r.submitted_at)),
         ("decided", f"by {r.decided_by} at {_utc(r.decided_at)}" if r.decided_at else "-"),
         ("note", r.note or "-"),
-        ("effective from", _utc(_effective(r, proposed))),
+        ("effective from", _utc(terminals.effective_from_of(r, proposed))),
         ("proposed", _version_text(proposed)),
         ("in force now", _version_text(rebind.in_force(versions, now))),
     ]
@@ -182,10 +156,10 @@ def cmd_rebind_show(args: argparse.Namespace) -> int:
 
 
 def cmd_rebind_approve(args: argparse.Namespace) -> int:
-    cfg = _config(args)
-    keys = _host_keys(cfg)
+    cfg = config_from(args)
+    keys = host_keys(cfg)
     by = _named(args.by, "--by")
-    with _opened(cfg) as store:
+    with opened(cfg) as store:
         tid = _tid_of(store, args.rf)
         with _deciding(store, keys.data_key, tid) as (tx, now):
             ef = rebind.approve(tx, keys.data_key, args.rf, by, cfg.rebind, now)
@@ -198,10 +172,10 @@ def cmd_rebind_approve(args: argparse.Namespace) -> int:
 
 
 def cmd_rebind_reject(args: argparse.Namespace) -> int:
-    cfg = _config(args)
-    keys = _host_keys(cfg)
+    cfg = config_from(args)
+    keys = host_keys(cfg)
     by, reason = _named(args.by, "--by"), _named(args.reason, "--reason")
-    with _opened(cfg) as store:
+    with opened(cfg) as store:
         tid = _tid_of(store, args.rf)
         with _deciding(store, keys.data_key, tid) as (tx, now):
             rebind.reject(tx, keys.data_key, args.rf, by, reason, now)
@@ -210,8 +184,8 @@ def cmd_rebind_reject(args: argparse.Namespace) -> int:
 
 
 def cmd_account_show(args: argparse.Namespace) -> int:
-    cfg = _config(args)
-    keys = _host_keys(cfg)
+    cfg = config_from(args)
+    keys = host_keys(cfg)
     with _reading(cfg, keys) as (tx, now):
         terminal = tx.terminal(args.tid)
         if terminal is None:
@@ -230,16 +204,17 @@ def cmd_account_show(args: argparse.Namespace) -> int:
 
 
 def cmd_account_history(args: argparse.Namespace) -> int:
-    cfg = _config(args)
-    keys = _host_keys(cfg)
+    cfg = config_from(args)
+    keys = host_keys(cfg)
     with _reading(cfg, keys) as (tx, now):
         versions = tx.versions(args.tid)
-    _check(bool(versions), f"no terminal {args.tid}")
+    require(bool(versions), f"no terminal {args.tid}")
     current = rebind.in_force(versions, now)
+    states = terminals.shown_states(versions, now)
     rows = [
         (
             f"{v.version}{'*' if v is current else ''}",
-            v.state,
+            state,
             v.account_masked,
             v.holder,
             v.bank_code,
@@ -247,19 +222,19 @@ def cmd_account_history(args: argparse.Namespace) -> int:
             v.created_by,
             v.reason,
         )
-        for v in versions
+        for v, state in zip(versions, states, strict=True)
     ]
     header = ("VER", "STATE", "ACCOUNT", "HOLDER", "BANK", "EFFECTIVE FROM", "CREATED BY")
-    _table((*header, "REASON"), rows)
+    table((*header, "REASON"), rows)
     print("* in force now")
     return 0
 
 
 def cmd_account_rollback(args: argparse.Namespace) -> int:
-    cfg = _config(args)
-    keys = _host_keys(cfg)
+    cfg = config_from(args)
+    keys = host_keys(cfg)
     by = _named(args.by, "--by")
-    with _opened(cfg) as store, _deciding(store, keys.data_key, args.tid) as (tx, now):
+    with opened(cfg) as store, _deciding(store, keys.data_key, args.tid) as (tx, now):
         r = rebind.rollback(
             tx, keys.data_key, args.tid, args.to_version, by, args.reason or "", now
         )
@@ -273,10 +248,10 @@ def cmd_account_rollback(args: argparse.Namespace) -> int:
 
 
 def cmd_rebind_voucher(args: argparse.Namespace) -> int:
-    cfg = _config(args)
-    keys = _host_keys(cfg)
+    cfg = config_from(args)
+    keys = host_keys(cfg)
     out = Path(args.out) if args.out else None
-    _check(out is None or not out.exists(), f"{out} exists: refusing to overwrite it")
+    require(out is None or not out.exists(), f"{out} exists: refusing to overwrite it")
     with _reading(cfg, keys) as (tx, now):
         request = _request(tx, args.rf)
         terminal = tx.terminal(request.tid)
@@ -287,7 +262,7 @@ def cmd_rebind_voucher(args: argparse.Namespace) -> int:
     if out is None:
         sys.stdout.write(text)
         return 0
-    _write_new(out, text, 0o644)
+    write_new(out, text, 0o644)
     print(f"voucher of {request.rf} ({request.state}) written to {out}")
     return 0
 
@@ -298,9 +273,9 @@ def cmd_voucher_verify(args: argparse.Namespace) -> int:
             expected = bytes.fromhex(args.host_public_key)
         except ValueError:
             expected = b""
-        _check(len(expected) == 32, "--host-public-key must be 64 hex digits")
+        require(len(expected) == 32, "--host-public-key must be 64 hex digits")
     else:
-        expected = _host_keys(_config(args)).verify_key
+        expected = host_keys(config_from(args)).verify_key
     try:
         raw = Path(args.file).read_bytes()
     except OSError as e:
@@ -316,9 +291,9 @@ def cmd_voucher_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
-    cfg = _config(args)
-    keys = _host_keys(cfg)
-    with _opened(cfg) as store:
+    cfg = config_from(args)
+    keys = host_keys(cfg)
+    with opened(cfg) as store:
         count, problems = audit.verify(store, keys.data_key)
     for problem in problems:
         print(problem)
@@ -330,27 +305,22 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_operator_unlock(args: argparse.Namespace) -> int:
-    cfg = _config(args)
-    keys = _host_keys(cfg)
+    cfg = config_from(args)
+    keys = host_keys(cfg)
     by = _named(args.by, "--by")
     tid, operator_id = args.tid, args.operator_id
-    with _opened(cfg) as store, _deciding(store, keys.data_key, tid) as (tx, now):
-        operator = tx.operator(tid, operator_id)
-        if operator is None:
-            raise CliError(f"no operator {operator_id} on terminal {tid}")
-        if operator.failures:
-            tx.set_operator_failures(tid, operator_id, 0)
-            locked = operator.failures >= cfg.rebind.operator_max_failures
-            audit.append(
-                tx,
-                keys.data_key,
-                at=now,
-                actor=by,
-                action="operator.unlocked",
-                tid=tid,
-                subject=operator_id,
-                detail={"failures": operator.failures, "was_locked": locked},
-            )
+    with opened(cfg) as store, _deciding(store, keys.data_key, tid) as (tx, now):
+        operator = terminals.unlock_operator(
+            tx,
+            keys.data_key,
+            tid,
+            operator_id,
+            by=by,
+            max_failures=cfg.rebind.operator_max_failures,
+            now=now,
+        )
+    if operator is None:
+        raise CliError(f"no operator {operator_id} on terminal {tid}")
     if not operator.failures:
         print(f"operator {operator_id} of {tid} has no wrong passwords to clear")
     else:
@@ -359,3 +329,59 @@ def cmd_operator_unlock(args: argparse.Namespace) -> int:
             f"({operator.failures} consecutive wrong passwords cleared)"
         )
     return 0
+
+
+# -- parsers -------------------------------------------------------------------------------------
+
+
+def add_account_commands(sub: Subparsers) -> None:
+    """The acquirer's commands for settlement-account changes."""
+
+    def by(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--by", required=True, metavar="NAME", help="who (kept in the audit log)")
+
+    g = add_group(sub, "rebind", "review settlement-account change requests")
+    p = add_command(g, "list", "list change requests, oldest first", cmd_rebind_list)
+    p.add_argument("--state", help="only requests in this state (e.g. PENDING_REVIEW)")
+    p.add_argument("--tid", help="only this terminal's requests")
+    p = add_command(g, "show", "everything about one request", cmd_rebind_show)
+    p.add_argument("rf", metavar="RF", type=str.upper, help="rebind reference (16 characters)")
+    p = add_command(g, "approve", "approve a pending request", cmd_rebind_approve)
+    p.add_argument("rf", metavar="RF", type=str.upper)
+    by(p)
+    p = add_command(g, "reject", "reject a pending request, saying why", cmd_rebind_reject)
+    p.add_argument("rf", metavar="RF", type=str.upper)
+    by(p)
+    p.add_argument("--reason", required=True, metavar="TEXT", help="why (the merchant sees it)")
+    text = "a voucher of a change signed by the host, for the merchant to keep"
+    p = add_command(g, "voucher", text, cmd_rebind_voucher)
+    p.add_argument("rf", metavar="RF", type=str.upper)
+    p.add_argument("--out", metavar="FILE", help="write it to FILE (never overwritten)")
+
+    g = add_group(sub, "account", "show, trace and roll back a terminal's settlement account")
+    p = add_command(g, "show", "the account in force now and any open change", cmd_account_show)
+    p.add_argument("tid", metavar="TID")
+    p = add_command(g, "history", "every version of the account", cmd_account_history)
+    p.add_argument("tid", metavar="TID")
+    text = "restore an earlier version as a new version"
+    p = add_command(g, "rollback", text, cmd_account_rollback)
+    p.add_argument("tid", metavar="TID")
+    p.add_argument("--to-version", type=int, required=True, metavar="N", help="version to restore")
+    by(p)
+    p.add_argument("--reason", metavar="TEXT", help="why (kept with the new version)")
+
+    g = add_group(sub, "voucher", "check a change voucher")
+    p = add_command(g, "verify", "check a voucher's signature and content", cmd_voucher_verify)
+    p.add_argument("file", metavar="FILE")
+    text = "the host's Ed25519 public key, hex (default: the host key file's)"
+    p.add_argument("--host-public-key", metavar="HEX", help=text)
+
+    g = add_group(sub, "audit", "check the audit log")
+    add_command(g, "verify", "check the audit log's hash chain and states", cmd_audit_verify)
+
+    g = add_group(sub, "operator", "manage terminal operators")
+    text = "clear an operator's wrong-password count (after 75)"
+    p = add_command(g, "unlock", text, cmd_operator_unlock)
+    p.add_argument("tid", metavar="TID")
+    p.add_argument("operator_id", metavar="OPERATOR_ID")
+    by(p)

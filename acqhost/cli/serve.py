@@ -1,0 +1,81 @@
+"""``acqhost serve``: the host in this process, or ``--workers N`` processes sharing the port."""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import signal
+
+from acqhost.cli.common import Subparsers, add_common, config_from, host_keys, require
+from acqhost.config import Config
+
+__all__ = ("add_serve_command", "cmd_serve", "serve_workers")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    cfg = config_from(
+        args,
+        host=args.host,
+        port=args.port,
+        framing=args.framing,
+        backend=args.backend,
+        workers=args.workers,
+        max_frame=args.max_frame,
+        read_timeout=args.read_timeout,
+        max_connections=args.max_connections,
+        log_level=args.log_level,
+    )
+    host_keys(cfg)  # fail early, in the parent
+    if cfg.workers == 1:
+        from acqhost.runtime.app import serve
+
+        serve(cfg)
+        return 0
+    require(cfg.port != 0, "--workers > 1 needs a fixed --port")
+    return serve_workers(cfg)
+
+
+def serve_workers(cfg: Config) -> int:
+    """N processes sharing the port (SO_REUSEPORT); SIGTERM/SIGINT are passed on to them.
+    Exit status 0 when every one of them ended well."""
+    from acqhost.runtime.app import serve
+
+    ctx = multiprocessing.get_context("spawn")
+    children = [
+        ctx.Process(target=serve, args=(cfg,), name=f"acqhost-{i}") for i in range(cfg.workers)
+    ]
+    for child in children:
+        child.start()
+
+    def forward(signum: int, _frame: object) -> None:
+        for child in children:
+            if child.pid is not None and child.exitcode is None:
+                os.kill(child.pid, signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    for child in children:
+        child.join()
+    return 0 if all(child.exitcode == 0 for child in children) else 1
+
+
+def add_serve_command(sub: Subparsers) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="run the host",
+        description="Serve POS terminals over TCP until SIGTERM or SIGINT.",
+    )
+    add_common(p)
+    p.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="TCP port (default 8583)")
+    p.add_argument("--framing", help="len2 (default), len4 or len2-tpdu")
+    p.add_argument("--backend", help="asyncio (default; uvloop when installed) or trio")
+    p.add_argument("--workers", type=int, help="processes sharing the port (default 1)")
+    p.add_argument("--max-frame", type=int, help="largest frame in bytes (default 4096)")
+    p.add_argument(
+        "--read-timeout", type=float, help="seconds idle, stalled or not reading (default 30)"
+    )
+    p.add_argument("--max-connections", type=int, help="open connections at most (default 1000)")
+    p.add_argument("--log-level", help="debug, info (default), warning, error")
+    p.set_defaults(func=cmd_serve)
