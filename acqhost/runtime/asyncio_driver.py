@@ -137,8 +137,8 @@ class AsyncioConnection(asyncio.Protocol):
         if data:
             self.written += len(data)
             transport.write(data)
-            if self.paused:
-                self._reading()
+        if self.paused:  # answers left: there may be room to read again
+            self._reading()
         if core.done:
             transport.close()  # after what is buffered has been written
 
