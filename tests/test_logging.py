@@ -23,6 +23,7 @@ from acqhost.log import (
     mask_text,
     message_logger,
 )
+from acqhost.log.line import IsoTimestamps
 
 PAN = "6222021234567890128"  # Luhn-valid, 19 digits
 PAN16 = "4111111111111111"
@@ -415,13 +416,13 @@ def test_the_message_line_is_the_structlog_line(output: io.StringIO, event: dict
 def test_ordinary_sales_take_the_fast_path() -> None:
     configure_logging("info", stream=io.StringIO())
     log = message_logger("acqhost.message")
-    assert log._line("sale", "TERM0001", "0200", "000123", "00", None, 0.5, {"amount": 10})
-    assert log._line("reversal", "TERM0001", "0400", "000124", "00", None, 0.5,
+    assert log.render("sale", "TERM0001", "0200", "000123", "00", None, 0.5, {"amount": 10})
+    assert log.render("reversal", "TERM0001", "0400", "000124", "00", None, 0.5,
                      {"rrn": "000000000042"})  # fmt: skip
-    assert log._line("sale", "TERM0001", "0200", "000125", "05", "OVER_LIMIT", 0.5, {})
+    assert log.render("sale", "TERM0001", "0200", "000125", "05", "OVER_LIMIT", 0.5, {})
     # Card data, or an unknown key, leaves it to the chain.
-    assert log._line("sale", "TERM0001", "0200", "000126", "00", PAN, 0.5, {}) is None
-    assert log._line("sale", "TERM0001", "0200", "000127", "00", None, 0.5, {"pan": PAN}) is None
+    assert log.render("sale", "TERM0001", "0200", "000126", "00", PAN, 0.5, {}) is None
+    assert log.render("sale", "TERM0001", "0200", "000127", "00", None, 0.5, {"pan": PAN}) is None
 
 
 def test_card_data_in_the_message_event_is_masked(output: io.StringIO) -> None:
@@ -529,11 +530,12 @@ def test_the_message_event_is_seen_by_capture_logs_and_carries_bound_context(
      4_102_444_799_123_456_789],
 )  # fmt: skip
 def test_the_message_timestamp_is_structlogs_iso_format(ns: int) -> None:
-    log = message_logger("acqhost.message")
+    stamps = IsoTimestamps()
     second, micros = divmod(ns // 1000, 1_000_000)
     expected = datetime.fromtimestamp(second, UTC).replace(microsecond=micros)
-    assert log._timestamp(ns) == expected.isoformat().replace("+00:00", "Z")
-    assert log._timestamp(ns + 1000) == (expected + timedelta(microseconds=1)).isoformat().replace(
+    assert stamps.at(ns) == expected.isoformat().replace("+00:00", "Z")
+    # The same second again: its text is remembered, the fraction is not.
+    assert stamps.at(ns + 1000) == (expected + timedelta(microseconds=1)).isoformat().replace(
         "+00:00", "Z"
     )
 
