@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import io
 import json
 import logging
@@ -9,6 +10,7 @@ import re
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
+from unittest import mock
 
 import pytest
 import structlog
@@ -522,6 +524,104 @@ def test_the_message_event_is_seen_by_capture_logs_and_carries_bound_context(
     assert line["card"] == "622202*********0128"
     fast, slow = _both(output)  # cleared again: back to the event's own keys
     assert "peer" not in _same_line(fast, slow)
+
+
+class _CountingStream(io.StringIO):
+    """Counts flushes: structlog's writer flushes every line it writes, the direct path of
+    MessageLogger does not."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.flushes = 0
+
+    def flush(self) -> None:
+        self.flushes += 1
+        super().flush()
+
+
+def _message(stream: _CountingStream, **extra: Any) -> tuple[bool, dict[str, Any]]:
+    """Log one message event; whether it was written directly, and the line."""
+    flushes, start = stream.flushes, len(stream.getvalue())
+    _MESSAGES.message("sale", "TERM0001", "0200", "000123", "00", None, 1.0, extra)
+    return stream.flushes == flushes, json.loads(stream.getvalue()[start:])
+
+
+@pytest.fixture
+def counted() -> Iterator[_CountingStream]:
+    stream = _CountingStream()
+    configure_logging("info", stream=stream)
+    yield stream
+    configure_logging("info", stream=io.StringIO())
+
+
+def test_bound_context_is_written_where_it_is_bound_and_only_there(
+    counted: _CountingStream,
+) -> None:
+    def bound_here() -> tuple[bool, dict[str, Any]]:
+        structlog.contextvars.bind_contextvars(peer="127.0.0.1:4000")
+        return _message(counted)
+
+    direct, line = contextvars.Context().run(bound_here)
+    assert not direct
+    assert line["peer"] == "127.0.0.1:4000"
+    for _ in range(2):  # (the second time, in a context the logger has seen)
+        direct, line = contextvars.Context().run(_message, counted)
+        assert direct
+        assert "peer" not in line
+
+
+def test_context_bound_then_cleared_is_written_directly_until_bound_again(
+    counted: _CountingStream,
+) -> None:
+    context = contextvars.Context()
+    context.run(structlog.contextvars.bind_contextvars, peer="127.0.0.1:4000", card=PAN)
+    context.run(structlog.contextvars.clear_contextvars)
+    for _ in range(2):
+        direct, line = context.run(_message, counted)
+        assert direct
+        assert "peer" not in line
+    context.run(structlog.contextvars.bind_contextvars, card=PAN)
+    direct, line = context.run(_message, counted)
+    assert not direct
+    assert line["card"] == "622202*********0128"
+    assert "peer" not in line
+    _secrets_absent(counted.getvalue())
+
+
+def test_a_bound_value_that_equals_anything_is_still_written(counted: _CountingStream) -> None:
+    context = contextvars.Context()
+    context.run(structlog.contextvars.bind_contextvars, peer="127.0.0.1:4000")
+    context.run(structlog.contextvars.clear_contextvars)
+    context.run(_message, counted)
+    context.run(structlog.contextvars.bind_contextvars, peer=mock.ANY)  # == Ellipsis, too
+    direct, line = context.run(_message, counted)
+    assert not direct
+    assert line["peer"] == "<ANY>"
+
+
+class _Incomparable:
+    """A value another library might keep in a context variable: == raises."""
+
+    def __eq__(self, other: object) -> bool:
+        raise TypeError("not comparable")
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+_OTHER_LIBRARY: contextvars.ContextVar[_Incomparable] = contextvars.ContextVar("other_library")
+
+
+def test_other_context_variables_do_not_get_in_the_way(counted: _CountingStream) -> None:
+    def each_with_its_own_value() -> list[bool]:
+        written = []
+        for _ in range(3):
+            _OTHER_LIBRARY.set(_Incomparable())
+            direct, line = _message(counted)
+            assert "other_library" not in line
+            written.append(direct)
+        return written
+
+    assert contextvars.Context().run(each_with_its_own_value) == [True, True, True]
 
 
 @pytest.mark.parametrize(

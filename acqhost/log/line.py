@@ -7,6 +7,7 @@ the same line directly whenever it can tell that the chain would only render it.
 
 from __future__ import annotations
 
+import contextvars
 import datetime
 import logging
 import time
@@ -28,18 +29,44 @@ _RESERVED: Final = frozenset(
     (*_MESSAGE_KEYS, "event", "logger", "level", "timestamp", "exc_info", "stack_info")
 )
 
-# Where bind_contextvars keeps its variables (every one it ever made, bound or cleared): far
-# cheaper to look at than the whole context. Without it, get_contextvars says the same.
-_bound_vars: dict[str, Any] | None = getattr(structlog.contextvars, "_CONTEXT_VARS", None)
+# Contexts in which merge_contextvars added nothing. get_contextvars answers the question
+# exactly but costs a good part of a fast line, while most messages are logged in a context
+# that has not changed since the last one, and comparing with a context seen before is cheap.
+# `_plain` holds no variable set to Ellipsis (how structlog clears one), so none of structlog's;
+# `_cleared` holds some, listed beside it in one tuple that threads replace whole.
+_plain: contextvars.Context | None = None
+_cleared: tuple[contextvars.Context | None, tuple[contextvars.ContextVar[Any], ...]] = (None, ())
 
 
 def _context_bound() -> bool:
-    """Would ``merge_contextvars`` add anything to an event now?"""
-    if _bound_vars is None:  # pragma: no cover
-        return bool(structlog.contextvars.get_contextvars())
-    if not _bound_vars:
-        return False
-    return any(var.get(Ellipsis) is not Ellipsis for var in _bound_vars.values())
+    """Would ``merge_contextvars`` (first in ``configure_logging``'s chain, the only chain the
+    fast line writes for) add anything to an event now?"""
+    global _plain, _cleared
+    context = contextvars.copy_context()
+    # Contexts compare as mappings: same variables, equal values; in constant time when the
+    # mapping underneath is the same one, as it is while nothing sets a variable.
+    try:
+        if context == _plain:
+            return False  # no variable of structlog's in it at all
+        seen, cleared = _cleared
+        if context == seen:
+            # structlog's variables were all cleared in `seen`; they must still be, by `is`, as
+            # == could let through an object that claims to equal anything.
+            for var in cleared:
+                if context[var] is not Ellipsis:
+                    break
+            else:
+                return False
+    except Exception:  # a value whose == fails: look properly instead
+        pass
+    if structlog.contextvars.get_contextvars():
+        return True
+    cleared = tuple(var for var, value in context.items() if value is Ellipsis)
+    if cleared:
+        _cleared = (context, cleared)
+    else:
+        _plain = context
+    return False
 
 
 def _json_value(value: Any, rule: int | None) -> str | None:
