@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import contextvars
 import io
 import json
@@ -9,6 +10,7 @@ import logging
 import re
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 from unittest import mock
 
@@ -17,6 +19,7 @@ import structlog
 from hypothesis import given
 from hypothesis import strategies as st
 
+import acqhost.log
 from acqhost.domain.crypto import encrypt_password
 from acqhost.log import (
     configure_logging,
@@ -645,3 +648,67 @@ def test_message_extras_may_not_repeat_the_events_keys(output: io.StringIO) -> N
     for key in ("tid", "event"):
         with pytest.raises(TypeError):
             log.message("sale", "TERM0001", "0200", "000123", "00", None, 1.0, {key: "x"})
+
+
+# --- the package's own shape -----------------------------------------------------------------
+
+# Logging sits below everything that logs: it may use the card rules and the errors, no more.
+_MAY_IMPORT = ("acqhost.log", "acqhost.domain.cards", "acqhost.errors")
+
+
+def _log_modules() -> list[tuple[str, ast.Module]]:
+    package = Path(acqhost.log.__file__).parent
+    return [(path.name, ast.parse(path.read_text())) for path in sorted(package.glob("*.py"))]
+
+
+def test_the_log_package_imports_only_the_card_rules_and_the_errors() -> None:
+    modules = _log_modules()
+    assert {name for name, _ in modules} >= {"__init__.py", "masking.py", "setup.py", "line.py"}
+    for name, tree in modules:
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                imported = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                # A relative import counts from acqhost.log (level 1) upwards.
+                base = ["acqhost", "log"][: 3 - node.level] if node.level else []
+                imported = [".".join([*base, *([node.module] if node.module else [])])]
+            else:
+                continue
+            for module in imported:
+                if module == "acqhost" or module.startswith("acqhost."):
+                    assert any(
+                        module == allowed or module.startswith(allowed + ".")
+                        for allowed in _MAY_IMPORT
+                    ), f"{name} imports {module}"
+
+
+def test_the_log_package_uses_no_other_modules_private_names() -> None:
+    for name, tree in _log_modules():
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                private = [alias.name for alias in node.names if _private(alias.name)]
+                assert not private, f"{name} imports {private} from {node.module}"
+            elif isinstance(node, ast.Attribute) and _private(node.attr):
+                # Only an object's own attributes: self._x.
+                assert isinstance(node.value, ast.Name) and node.value.id == "self", (
+                    f"{name}:{node.lineno} reads .{node.attr}"
+                )
+            elif (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Name)
+                and node.func.id in ("getattr", "hasattr", "setattr")
+                and len(node.args) > 1
+                and isinstance(node.args[1], ast.Constant)
+            ):
+                attr = str(node.args[1].value)
+                assert not _private(attr), f"{name}:{node.lineno} reads {attr} by name"
+
+
+def _private(name: str) -> bool:
+    return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
+
+
+def test_each_log_module_stays_small() -> None:
+    package = Path(acqhost.log.__file__).parent
+    for path in package.glob("*.py"):
+        assert len(path.read_text().splitlines()) <= 500, path.name
