@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import ast
+import contextvars
 import io
 import json
 import logging
 import re
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import pytest
 import structlog
 from hypothesis import given
 from hypothesis import strategies as st
 
+import acqhost.log
 from acqhost.domain.crypto import encrypt_password
 from acqhost.log import (
     configure_logging,
@@ -23,6 +28,7 @@ from acqhost.log import (
     mask_text,
     message_logger,
 )
+from acqhost.log.line import IsoTimestamps
 
 PAN = "6222021234567890128"  # Luhn-valid, 19 digits
 PAN16 = "4111111111111111"
@@ -415,13 +421,13 @@ def test_the_message_line_is_the_structlog_line(output: io.StringIO, event: dict
 def test_ordinary_sales_take_the_fast_path() -> None:
     configure_logging("info", stream=io.StringIO())
     log = message_logger("acqhost.message")
-    assert log._line("sale", "TERM0001", "0200", "000123", "00", None, 0.5, {"amount": 10})
-    assert log._line("reversal", "TERM0001", "0400", "000124", "00", None, 0.5,
+    assert log.render("sale", "TERM0001", "0200", "000123", "00", None, 0.5, {"amount": 10})
+    assert log.render("reversal", "TERM0001", "0400", "000124", "00", None, 0.5,
                      {"rrn": "000000000042"})  # fmt: skip
-    assert log._line("sale", "TERM0001", "0200", "000125", "05", "OVER_LIMIT", 0.5, {})
+    assert log.render("sale", "TERM0001", "0200", "000125", "05", "OVER_LIMIT", 0.5, {})
     # Card data, or an unknown key, leaves it to the chain.
-    assert log._line("sale", "TERM0001", "0200", "000126", "00", PAN, 0.5, {}) is None
-    assert log._line("sale", "TERM0001", "0200", "000127", "00", None, 0.5, {"pan": PAN}) is None
+    assert log.render("sale", "TERM0001", "0200", "000126", "00", PAN, 0.5, {}) is None
+    assert log.render("sale", "TERM0001", "0200", "000127", "00", None, 0.5, {"pan": PAN}) is None
 
 
 def test_card_data_in_the_message_event_is_masked(output: io.StringIO) -> None:
@@ -523,17 +529,116 @@ def test_the_message_event_is_seen_by_capture_logs_and_carries_bound_context(
     assert "peer" not in _same_line(fast, slow)
 
 
+class _CountingStream(io.StringIO):
+    """Counts flushes: structlog's writer flushes every line it writes, the direct path of
+    MessageLogger does not."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.flushes = 0
+
+    def flush(self) -> None:
+        self.flushes += 1
+        super().flush()
+
+
+def _message(stream: _CountingStream, **extra: Any) -> tuple[bool, dict[str, Any]]:
+    """Log one message event; whether it was written directly, and the line."""
+    flushes, start = stream.flushes, len(stream.getvalue())
+    _MESSAGES.message("sale", "TERM0001", "0200", "000123", "00", None, 1.0, extra)
+    return stream.flushes == flushes, json.loads(stream.getvalue()[start:])
+
+
+@pytest.fixture
+def counted() -> Iterator[_CountingStream]:
+    stream = _CountingStream()
+    configure_logging("info", stream=stream)
+    yield stream
+    configure_logging("info", stream=io.StringIO())
+
+
+def test_bound_context_is_written_where_it_is_bound_and_only_there(
+    counted: _CountingStream,
+) -> None:
+    def bound_here() -> tuple[bool, dict[str, Any]]:
+        structlog.contextvars.bind_contextvars(peer="127.0.0.1:4000")
+        return _message(counted)
+
+    direct, line = contextvars.Context().run(bound_here)
+    assert not direct
+    assert line["peer"] == "127.0.0.1:4000"
+    for _ in range(2):  # (the second time, in a context the logger has seen)
+        direct, line = contextvars.Context().run(_message, counted)
+        assert direct
+        assert "peer" not in line
+
+
+def test_context_bound_then_cleared_is_written_directly_until_bound_again(
+    counted: _CountingStream,
+) -> None:
+    context = contextvars.Context()
+    context.run(structlog.contextvars.bind_contextvars, peer="127.0.0.1:4000", card=PAN)
+    context.run(structlog.contextvars.clear_contextvars)
+    for _ in range(2):
+        direct, line = context.run(_message, counted)
+        assert direct
+        assert "peer" not in line
+    context.run(structlog.contextvars.bind_contextvars, card=PAN)
+    direct, line = context.run(_message, counted)
+    assert not direct
+    assert line["card"] == "622202*********0128"
+    assert "peer" not in line
+    _secrets_absent(counted.getvalue())
+
+
+def test_a_bound_value_that_equals_anything_is_still_written(counted: _CountingStream) -> None:
+    context = contextvars.Context()
+    context.run(structlog.contextvars.bind_contextvars, peer="127.0.0.1:4000")
+    context.run(structlog.contextvars.clear_contextvars)
+    context.run(_message, counted)
+    context.run(structlog.contextvars.bind_contextvars, peer=mock.ANY)  # == Ellipsis, too
+    direct, line = context.run(_message, counted)
+    assert not direct
+    assert line["peer"] == "<ANY>"
+
+
+class _Incomparable:
+    """A value another library might keep in a context variable: == raises."""
+
+    def __eq__(self, other: object) -> bool:
+        raise TypeError("not comparable")
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+_OTHER_LIBRARY: contextvars.ContextVar[_Incomparable] = contextvars.ContextVar("other_library")
+
+
+def test_other_context_variables_do_not_get_in_the_way(counted: _CountingStream) -> None:
+    def each_with_its_own_value() -> list[bool]:
+        written = []
+        for _ in range(3):
+            _OTHER_LIBRARY.set(_Incomparable())
+            direct, line = _message(counted)
+            assert "other_library" not in line
+            written.append(direct)
+        return written
+
+    assert contextvars.Context().run(each_with_its_own_value) == [True, True, True]
+
+
 @pytest.mark.parametrize(
     "ns",
     [0, 1_700_000_000_000_000_000, 1_700_000_000_000_001_999, 1_700_000_000_999_999_999,
      4_102_444_799_123_456_789],
 )  # fmt: skip
 def test_the_message_timestamp_is_structlogs_iso_format(ns: int) -> None:
-    log = message_logger("acqhost.message")
+    stamps = IsoTimestamps()
     second, micros = divmod(ns // 1000, 1_000_000)
     expected = datetime.fromtimestamp(second, UTC).replace(microsecond=micros)
-    assert log._timestamp(ns) == expected.isoformat().replace("+00:00", "Z")
-    assert log._timestamp(ns + 1000) == (expected + timedelta(microseconds=1)).isoformat().replace(
+    assert stamps.at(ns) == expected.isoformat().replace("+00:00", "Z")
+    # The same second again: its text is remembered, the fraction is not.
+    assert stamps.at(ns + 1000) == (expected + timedelta(microseconds=1)).isoformat().replace(
         "+00:00", "Z"
     )
 
@@ -543,3 +648,67 @@ def test_message_extras_may_not_repeat_the_events_keys(output: io.StringIO) -> N
     for key in ("tid", "event"):
         with pytest.raises(TypeError):
             log.message("sale", "TERM0001", "0200", "000123", "00", None, 1.0, {key: "x"})
+
+
+# --- the package's own shape -----------------------------------------------------------------
+
+# Logging sits below everything that logs: it may use the card rules and the errors, no more.
+_MAY_IMPORT = ("acqhost.log", "acqhost.domain.cards", "acqhost.errors")
+
+
+def _log_modules() -> list[tuple[str, ast.Module]]:
+    package = Path(acqhost.log.__file__).parent
+    return [(path.name, ast.parse(path.read_text())) for path in sorted(package.glob("*.py"))]
+
+
+def test_the_log_package_imports_only_the_card_rules_and_the_errors() -> None:
+    modules = _log_modules()
+    assert {name for name, _ in modules} >= {"__init__.py", "masking.py", "setup.py", "line.py"}
+    for name, tree in modules:
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                imported = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                # A relative import counts from acqhost.log (level 1) upwards.
+                base = ["acqhost", "log"][: 3 - node.level] if node.level else []
+                imported = [".".join([*base, *([node.module] if node.module else [])])]
+            else:
+                continue
+            for module in imported:
+                if module == "acqhost" or module.startswith("acqhost."):
+                    assert any(
+                        module == allowed or module.startswith(allowed + ".")
+                        for allowed in _MAY_IMPORT
+                    ), f"{name} imports {module}"
+
+
+def test_the_log_package_uses_no_other_modules_private_names() -> None:
+    for name, tree in _log_modules():
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                private = [alias.name for alias in node.names if _private(alias.name)]
+                assert not private, f"{name} imports {private} from {node.module}"
+            elif isinstance(node, ast.Attribute) and _private(node.attr):
+                # Only an object's own attributes: self._x.
+                assert isinstance(node.value, ast.Name) and node.value.id == "self", (
+                    f"{name}:{node.lineno} reads .{node.attr}"
+                )
+            elif (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Name)
+                and node.func.id in ("getattr", "hasattr", "setattr")
+                and len(node.args) > 1
+                and isinstance(node.args[1], ast.Constant)
+            ):
+                attr = str(node.args[1].value)
+                assert not _private(attr), f"{name}:{node.lineno} reads {attr} by name"
+
+
+def _private(name: str) -> bool:
+    return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
+
+
+def test_each_log_module_stays_small() -> None:
+    package = Path(acqhost.log.__file__).parent
+    for path in package.glob("*.py"):
+        assert len(path.read_text().splitlines()) <= 500, path.name
