@@ -14,7 +14,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from acqhost.store.base import (
-    IN_FORCE_STATES,
     OPEN_REBIND_STATES,
     TERMINAL_STATUSES,
     AccountVersion,
@@ -29,6 +28,7 @@ from acqhost.store.base import (
     StoreTx,
     Terminal,
     format_rrn,
+    in_force,
 )
 
 __all__ = ("MemoryStore",)
@@ -184,12 +184,8 @@ class MemoryStore:
 
     # -- settlement accounts ---------------------------------------------------------------
     def current_account(self, tid: str, now: float) -> AccountVersion | None:
-        """The version in force: the latest APPROVED, ACTIVE or VERIFIED version whose
-        effective_from <= now."""
-        for version in reversed(self._accounts.get(tid, ())):
-            if version.state in IN_FORCE_STATES and version.effective_from <= now:
-                return version
-        return None
+        """The version in force at ``now`` (``acqhost.store.base.in_force`` of its versions)."""
+        return in_force(self._accounts.get(tid, []), now)
 
     def account_history(self, tid: str) -> list[AccountVersion]:
         """Every version of the terminal's settlement account, oldest first."""

@@ -41,7 +41,6 @@ from acqhost.store._sql import (
     terminal_params,
 )
 from acqhost.store.base import (
-    IN_FORCE_STATES,
     TERMINAL_STATUSES,
     AccountVersion,
     NewAccount,
@@ -54,6 +53,7 @@ from acqhost.store.base import (
     StoreTx,
     Terminal,
     format_rrn,
+    in_force,
 )
 from acqhost.store.pg_listen import CHANNEL, CacheListener
 
@@ -280,16 +280,8 @@ class PostgresStore:
 
     # -- settlement accounts ---------------------------------------------------------------
     def current_account(self, tid: str, now: float) -> AccountVersion | None:
-        """The version in force: the latest APPROVED, ACTIVE or VERIFIED version whose
-        effective_from <= now (APPROVED is ACTIVE from then on, recorded or not)."""
-        with self._transaction() as cur:
-            row = cur.execute(
-                f"SELECT {ACCOUNT_COLUMNS} FROM settlement_accounts "
-                "WHERE tid = %s AND state IN (%s, %s, %s) AND effective_from <= %s "
-                "ORDER BY version DESC LIMIT 1",
-                (tid, *IN_FORCE_STATES, now),
-            ).fetchone()
-        return None if row is None else AccountVersion(*row)
+        """The version in force at ``now`` (``acqhost.store.base.in_force`` of its versions)."""
+        return in_force(self.account_history(tid), now)
 
     def account_history(self, tid: str) -> list[AccountVersion]:
         """Every version of the terminal's settlement account, oldest first."""

@@ -30,7 +30,6 @@ from acqhost.store._sql import (
     terminal_params,
 )
 from acqhost.store.base import (
-    IN_FORCE_STATES,
     TERMINAL_STATUSES,
     AccountVersion,
     NewAccount,
@@ -43,6 +42,7 @@ from acqhost.store.base import (
     StoreTx,
     Terminal,
     format_rrn,
+    in_force,
 )
 
 __all__ = ("SQLiteStore",)
@@ -261,15 +261,8 @@ class SQLiteStore:
 
     # -- settlement accounts ---------------------------------------------------------------
     def current_account(self, tid: str, now: float) -> AccountVersion | None:
-        """The version in force: the latest APPROVED, ACTIVE or VERIFIED version whose
-        effective_from <= now (APPROVED is ACTIVE from then on, recorded or not)."""
-        row = self._conn.execute(
-            f"SELECT {ACCOUNT_COLUMNS} FROM settlement_accounts "
-            "WHERE tid = ? AND state IN (?, ?, ?) AND effective_from <= ? "
-            "ORDER BY version DESC LIMIT 1",
-            (tid, *IN_FORCE_STATES, now),
-        ).fetchone()
-        return None if row is None else AccountVersion(*row)
+        """The version in force at ``now`` (``acqhost.store.base.in_force`` of its versions)."""
+        return in_force(self.account_history(tid), now)
 
     def account_history(self, tid: str) -> list[AccountVersion]:
         """Every version of the terminal's settlement account, oldest first."""
