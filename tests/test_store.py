@@ -8,6 +8,7 @@ tests/conftest.py); without it they are skipped, except under CI."""
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import os
 import sqlite3
 import threading
@@ -35,11 +36,11 @@ from acqhost.store import (
     SQLiteStore,
     Store,
     Terminal,
-    migrations,
     open_store,
 )
 from acqhost.store import sqlite as sqlite_store
 from acqhost.store.base import RebindRequest, StoreTx
+from acqhost.store.migrations import sqlite as migrations
 from acqhost.store.postgres import PostgresStore
 
 TID = "T0000001"
@@ -603,6 +604,21 @@ def test_migration_versions_start_at_1_and_increase_by_one() -> None:
     versions = [version for version, _ in migrations.MIGRATIONS]
     assert versions == list(range(1, len(versions) + 1))
     assert migrations.latest_version() == versions[-1]
+
+
+# A published migration is never edited: a database that applied it must stay what a new one
+# gets. A change to the schema is a new migration, pinned here once published.
+PUBLISHED = {
+    1: "8bb753dde8d676998b74080b8be511b333583b0ad245a1c098bf6f4b50f7f2ce",
+    2: "30cb67d2b29db1dd75cec30f80d80d06ec1125667767a40bddb32ae942262a3a",
+    3: "2cccc8872c32cb9a8522dfdb967066266e6ca97ef681100670f397c7d7d452ef",
+}
+
+
+def test_published_migrations_are_never_edited() -> None:
+    scripts = dict(migrations.MIGRATIONS)
+    for version, digest in PUBLISHED.items():
+        assert hashlib.sha256(scripts[version].encode()).hexdigest() == digest, version
 
 
 def test_migration_scripts_split_into_whole_statements() -> None:

@@ -4,6 +4,7 @@ no clear card data in any column, and migrations. They run when ACQHOST_TEST_PG 
 from __future__ import annotations
 
 import getpass
+import hashlib
 import threading
 import time
 from collections.abc import Callable
@@ -25,8 +26,8 @@ from acqhost.store import (
     Session,
     format_rrn,
     open_store,
-    pg_migrations,
 )
+from acqhost.store.migrations import postgres as pg_migrations
 from acqhost.store.postgres import PostgresStore
 from tests.test_store import (
     CREATED,
@@ -310,6 +311,20 @@ def pg_schema_version(url: str) -> int | None:
         row = conn.execute("SELECT version FROM schema_version").fetchone()
         assert row is not None
         return int(row[0])
+
+
+# As test_store.PUBLISHED: PostgreSQL's scripts, never edited once published.
+PUBLISHED = {
+    1: "5b4eea6b462a31e87a550acd109d3efd899cfe9d543726e9ad93289dce126407",
+    2: "51ed7ee1d298887d402cd382fde5475015022b95172a2ebd814bdc19d920121a",
+    3: "2cccc8872c32cb9a8522dfdb967066266e6ca97ef681100670f397c7d7d452ef",
+}
+
+
+def test_published_postgres_migrations_are_never_edited() -> None:
+    scripts = dict(pg_migrations.MIGRATIONS)
+    for version, digest in PUBLISHED.items():
+        assert hashlib.sha256(scripts[version].encode()).hexdigest() == digest, version
 
 
 def test_postgres_migration_versions_start_at_1_and_increase_by_one() -> None:

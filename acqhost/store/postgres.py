@@ -28,9 +28,25 @@ from typing import Any
 
 import psycopg
 
-from acqhost.store import pg_migrations
-from acqhost.store._sql import (
+from acqhost.store.base import (
+    TERMINAL_STATUSES,
+    AccountVersion,
+    NewAccount,
+    Operator,
+    SaleRecord,
+    SaleResult,
+    Session,
+    StoredSale,
+    StoreTx,
+    Terminal,
+    format_rrn,
+    in_force,
+)
+from acqhost.store.migrations import postgres as migrations
+from acqhost.store.pg_listen import CHANNEL, CacheListener
+from acqhost.store.sql import (
     ACCOUNT_COLUMNS,
+    AUDIT_LOCK,
     SALE_SELECT,
     TERMINAL_COLUMNS,
     SQLTx,
@@ -40,30 +56,8 @@ from acqhost.store._sql import (
     stored_sale,
     terminal_params,
 )
-from acqhost.store.base import (
-    TERMINAL_STATUSES,
-    AccountVersion,
-    NewAccount,
-    Operator,
-    SaleRecord,
-    SaleResult,
-    SchemaVersionError,
-    Session,
-    StoredSale,
-    StoreTx,
-    Terminal,
-    format_rrn,
-    in_force,
-)
-from acqhost.store.pg_listen import CHANNEL, CacheListener
 
 __all__ = ("PostgresStore",)
-
-# pg_advisory_xact_lock key serialising migrations of one database (advisory locks are per
-# database, so databases on one server do not wait for each other). "acqhost" in ASCII.
-MIGRATION_LOCK = 0x61_63_71_68_6F_73_74
-# pg_advisory_xact_lock key serialising appends to the audit log's hash chain.
-AUDIT_LOCK = MIGRATION_LOCK + 1
 
 # Every sale of a call in one statement (one round trip): one array per column, unnested in
 # order, so the identity hands out RRNs in the order of the call.
@@ -106,7 +100,7 @@ class PostgresStore:
         self._conninfo = conninfo
         conn = self._connect()
         try:
-            _migrate(conn)
+            migrations.migrate(conn)
         except BaseException:
             conn.close()
             raise
@@ -143,7 +137,7 @@ class PostgresStore:
     def schema_version(self) -> int:
         """The database's schema version (the ``schema_version`` table)."""
         with self._transaction() as cur:
-            return _schema_version(cur)
+            return migrations.schema_version(cur)
 
     @contextmanager
     def _transaction(self) -> Iterator[psycopg.Cursor[tuple[Any, ...]]]:
@@ -465,53 +459,3 @@ def _notify(cur: psycopg.Cursor[tuple[Any, ...]], kind: str, tids: Iterable[str]
 def _placeholders(sql: str) -> str:
     """The shared SQL's ``?`` placeholders as psycopg's ``%s`` (once per statement text)."""
     return sql.replace("?", "%s")
-
-
-def _migrate(conn: psycopg.Connection[tuple[Any, ...]]) -> None:
-    """Bring the database up to the latest schema, one transaction per migration.
-
-    A database already current costs one read. Otherwise each migration's transaction takes
-    the advisory lock and re-reads the version under it, so processes opening a new database
-    together apply each migration exactly once, and one that fails leaves nothing behind.
-    """
-    latest = pg_migrations.latest_version()
-    with conn.transaction(), conn.cursor() as cur:
-        found = _schema_version(cur)
-    if found > latest:
-        raise SchemaVersionError(found, latest)
-    if found == latest:
-        return
-    for version, script in pg_migrations.MIGRATIONS:
-        with conn.transaction(), conn.cursor() as cur:
-            cur.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
-            current = _schema_version(cur)
-            if current > latest:
-                raise SchemaVersionError(current, latest)
-            if current < version:
-                if current != version - 1:
-                    raise RuntimeError(f"migration {version} found schema version {current}")
-                if not _has_schema_version_table(cur):
-                    cur.execute(pg_migrations.SCHEMA_VERSION_TABLE)
-                # No parameters: sent as one simple query, every statement of the script in
-                # this transaction.
-                cur.execute(script)
-                cur.execute("UPDATE schema_version SET version = %s", (version,))
-
-
-def _has_schema_version_table(cur: psycopg.Cursor[tuple[Any, ...]]) -> bool:
-    # A query on the catalog, not to_regclass(): that one answers from this backend's catalog
-    # cache, which may still say "no such table" after another process created it while this
-    # transaction waited for the migration lock.
-    row = cur.execute(
-        "SELECT EXISTS (SELECT FROM pg_catalog.pg_tables "
-        "WHERE schemaname = current_schema() AND tablename = 'schema_version')"
-    ).fetchone()
-    return bool(row and row[0])
-
-
-def _schema_version(cur: psycopg.Cursor[tuple[Any, ...]]) -> int:
-    """The version in ``schema_version``; 0 for a database acqhost has never touched."""
-    if not _has_schema_version_table(cur):
-        return 0
-    row = cur.execute("SELECT version FROM schema_version").fetchone()
-    return 0 if row is None else int(row[0])

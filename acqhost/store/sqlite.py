@@ -17,8 +17,22 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from acqhost.store import migrations
-from acqhost.store._sql import (
+from acqhost.store.base import (
+    TERMINAL_STATUSES,
+    AccountVersion,
+    NewAccount,
+    Operator,
+    SaleRecord,
+    SaleResult,
+    Session,
+    StoredSale,
+    StoreTx,
+    Terminal,
+    format_rrn,
+    in_force,
+)
+from acqhost.store.migrations import sqlite as migrations
+from acqhost.store.sql import (
     ACCOUNT_COLUMNS,
     SALE_SELECT,
     TERMINAL_COLUMNS,
@@ -28,21 +42,6 @@ from acqhost.store._sql import (
     operator_params,
     stored_sale,
     terminal_params,
-)
-from acqhost.store.base import (
-    TERMINAL_STATUSES,
-    AccountVersion,
-    NewAccount,
-    Operator,
-    SaleRecord,
-    SaleResult,
-    SchemaVersionError,
-    Session,
-    StoredSale,
-    StoreTx,
-    Terminal,
-    format_rrn,
-    in_force,
 )
 
 __all__ = ("SQLiteStore",)
@@ -104,7 +103,7 @@ class SQLiteStore:
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute("PRAGMA synchronous = FULL")
             conn.execute("PRAGMA foreign_keys = ON")
-            _migrate(conn)
+            migrations.migrate(conn)
         except BaseException:
             conn.close()
             raise
@@ -131,7 +130,7 @@ class SQLiteStore:
 
     def schema_version(self) -> int:
         """The database's schema version (``PRAGMA user_version``)."""
-        return int(self._conn.execute("PRAGMA user_version").fetchone()[0])
+        return migrations.user_version(self._conn)
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
@@ -361,39 +360,3 @@ class SQLiteStore:
         """Every sale of the terminal, in RRN order."""
         rows = self._conn.execute(SALE_SELECT + "WHERE s.tid = ? ORDER BY s.rrn", (tid,))
         return [stored_sale(row) for row in rows]
-
-
-def _migrate(conn: sqlite3.Connection) -> None:
-    """Bring the database up to the latest schema, one transaction per migration.
-
-    The version is re-read under the write lock, so processes opening a new file together
-    apply each migration exactly once.
-    """
-    latest = migrations.latest_version()
-    found = _user_version(conn)
-    if found > latest:
-        raise SchemaVersionError(found, latest)
-    if found == latest:
-        return
-    for version, script in migrations.MIGRATIONS:
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            current = _user_version(conn)
-            if current > latest:
-                raise SchemaVersionError(current, latest)
-            if current < version:
-                if current != version - 1:
-                    raise RuntimeError(f"migration {version} found schema version {current}")
-                for statement in migrations.statements(script):
-                    conn.execute(statement)
-                # PRAGMA takes no parameters; version is an int from our own list.
-                conn.execute(f"PRAGMA user_version = {int(version)}")
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
-
-
-def _user_version(conn: sqlite3.Connection) -> int:
-    return int(conn.execute("PRAGMA user_version").fetchone()[0])

@@ -23,6 +23,8 @@ from acqhost.store.base import (
 
 __all__ = (
     "ACCOUNT_COLUMNS",
+    "AUDIT_LOCK",
+    "MIGRATION_LOCK",
     "SALE_SELECT",
     "TERMINAL_COLUMNS",
     "SQLTx",
@@ -32,6 +34,12 @@ __all__ = (
     "stored_sale",
     "terminal_params",
 )
+
+# pg_advisory_xact_lock keys (advisory locks are per database, so databases on one server do
+# not wait for each other): "acqhost" in ASCII serialises migrations; the next one, appends to
+# the audit log's hash chain.
+MIGRATION_LOCK = 0x61_63_71_68_6F_73_74
+AUDIT_LOCK = MIGRATION_LOCK + 1
 
 TERMINAL_COLUMNS = (
     "tid, mid, merchant_name, status, identity_public_key, sale_limit, test_limit, created_at"
