@@ -283,6 +283,54 @@ def test_reversing_an_unknown_rrn_changes_nothing(store: Store) -> None:
     assert [s.status for s in store.sales(TID)] == ["approved"]
 
 
+# --- StoreTx.record_sales: sales inside the caller's transaction ------------------------------
+
+
+def test_a_test_sale_and_the_state_change_it_brings_commit_together(store: Store) -> None:
+    with_terminal(store)
+    with store.transaction(TID) as tx:
+        (result,) = tx.record_sales([make_sale("000001", test=True, amount=50)])
+        assert not result.duplicate and tx.has_test_sale(TID, 1)
+        assert tx.set_version_state(TID, 1, ("ACTIVE",), "VERIFIED", CREATED)
+    assert [(s.rrn, s.test, s.amount) for s in store.sales(TID)] == [(result.rrn, True, 50)]
+    assert [v.state for v in store.account_history(TID)] == ["VERIFIED"]
+
+
+def test_a_transaction_that_raises_loses_its_test_sale_and_its_state_change(store: Store) -> None:
+    with_terminal(store)
+    with pytest.raises(RuntimeError), store.transaction(TID) as tx:
+        assert [r.duplicate for r in tx.record_sales([make_sale("000001", test=True)])] == [False]
+        assert tx.set_version_state(TID, 1, ("ACTIVE",), "VERIFIED", CREATED)
+        assert tx.has_test_sale(TID, 1)  # there until the block fails
+        raise RuntimeError("the answer could not be built, say")
+    assert store.sales(TID) == [] and not store.sale_exists(TID, "000001", "0314")
+    assert [v.state for v in store.account_history(TID)] == ["ACTIVE"]
+    assert [r.duplicate for r in store.record_sales([make_sale("000001")])] == [False]
+
+
+def test_sales_recorded_in_a_transaction_follow_the_duplicate_rule(store: Store) -> None:
+    with_terminal(store)
+    (first,) = store.record_sales([make_sale("000001")])
+    with store.transaction(TID) as tx:
+        assert tx.record_sales([]) == []
+        again, new, repeat = tx.record_sales(
+            [make_sale("000001"), make_sale("000002"), make_sale("000002", amount=7)]
+        )
+    assert (again.duplicate, again.rrn) == (True, first.rrn)
+    assert not new.duplicate and new.rrn > first.rrn
+    assert (repeat.duplicate, repeat.rrn) == (True, new.rrn)
+    assert [(s.stan, s.amount) for s in store.sales(TID)] == [("000001", 1234), ("000002", 1234)]
+
+
+def test_a_sale_refused_in_a_transaction_loses_the_whole_transaction(store: Store) -> None:
+    with_terminal(store)
+    with pytest.raises(ValueError), store.transaction(TID) as tx:
+        assert tx.set_version_state(TID, 1, ("ACTIVE",), "VERIFIED", CREATED)
+        tx.record_sales([make_sale("000001"), make_sale("000002", batch_no=7)])
+    assert store.sales(TID) == []
+    assert [v.state for v in store.account_history(TID)] == ["ACTIVE"]
+
+
 # --- open_store -------------------------------------------------------------------------------
 
 

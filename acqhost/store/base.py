@@ -287,6 +287,12 @@ class StoreTx(Protocol):
     def has_test_sale(self, tid: str, version: int) -> bool:
         """Whether an approved test sale settles to this version."""
 
+    def record_sales(self, sales: Sequence[SaleRecord]) -> list[SaleResult]:
+        """:meth:`Store.record_sales` inside this transaction (same duplicates, same RRNs), so
+        that a test sale and the state change it brings commit together, or neither does. A
+        sale the store refuses (unknown terminal, batch or account version) loses the whole
+        transaction: the block ends in ValueError."""
+
     def last_audit(self) -> AuditEntry | None:
         """The newest audit entry; in a write transaction, appends wait for this one to end."""
 

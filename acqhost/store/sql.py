@@ -1,38 +1,51 @@
-"""What the SQL backends share: column lists, row mapping and parameter tuples.
+"""Every SQL statement of the store, once, and the small table of what the dialects write
+differently.
 
-SQLite and PostgreSQL differ in their placeholders (``?`` and ``%s``), transactions and
-batching, not in their tables; the pieces both write the same way live here once.
+The statements are written with ``?`` placeholders in the SQL that SQLite and PostgreSQL both
+speak (``INSERT ... ON CONFLICT`` for duplicates and upserts, ``excluded.``, ``LIMIT``). What
+differs is in a :class:`Dialect`: how a parameter is written, the collation that sorts by bytes,
+and locking: PostgreSQL locks a terminal's row (``FOR UPDATE``) and the audit chain (an advisory
+lock) where SQLite's ``BEGIN IMMEDIATE`` already holds the database's one write lock. The only
+statements written for one dialect are how each batches the sales of ``record_sales``.
+
+:class:`SQLTx` runs them over one open transaction of either backend: the ``StoreTx`` of the
+rebind flow, and what each ``Store`` method does in a transaction of its own
+(``acqhost.store.sqlstore``). A backend subclasses it to name its dialect and its batching.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from dataclasses import dataclass
+from typing import Any, ClassVar, Protocol, cast
 
 from acqhost.store.base import (
-    TERMINAL_STATUSES,
     AccountVersion,
     AuditEntry,
     NewAccount,
     Operator,
     RebindRequest,
+    SaleRecord,
+    SaleResult,
+    Session,
     StoredSale,
     Terminal,
     format_rrn,
 )
 
 __all__ = (
-    "ACCOUNT_COLUMNS",
     "AUDIT_LOCK",
+    "INSERT_SALE",
+    "INSERT_SALES_FROM_ARRAYS",
     "MIGRATION_LOCK",
-    "SALE_SELECT",
-    "TERMINAL_COLUMNS",
+    "POSTGRES",
+    "SQLITE",
+    "STORED_SALES_FROM_ARRAYS",
+    "Cursor",
+    "Dialect",
     "SQLTx",
-    "account_v1_params",
-    "check_new_terminal",
-    "operator_params",
-    "stored_sale",
-    "terminal_params",
+    "SaleKey",
 )
 
 # pg_advisory_xact_lock keys (advisory locks are per database, so databases on one server do
@@ -41,65 +54,10 @@ __all__ = (
 MIGRATION_LOCK = 0x61_63_71_68_6F_73_74
 AUDIT_LOCK = MIGRATION_LOCK + 1
 
-TERMINAL_COLUMNS = (
-    "tid, mid, merchant_name, status, identity_public_key, sale_limit, test_limit, created_at"
-)
-ACCOUNT_COLUMNS = (
-    "tid, version, sealed_account, account_hash, account_masked, holder, bank_code, branch, "
-    "state, effective_from, created_by, reason, created_at"
-)
-SALE_SELECT = (
-    "SELECT s.rrn, s.tid, s.stan, s.local_date, s.transmission, s.amount, s.currency, "
-    "s.auth_code, s.test, s.account_version, s.batch_no, s.status, b.status = 'closed' "
-    "FROM sales AS s JOIN batches AS b ON b.tid = s.tid AND b.batch_no = s.batch_no "
-)
 
+class Cursor(Protocol):
+    """What SQLTx reads of a statement's result, in either driver."""
 
-def check_new_terminal(terminal: Terminal, operator: Operator | None) -> None:
-    """ValueError for a registration no backend may store."""
-    if terminal.status not in TERMINAL_STATUSES:
-        raise ValueError(f"terminal status must be active or disabled: {terminal.status!r}")
-    if operator is not None and operator.tid != terminal.tid:
-        raise ValueError("the operator belongs to another terminal")
-
-
-def terminal_params(t: Terminal) -> tuple[Any, ...]:
-    """The values of TERMINAL_COLUMNS, in order."""
-    return (t.tid, t.mid, t.merchant_name, t.status, t.identity_public_key, t.sale_limit,
-            t.test_limit, t.created_at)  # fmt: skip
-
-
-def account_v1_params(tid: str, a: NewAccount, now: float) -> tuple[Any, ...]:
-    """The values of ACCOUNT_COLUMNS but version and state (1 and 'ACTIVE' in the SQL)."""
-    return (tid, a.sealed_account, a.account_hash, a.account_masked, a.holder, a.bank_code,
-            a.branch, now, a.created_by, a.reason, now)  # fmt: skip
-
-
-def operator_params(o: Operator) -> tuple[Any, ...]:
-    """(tid, operator_id, password_hash, failures)."""
-    return (o.tid, o.operator_id, o.password_hash, o.failures)
-
-
-def stored_sale(row: Sequence[Any]) -> StoredSale:
-    """A row of SALE_SELECT."""
-    return StoredSale(
-        rrn=format_rrn(row[0]),
-        tid=row[1],
-        stan=row[2],
-        local_date=row[3],
-        transmission=row[4],
-        amount=row[5],
-        currency=row[6],
-        auth_code=row[7],
-        test=bool(row[8]),
-        account_version=row[9],
-        batch_no=row[10],
-        status=row[11],
-        batch_settled=bool(row[12]),
-    )
-
-
-class _Cursor(Protocol):
     @property
     def rowcount(self) -> int: ...
 
@@ -108,33 +66,117 @@ class _Cursor(Protocol):
     def fetchall(self) -> list[Any]: ...
 
 
-_REQUEST_SELECT = (
+Execute = Callable[[str, tuple[Any, ...]], Cursor]
+SaleKey = tuple[str, str, str]  # (tid, stan, local_date): the duplicate key
+
+
+@dataclass(frozen=True, slots=True)
+class Dialect:
+    """What one backend's SQL writes differently from the statements below."""
+
+    placeholder: str  # a parameter: "?" (sqlite3) or "%s" (psycopg)
+    byte_order: str  # the collation that sorts text byte by byte (tids are listed so)
+    # Run first in a write transaction naming a terminal, so that the writers of one terminal
+    # go one at a time; None where BEGIN IMMEDIATE already holds the one write lock.
+    lock_terminal: str | None
+    # Run before a writer reads the newest audit entry, so that appends form one chain; None
+    # where the write lock already gives them one order.
+    lock_audit: str | None
+
+    def statement(self, sql: str) -> str:
+        """``sql``, written with ``?``, in this dialect's placeholders."""
+        return sql if self.placeholder == "?" else _translate(sql, self.placeholder)
+
+    def bind(self, execute: Execute) -> Execute:
+        """``execute`` (the driver's) taking statements written with ``?``."""
+        if self.placeholder == "?":
+            return execute
+        statement = self.statement
+        return lambda sql, params: execute(statement(sql), params)
+
+
+SQLITE = Dialect(placeholder="?", byte_order="BINARY", lock_terminal=None, lock_audit=None)
+POSTGRES = Dialect(
+    placeholder="%s",
+    byte_order='"C"',
+    lock_terminal="SELECT 1 FROM terminals WHERE tid = ? FOR UPDATE",
+    lock_audit=f"SELECT pg_advisory_xact_lock({AUDIT_LOCK})",
+)
+
+
+@functools.cache
+def _translate(sql: str, placeholder: str) -> str:
+    # Once per statement text: a statement holds no "?" but its placeholders.
+    return sql.replace("?", placeholder)
+
+
+TERMINAL_COLUMNS = (
+    "tid, mid, merchant_name, status, identity_public_key, sale_limit, test_limit, created_at"
+)
+ACCOUNT_COLUMNS = (
+    "tid, version, sealed_account, account_hash, account_masked, holder, bank_code, branch, "
+    "state, effective_from, created_by, reason, created_at"
+)
+SALE_COLUMNS = (
+    "tid, mid, stan, local_date, local_time, transmission, amount, currency, pan_masked, "
+    "auth_code, test, account_version, batch_no, received_at"
+)
+SALE_SELECT = (
+    "SELECT s.rrn, s.tid, s.stan, s.local_date, s.transmission, s.amount, s.currency, "
+    "s.auth_code, s.test, s.account_version, s.batch_no, s.status, b.status = 'closed' "
+    "FROM sales AS s JOIN batches AS b ON b.tid = s.tid AND b.batch_no = s.batch_no "
+)
+REQUEST_SELECT = (
     "SELECT r.rf, r.tid, r.version, r.kind, r.operator_id, r.stan, r.transmission, r.source, "
     "r.submitted_at, a.state, r.decided_by, r.decided_at, r.note, r.restores "
     "FROM rebind_requests AS r "
     "JOIN settlement_accounts AS a ON a.tid = r.tid AND a.version = r.version "
 )
-_AUDIT_COLUMNS = "seq, at, actor, action, tid, subject, detail, prev_digest, digest"
+AUDIT_COLUMNS = "seq, at, actor, action, tid, subject, detail, prev_digest, digest"
+SALE_EXISTS = "SELECT 1 FROM sales WHERE tid = ? AND stan = ? AND local_date = ?"
+STORED_SALE = "SELECT rrn FROM sales WHERE tid = ? AND stan = ? AND local_date = ?"
+
+# SQLite's batching: one sale a statement, whose rowcount and lastrowid say what became of it.
+INSERT_SALE = (
+    f"INSERT INTO sales ({SALE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+    "ON CONFLICT (tid, stan, local_date) DO NOTHING"
+)
+# PostgreSQL's batching: every sale of a call in one statement (one round trip), one array a
+# column, unnested in order, so that the identity hands out RRNs in the order of the call.
+INSERT_SALES_FROM_ARRAYS = (
+    f"INSERT INTO sales ({SALE_COLUMNS}) SELECT {SALE_COLUMNS} "
+    "FROM unnest(?::text[], ?::text[], ?::text[], ?::text[], ?::text[], ?::text[], "
+    "?::bigint[], ?::text[], ?::text[], ?::text[], ?::boolean[], ?::integer[], "
+    f"?::integer[], ?::double precision[]) WITH ORDINALITY AS input ({SALE_COLUMNS}, ord) "
+    "ORDER BY ord "
+    "ON CONFLICT (tid, stan, local_date) DO NOTHING "
+    "RETURNING rrn, tid, stan, local_date"
+)
+# ...and the RRNs of the keys already stored, in one statement too.
+STORED_SALES_FROM_ARRAYS = (
+    "SELECT s.rrn, s.tid, s.stan, s.local_date FROM sales AS s "
+    "JOIN unnest(?::text[], ?::text[], ?::text[]) AS k (tid, stan, local_date) "
+    "ON s.tid = k.tid AND s.stan = k.stan AND s.local_date = k.local_date"
+)
 
 
 class SQLTx:
-    """``StoreTx`` over one open transaction of either SQL backend.
+    """``StoreTx`` over one open transaction of either SQL backend, with the statements of the
+    ``Store`` methods besides.
 
-    The SQL is written once with ``?`` placeholders; ``execute`` is the backend's own (the
-    PostgreSQL store passes one that sends ``%s``). ``lock`` statements are what PostgreSQL
-    needs to serialise writers that SQLite's single write lock serialises already.
+    A backend's subclass names its :attr:`dialect` and implements :meth:`_insert_sales`; it is
+    built on the driver's ``execute`` of the transaction (or, for a store's reads, of a
+    statement that is a transaction of its own). What hosts cache and the transaction changed
+    is collected in :attr:`changed`, for a backend shared by several hosts to announce.
     """
 
-    def __init__(
-        self,
-        execute: Callable[[str, tuple[Any, ...]], _Cursor],
-        *,
-        write: bool,
-        lock_audit: str | None = None,
-    ) -> None:
-        self._execute = execute
-        self._write = write
-        self._lock_audit = lock_audit
+    dialect: ClassVar[Dialect]
+
+    def __init__(self, execute: Execute, *, write: bool) -> None:
+        self._execute = self.dialect.bind(execute)
+        self._writing = write
+        # (kind, tid): "terminal", "session" or "account" of a terminal, changed here.
+        self.changed: set[tuple[str, str]] = set()
 
     def _one(self, sql: str, params: tuple[Any, ...]) -> Any:
         return self._execute(sql, params).fetchone()
@@ -142,9 +184,62 @@ class SQLTx:
     def _all(self, sql: str, params: tuple[Any, ...] = ()) -> list[Any]:
         return self._execute(sql, params).fetchall()
 
+    def lock_terminal(self, tid: str) -> None:
+        """Make the other writers of this terminal wait for this transaction to end."""
+        if self.dialect.lock_terminal is not None:
+            self._execute(self.dialect.lock_terminal, (tid,))
+
+    # -- terminals and operators -----------------------------------------------------------
     def terminal(self, tid: str) -> Terminal | None:
         row = self._one(f"SELECT {TERMINAL_COLUMNS} FROM terminals WHERE tid = ?", (tid,))
         return None if row is None else Terminal(*row)
+
+    def terminals(self) -> list[Terminal]:
+        """Every terminal, in byte order of tid (whatever the database's collation)."""
+        order = f"ORDER BY tid COLLATE {self.dialect.byte_order}"
+        rows = self._all(f"SELECT {TERMINAL_COLUMNS} FROM terminals {order}")
+        return [Terminal(*row) for row in rows]
+
+    def insert_terminal(self, t: Terminal, a: NewAccount, operator: Operator | None) -> None:
+        """Register ``t`` with account version 1 (ACTIVE from ``t.created_at``), batch 1 open
+        and the optional operator. ValueError if the tid exists."""
+        now = t.created_at
+        # ON CONFLICT rather than a look first: two processes adding the same tid at once get
+        # one terminal and one "already exists".
+        cursor = self._execute(
+            f"INSERT INTO terminals ({TERMINAL_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT (tid) DO NOTHING",
+            (t.tid, t.mid, t.merchant_name, t.status, t.identity_public_key, t.sale_limit,
+             t.test_limit, now),
+        )  # fmt: skip
+        if cursor.rowcount != 1:
+            raise ValueError(f"terminal {t.tid!r} already exists")
+        self._insert_version(
+            AccountVersion(t.tid, 1, a.sealed_account, a.account_hash, a.account_masked,
+                           a.holder, a.bank_code, a.branch, "ACTIVE", now, a.created_by,
+                           a.reason, now)
+        )  # fmt: skip
+        self._execute(
+            "INSERT INTO batches (tid, batch_no, status, opened_at) VALUES (?, 1, 'open', ?)",
+            (t.tid, now),
+        )
+        if operator is not None:
+            o = operator
+            self._execute(
+                "INSERT INTO operators (tid, operator_id, password_hash, failures) "
+                "VALUES (?, ?, ?, ?)",
+                (o.tid, o.operator_id, o.password_hash, o.failures),
+            )
+        # A host that was asked about this tid has "no such terminal" cached.
+        self.changed.add(("terminal", t.tid))
+
+    def set_terminal_status(self, tid: str, status: str) -> bool:
+        """False if there is no such terminal."""
+        cursor = self._execute("UPDATE terminals SET status = ? WHERE tid = ?", (status, tid))
+        if cursor.rowcount != 1:
+            return False
+        self.changed.add(("terminal", tid))
+        return True
 
     def operator(self, tid: str, operator_id: str) -> Operator | None:
         row = self._one(
@@ -160,14 +255,40 @@ class SQLTx:
             (failures, tid, operator_id),
         )
 
+    # -- sessions --------------------------------------------------------------------------
+    def session(self, tid: str) -> Session | None:
+        row = self._one(
+            "SELECT tid, sealed_rx, sealed_tx, signed_on_at FROM sessions WHERE tid = ?", (tid,)
+        )
+        return None if row is None else Session(*row)
+
+    def save_session(self, s: Session) -> None:
+        """Insert or replace the terminal's session."""
+        self._execute(
+            "INSERT INTO sessions (tid, sealed_rx, sealed_tx, signed_on_at) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (tid) DO UPDATE SET sealed_rx = excluded.sealed_rx, "
+            "sealed_tx = excluded.sealed_tx, signed_on_at = excluded.signed_on_at",
+            (s.tid, s.sealed_rx, s.sealed_tx, s.signed_on_at),
+        )
+        self.changed.add(("session", s.tid))
+
+    def drop_session(self, tid: str) -> None:
+        if self._execute("DELETE FROM sessions WHERE tid = ?", (tid,)).rowcount:
+            self.changed.add(("session", tid))
+
+    # -- settlement accounts ---------------------------------------------------------------
     def versions(self, tid: str) -> list[AccountVersion]:
         rows = self._all(
             f"SELECT {ACCOUNT_COLUMNS} FROM settlement_accounts WHERE tid = ? ORDER BY version",
             (tid,),
         )
-        return [account_version(row) for row in rows]
+        return [AccountVersion(*row) for row in rows]
 
     def insert_version(self, v: AccountVersion) -> None:
+        self._insert_version(v)
+        self.changed.add(("account", v.tid))
+
+    def _insert_version(self, v: AccountVersion) -> None:
         self._execute(
             f"INSERT INTO settlement_accounts ({ACCOUNT_COLUMNS}) "
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -185,22 +306,34 @@ class SQLTx:
             f"WHERE tid = ? AND version = ? AND state IN ({marks})",
             (state, effective_from, tid, version, *from_states),
         )
-        return cursor.rowcount == 1
+        if cursor.rowcount != 1:
+            return False
+        self.changed.add(("account", tid))
+        return True
 
+    def due_versions(self, now: float) -> list[AccountVersion]:
+        rows = self._all(
+            f"SELECT {ACCOUNT_COLUMNS} FROM settlement_accounts "
+            "WHERE state = 'APPROVED' AND effective_from <= ? ORDER BY effective_from, tid",
+            (now,),
+        )
+        return [AccountVersion(*row) for row in rows]
+
+    # -- rebind requests -------------------------------------------------------------------
     def request(self, rf: str) -> RebindRequest | None:
-        row = self._one(_REQUEST_SELECT + "WHERE r.rf = ?", (rf,))
+        row = self._one(REQUEST_SELECT + "WHERE r.rf = ?", (rf,))
         return None if row is None else RebindRequest(*row)
 
     def request_for_message(self, tid: str, stan: str, transmission: str) -> RebindRequest | None:
         row = self._one(
-            _REQUEST_SELECT + "WHERE r.tid = ? AND r.stan = ? AND r.transmission = ? "
+            REQUEST_SELECT + "WHERE r.tid = ? AND r.stan = ? AND r.transmission = ? "
             "AND r.kind = 'rebind' ORDER BY r.submitted_at DESC LIMIT 1",
             (tid, stan, transmission),
         )
         return None if row is None else RebindRequest(*row)
 
     def latest_request(self, tid: str) -> RebindRequest | None:
-        row = self._one(_REQUEST_SELECT + "WHERE r.tid = ? ORDER BY r.version DESC LIMIT 1", (tid,))
+        row = self._one(REQUEST_SELECT + "WHERE r.tid = ? ORDER BY r.version DESC LIMIT 1", (tid,))
         return None if row is None else RebindRequest(*row)
 
     def requests(self, state: str | None = None, tid: str | None = None) -> list[RebindRequest]:
@@ -211,7 +344,7 @@ class SQLTx:
         if tid is not None:
             where.append("r.tid = ?")
             params.append(tid)
-        sql = _REQUEST_SELECT + (f"WHERE {' AND '.join(where)} " if where else "")
+        sql = REQUEST_SELECT + (f"WHERE {' AND '.join(where)} " if where else "")
         rows = self._all(sql + "ORDER BY r.submitted_at, r.rf", tuple(params))
         return [RebindRequest(*row) for row in rows]
 
@@ -230,13 +363,54 @@ class SQLTx:
             (decided_by, decided_at, note, rf),
         )
 
-    def due_versions(self, now: float) -> list[AccountVersion]:
-        rows = self._all(
-            f"SELECT {ACCOUNT_COLUMNS} FROM settlement_accounts "
-            "WHERE state = 'APPROVED' AND effective_from <= ? ORDER BY effective_from, tid",
-            (now,),
+    # -- audit log -------------------------------------------------------------------------
+    def last_audit(self) -> AuditEntry | None:
+        if self._writing and self.dialect.lock_audit is not None:
+            self._execute(self.dialect.lock_audit, ())
+        row = self._one(f"SELECT {AUDIT_COLUMNS} FROM audit_log ORDER BY seq DESC LIMIT 1", ())
+        return None if row is None else _audit_entry(row)
+
+    def insert_audit(self, e: AuditEntry) -> None:
+        self._execute(
+            f"INSERT INTO audit_log ({AUDIT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (e.seq, e.at, e.actor, e.action, e.tid, e.subject, e.detail, e.prev_digest,
+             e.digest),
+        )  # fmt: skip
+
+    def audit_entries(self) -> list[AuditEntry]:
+        rows = self._all(f"SELECT {AUDIT_COLUMNS} FROM audit_log ORDER BY seq")
+        return [_audit_entry(row) for row in rows]
+
+    # -- ledger ----------------------------------------------------------------------------
+    def open_batch(self, tid: str) -> int | None:
+        """The terminal's open batch number; None if it has none."""
+        row = self._one("SELECT batch_no FROM batches WHERE tid = ? AND status = 'open'", (tid,))
+        return None if row is None else int(row[0])
+
+    def sale_exists(self, tid: str, stan: str, local_date: str) -> bool:
+        return self._execute(SALE_EXISTS, (tid, stan, local_date)).fetchone() is not None
+
+    def find_sale(self, tid: str, stan: str, transmission: str) -> StoredSale | None:
+        """The latest sale of this terminal, STAN and field 7."""
+        row = self._one(
+            SALE_SELECT + "WHERE s.tid = ? AND s.stan = ? AND s.transmission = ? "
+            "ORDER BY s.rrn DESC LIMIT 1",
+            (tid, stan, transmission),
         )
-        return [account_version(row) for row in rows]
+        return None if row is None else _stored_sale(row)
+
+    def sales(self, tid: str) -> list[StoredSale]:
+        rows = self._all(SALE_SELECT + "WHERE s.tid = ? ORDER BY s.rrn", (tid,))
+        return [_stored_sale(row) for row in rows]
+
+    def reverse_sale(self, rrn: int, at: float) -> bool:
+        """Mark the sale reversed at ``at``; False if it was not an approved sale."""
+        cursor = self._execute(
+            "UPDATE sales SET status = 'reversed', reversed_at = ? "
+            "WHERE rrn = ? AND status = 'approved'",
+            (at, rrn),
+        )
+        return cursor.rowcount == 1
 
     def has_test_sale(self, tid: str, version: int) -> bool:
         row = self._one(
@@ -246,30 +420,53 @@ class SQLTx:
         )
         return row is not None
 
-    def last_audit(self) -> AuditEntry | None:
-        if self._write and self._lock_audit is not None:
-            self._execute(self._lock_audit, ())
-        row = self._one(f"SELECT {_AUDIT_COLUMNS} FROM audit_log ORDER BY seq DESC LIMIT 1", ())
-        return None if row is None else audit_entry(row)
+    def record_sales(self, sales: Sequence[SaleRecord]) -> list[SaleResult]:
+        """Insert the sales, in order. A sale whose (tid, stan, local_date) is already stored,
+        or repeated earlier in ``sales``, is not inserted: it gets duplicate=True and the RRN of
+        the sale stored under that key. Others get their new RRN. A sale naming an unknown
+        terminal, batch or account version breaks a constraint (the transaction is lost)."""
+        if not sales:
+            return []
+        rrns = self._insert_sales(sales)
+        if None not in rrns:  # no duplicate: the usual case, kept to one pass
+            return [SaleResult(format_rrn(rrn), False) for rrn in cast(list[int], rrns)]
+        keys = [(s.tid, s.stan, s.local_date) for s in sales]
+        missing = list({key for key, rrn in zip(keys, rrns, strict=True) if rrn is None})
+        stored = self._stored_rrns(missing)
+        if len(stored) != len(missing):
+            raise RuntimeError("a sale refused as a duplicate has no stored original")
+        return [
+            SaleResult(format_rrn(stored[key]), True)
+            if rrn is None
+            else SaleResult(format_rrn(rrn), False)
+            for key, rrn in zip(keys, rrns, strict=True)
+        ]
 
-    def insert_audit(self, e: AuditEntry) -> None:
-        self._execute(
-            f"INSERT INTO audit_log ({_AUDIT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (e.seq, e.at, e.actor, e.action, e.tid, e.subject, e.detail, e.prev_digest,
-             e.digest),
-        )  # fmt: skip
+    def _insert_sales(self, sales: Sequence[SaleRecord]) -> list[int | None]:
+        """Insert what is new of ``sales`` (INSERT_SALE's ON CONFLICT rule); each sale's new
+        RRN, or None for one not inserted (its key was stored already, or earlier in
+        ``sales``). How a backend batches this is its own."""
+        raise NotImplementedError
 
-    def audit_entries(self) -> list[AuditEntry]:
-        rows = self._all(f"SELECT {_AUDIT_COLUMNS} FROM audit_log ORDER BY seq")
-        return [audit_entry(row) for row in rows]
+    def _stored_rrns(self, keys: list[SaleKey]) -> dict[SaleKey, int]:
+        """The RRNs stored under ``keys`` (each distinct), one statement a key; a backend may
+        batch them. Under READ COMMITTED this also sees a key that a writer committed while
+        this transaction's insert waited for it."""
+        found = {}
+        for key in keys:
+            row = self._one(STORED_SALE, key)
+            if row is not None:
+                found[key] = int(row[0])
+        return found
 
 
-def account_version(row: Sequence[Any]) -> AccountVersion:
-    """A row of ACCOUNT_COLUMNS."""
-    return AccountVersion(*row)
+def _stored_sale(row: Sequence[Any]) -> StoredSale:
+    """A row of SALE_SELECT (a boolean whatever the driver returns)."""
+    return StoredSale(format_rrn(row[0]), row[1], row[2], row[3], row[4], row[5], row[6],
+                      row[7], bool(row[8]), row[9], row[10], row[11], bool(row[12]))  # fmt: skip
 
 
-def audit_entry(row: Sequence[Any]) -> AuditEntry:
+def _audit_entry(row: Sequence[Any]) -> AuditEntry:
     """A row of the audit log (BLOBs as bytes whatever the driver returns)."""
     seq, at, actor, action, tid, subject, detail, prev_digest, digest = row
     return AuditEntry(seq, at, actor, action, tid, subject, detail, bytes(prev_digest),
