@@ -1,5 +1,5 @@
 """The rebind flow's decisions (acqhost.domain.rebind) and the audit log, inside real store
-transactions, on every backend: memory, SQLite and PostgreSQL give the same answers."""
+transactions, on both backends: SQLite and PostgreSQL give the same answers."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ import pytest
 from acqhost.config import RebindPolicy
 from acqhost.domain import audit, cards, crypto, rebind
 from acqhost.domain.rebind import Outcome, RebindError, Submission
-from acqhost.store import MemoryStore, NewAccount, Operator, SQLiteStore, Store
+from acqhost.store import NewAccount, Operator, SQLiteStore, Store
 from acqhost.store.postgres import PostgresStore
-from tests.test_store import make_sale, make_terminal
+from tests.storekit import make_sale, make_terminal
 
 TID, OTHER = "T0000001", "T0000002"
 T0 = 1_700_000_000.0
@@ -33,9 +33,7 @@ def open_backend(kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> S
     """A store of ``kind`` with terminals TID and OTHER, each with operator 01 (password 0000)
     and account OLD held by ZHANG SAN as version 1."""
     opened: Store
-    if kind == "memory":
-        opened = MemoryStore()
-    elif kind == "sqlite":
+    if kind == "sqlite":
         opened = SQLiteStore(tmp_path / "a.db")
     else:
         opened = PostgresStore(request.getfixturevalue("pg_url"))
@@ -51,15 +49,8 @@ def open_backend(kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> S
     return opened
 
 
-@pytest.fixture(params=["memory", "sqlite", "postgres"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
-    with closing(open_backend(request.param, request, tmp_path)) as opened:
-        yield opened
-
-
 @pytest.fixture(params=["sqlite", "postgres"])
-def database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
-    """The durable backends only: what has triggers to drop and rows to tamper with."""
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
     with closing(open_backend(request.param, request, tmp_path)) as opened:
         yield opened
 
@@ -443,10 +434,7 @@ def tamper(store: Store, statement: str) -> None:
          "entry 3: detail is not what the host writes"),
     ],
 )  # fmt: skip
-def test_audit_verify_detects_edits_and_deletions(
-    database: Store, statement: str, found: str
-) -> None:
-    store = database
+def test_audit_verify_detects_edits_and_deletions(store: Store, statement: str, found: str) -> None:
     story(store)
     assert audit.verify(store, KEY)[1] == []
     tamper(store, statement)
@@ -454,10 +442,9 @@ def test_audit_verify_detects_edits_and_deletions(
     assert any(p.startswith(found) for p in problems), problems
 
 
-def test_the_store_refuses_to_edit_or_delete_audit_entries(database: Store) -> None:
-    store = database
+def test_the_store_refuses_to_edit_or_delete_audit_entries(store: Store) -> None:
     story(store)
-    from tests.test_store import execute_sql
+    from tests.storekit import execute_sql
 
     for statement in ("UPDATE audit_log SET actor = 'x'", "DELETE FROM audit_log"):
         with pytest.raises(Exception, match="append-only"):
@@ -483,8 +470,7 @@ def test_effective_from_falls_on_a_whole_second_never_sooner_than_the_lead(store
     assert ef == T0 + 3 and ef >= T0 + 0.25 + rebind.DECISION_LEAD
 
 
-def test_a_read_transaction_sees_one_snapshot(database: Store, tmp_path: Path) -> None:
-    store = database
+def test_a_read_transaction_sees_one_snapshot(store: Store, tmp_path: Path) -> None:
     out = submit(store, policy=AUTO, now=T0)
     assert out.request is not None
     other = (

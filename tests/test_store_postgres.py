@@ -4,6 +4,7 @@ no clear card data in any column, and migrations. They run when ACQHOST_TEST_PG 
 from __future__ import annotations
 
 import getpass
+import hashlib
 import threading
 import time
 from collections.abc import Callable
@@ -23,18 +24,21 @@ from acqhost.store import (
     SaleResult,
     SchemaVersionError,
     Session,
+    StoreTx,
     format_rrn,
     open_store,
-    pg_migrations,
 )
+from acqhost.store.migrations import postgres as pg_migrations
 from acqhost.store.postgres import PostgresStore
-from tests.test_store import (
+from tests.storekit import (
     CREATED,
     MID,
     TID,
+    chain,
     make_account,
     make_sale,
     make_terminal,
+    registration_entry,
     with_terminal,
 )
 
@@ -68,7 +72,7 @@ def test_postgres_store_never_shows_the_password_of_its_url(pg_url: str) -> None
     assert secret not in str(info.value)
 
 
-# --- PostgreSQL: one connection, one transaction per method, one statement per sale batch -------
+# --- PostgreSQL: one connection, one transaction per method, one statement per sale batch -----
 
 
 def frontend_messages(
@@ -218,7 +222,7 @@ def test_postgres_writers_deadlocked_on_the_same_keys_end_with_one_sale_per_key(
     assert second == SaleResult(format_rrn(theirs[1]), True)
 
 
-# --- PostgreSQL: no secret in clear in any column -----------------------------------------------
+# --- PostgreSQL: no secret in clear in any column ---------------------------------------------
 
 
 def test_no_account_number_or_pan_in_clear_in_any_postgres_column(pg_url: str) -> None:
@@ -299,7 +303,7 @@ def test_no_account_number_or_pan_in_clear_in_any_postgres_column(pg_url: str) -
     }
 
 
-# --- PostgreSQL: migrations ---------------------------------------------------------------------
+# --- PostgreSQL: migrations -------------------------------------------------------------------
 
 
 def pg_schema_version(url: str) -> int | None:
@@ -310,6 +314,20 @@ def pg_schema_version(url: str) -> int | None:
         row = conn.execute("SELECT version FROM schema_version").fetchone()
         assert row is not None
         return int(row[0])
+
+
+# As test_store_sqlite.PUBLISHED: PostgreSQL's scripts, never edited once published.
+PUBLISHED = {
+    1: "5b4eea6b462a31e87a550acd109d3efd899cfe9d543726e9ad93289dce126407",
+    2: "51ed7ee1d298887d402cd382fde5475015022b95172a2ebd814bdc19d920121a",
+    3: "2cccc8872c32cb9a8522dfdb967066266e6ca97ef681100670f397c7d7d452ef",
+}
+
+
+def test_published_postgres_migrations_are_never_edited() -> None:
+    scripts = dict(pg_migrations.MIGRATIONS)
+    for version, digest in PUBLISHED.items():
+        assert hashlib.sha256(scripts[version].encode()).hexdigest() == digest, version
 
 
 def test_postgres_migration_versions_start_at_1_and_increase_by_one() -> None:
@@ -407,3 +425,76 @@ def test_postgres_stores_opening_a_new_database_at_once_migrate_it_once(
     assert pg_schema_version(pg_url) == latest + 1
     with psycopg.connect(pg_url) as conn:
         assert conn.execute("SELECT x FROM probe").fetchall() == [(42,)]
+
+
+# -- Store.add_terminal(then=...) --------------------------------------------------------------
+
+
+def test_postgres_registrations_at_once_chain_their_audit_entries_in_one_order(
+    pg_url: str,
+) -> None:
+    # Several processes (here threads, each with its own connection) register terminals at
+    # once, each with its audit entry in its own transaction: the advisory lock gives the
+    # chain one order (no duplicate seq, no fork), and each registration is announced.
+    PostgresStore(pg_url).close()  # migrated once, before the race
+    tids = [f"T000010{i}" for i in range(6)]
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(len(tids))
+
+    def register(tid: str) -> None:
+        store = PostgresStore(pg_url)
+        try:
+            barrier.wait()
+            store.add_terminal(make_terminal(tid), make_account(), None,
+                               then=lambda tx: registration_entry(tx, tid))  # fmt: skip
+        except BaseException as e:  # reported below
+            errors.append(e)
+        finally:
+            store.close()
+
+    heard: list[tuple[str, str]] = []
+    check = PostgresStore(pg_url)
+    listener = check.cache_listener(lambda kind, tid: heard.append((kind, tid)))
+    listener.start()
+    try:
+        time.sleep(0.3)  # listening
+        threads = [threading.Thread(target=register, args=(tid,)) for tid in tids]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(10)
+        assert errors == []
+        assert chain(check) == (len(tids), [])
+        with check.transaction(write=False) as tx:
+            assert sorted(e.tid for e in tx.audit_entries()) == tids
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline and len({t for k, t in heard if k == "terminal"}) < 6:
+            time.sleep(0.02)
+        assert {t for k, t in heard if k == "terminal"} == set(tids)
+    finally:
+        listener.stop()
+        check.close()
+
+
+def test_postgres_a_failed_then_announces_nothing(pg_url: str) -> None:
+    store = PostgresStore(pg_url)
+    heard: list[tuple[str, str]] = []
+    listener = store.cache_listener(lambda kind, tid: heard.append((kind, tid)))
+    listener.start()
+    try:
+        time.sleep(0.3)
+
+        def fail(tx: StoreTx) -> None:
+            registration_entry(tx)
+            raise RuntimeError("no")
+
+        with pytest.raises(RuntimeError):
+            store.add_terminal(make_terminal(), make_account(), None, then=fail)
+        store.add_terminal(make_terminal("T0000002"), make_account(), None)
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline and ("terminal", "T0000002") not in heard:
+            time.sleep(0.02)
+        assert [h for h in heard if h[0] != "*"] == [("terminal", "T0000002")]
+    finally:
+        listener.stop()
+        store.close()

@@ -22,18 +22,21 @@ import math
 import secrets
 import time
 import unicodedata
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from acqhost.config import RebindPolicy
 from acqhost.domain import audit, cards, crypto
 from acqhost.errors import AcqHostError
+
+# in_force and next_change are the store's rule of which version is in force, named here too
+# because the rebind flow's callers (host, CLI) reach it through this module.
 from acqhost.store.base import (
-    IN_FORCE_STATES,
     OPEN_REBIND_STATES,
     AccountVersion,
     RebindRequest,
     StoreTx,
+    in_force,
+    next_change,
 )
 
 __all__ = (
@@ -121,21 +124,6 @@ def effective_from(decided_at: float, delay: float) -> float:
     """When a decision made at ``decided_at`` takes effect: ``delay`` later, but never sooner
     than DECISION_LEAD, and on a whole second, so that 48 EF (to the second) is exact."""
     return float(math.ceil(decided_at + max(delay, DECISION_LEAD)))
-
-
-def in_force(versions: Sequence[AccountVersion], now: float) -> AccountVersion | None:
-    """The version sales settle to at ``now`` (the store's ``current_account`` rule)."""
-    for v in reversed(versions):
-        if v.state in IN_FORCE_STATES and v.effective_from <= now:
-            return v
-    return None
-
-
-def next_change(versions: Sequence[AccountVersion], now: float) -> float | None:
-    """The earliest effective-from after ``now`` of an approved version: when the account in
-    force will change next (a cache of :func:`in_force` must not outlive it)."""
-    times = [v.effective_from for v in versions if v.state == "APPROVED" and v.effective_from > now]
-    return min(times) if times else None
 
 
 def _log(

@@ -34,6 +34,8 @@ __all__ = (
     "StoredSale",
     "Terminal",
     "format_rrn",
+    "in_force",
+    "next_change",
 )
 
 TERMINAL_STATUSES = frozenset({"active", "disabled"})
@@ -223,6 +225,24 @@ class AuditEntry:
     digest: bytes
 
 
+def in_force(versions: Sequence[AccountVersion], now: float) -> AccountVersion | None:
+    """The version sales settle to at ``now``: the latest of ``versions`` (oldest first) in one
+    of IN_FORCE_STATES whose effective_from has passed. The one statement of the rule, for the
+    store's ``current_account`` and for the host's cache of ``StoreTx.versions`` alike, so the
+    two can never disagree."""
+    for v in reversed(versions):
+        if v.state in IN_FORCE_STATES and v.effective_from <= now:
+            return v
+    return None
+
+
+def next_change(versions: Sequence[AccountVersion], now: float) -> float | None:
+    """The earliest effective-from after ``now`` of an approved version: when the account in
+    force will change next (a cache of :func:`in_force` must not outlive it)."""
+    times = [v.effective_from for v in versions if v.state == "APPROVED" and v.effective_from > now]
+    return min(times) if times else None
+
+
 class StoreTx(Protocol):
     """What the rebind flow reads and writes inside ONE store transaction
     (:meth:`Store.transaction`). Business outcomes are decided by ``acqhost.domain.rebind``
@@ -266,6 +286,12 @@ class StoreTx(Protocol):
 
     def has_test_sale(self, tid: str, version: int) -> bool:
         """Whether an approved test sale settles to this version."""
+
+    def record_sales(self, sales: Sequence[SaleRecord]) -> list[SaleResult]:
+        """:meth:`Store.record_sales` inside this transaction (same duplicates, same RRNs), so
+        that a test sale and the state change it brings commit together, or neither does. A
+        sale the store refuses (unknown terminal, batch or account version) loses the whole
+        transaction: the block ends in ValueError."""
 
     def last_audit(self) -> AuditEntry | None:
         """The newest audit entry; in a write transaction, appends wait for this one to end."""
@@ -313,8 +339,8 @@ class Store(Protocol):
 
     # -- settlement accounts ---------------------------------------------------------------
     def current_account(self, tid: str, now: float) -> AccountVersion | None:
-        """The version in force: the latest ACTIVE, VERIFIED (ACTIVE plus a first approved
-        test sale) or APPROVED (ACTIVE once effective) version whose effective_from <= now."""
+        """The version in force at ``now``: :func:`in_force` of the terminal's versions (the
+        latest ACTIVE, VERIFIED or APPROVED one whose effective_from <= now)."""
 
     def transaction(
         self, tid: str | None = None, *, write: bool = True

@@ -26,9 +26,8 @@ from collections.abc import Callable
 from typing import Any
 
 import psycopg
+import structlog
 from psycopg.conninfo import conninfo_to_dict
-
-from acqhost.log import get_logger
 
 __all__ = ("CHANNEL", "EVERYTHING", "CacheListener", "parse_payload")
 
@@ -46,7 +45,8 @@ _KEEPALIVES = {
     "keepalives_count": "3",
 }
 
-log = get_logger("acqhost.cache")
+# structlog's own (lazy) logger: the store sits below acqhost.log, which configures it.
+log: structlog.typing.FilteringBoundLogger = structlog.get_logger("acqhost.cache")
 
 Callback = Callable[[str, str], None]
 

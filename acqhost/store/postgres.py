@@ -1,12 +1,12 @@
 """The store on PostgreSQL (psycopg 3), for several host processes on several machines.
 
-The same semantics as ``SQLiteStore``, method for method. Each instance owns one connection
-with autocommit off at READ COMMITTED, and each method is exactly one explicit transaction,
-committed (or rolled back) before it returns, so a connection never idles inside one. READ
-COMMITTED is what the duplicate rule needs: ``INSERT ... ON CONFLICT DO NOTHING`` waits for a
-concurrent writer of the same key and then skips, and the next statement sees that writer's
-row. ``synchronous_commit`` is never left ``off``: an approved sale is durable before its 0210
-leaves.
+The same semantics as ``SQLiteStore``, method for method (both are ``acqhost.store.sqlstore``
+over ``acqhost.store.sql``). Each instance owns one connection with autocommit off at READ
+COMMITTED, and each method is exactly one explicit transaction, committed (or rolled back)
+before it returns, so a connection never idles inside one. READ COMMITTED is what the duplicate
+rule needs: ``INSERT ... ON CONFLICT DO NOTHING`` waits for a concurrent writer of the same key
+and then skips, and the next statement sees that writer's row. ``synchronous_commit`` is never
+left ``off``: an approved sale is durable before its 0210 leaves.
 
 Several host processes share one database, each caching terminals, session keys and accounts
 for a moment. Every transaction that changes one of those (but not the sales of the hot path)
@@ -20,82 +20,81 @@ The connection string may hold a password: it is kept only to reconnect and neve
 
 from __future__ import annotations
 
-import functools
-import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
 import psycopg
 
-from acqhost.store import pg_migrations
-from acqhost.store._sql import (
-    ACCOUNT_COLUMNS,
-    SALE_SELECT,
-    TERMINAL_COLUMNS,
-    SQLTx,
-    account_v1_params,
-    check_new_terminal,
-    operator_params,
-    stored_sale,
-    terminal_params,
-)
-from acqhost.store.base import (
-    IN_FORCE_STATES,
-    TERMINAL_STATUSES,
-    AccountVersion,
-    NewAccount,
-    Operator,
-    SaleRecord,
-    SaleResult,
-    SchemaVersionError,
-    Session,
-    StoredSale,
-    StoreTx,
-    Terminal,
-    format_rrn,
-)
+from acqhost.store.base import SaleRecord, SaleResult
+from acqhost.store.migrations import postgres as migrations
 from acqhost.store.pg_listen import CHANNEL, CacheListener
-
-__all__ = ("PostgresStore",)
-
-# pg_advisory_xact_lock key serialising migrations of one database (advisory locks are per
-# database, so databases on one server do not wait for each other). "acqhost" in ASCII.
-MIGRATION_LOCK = 0x61_63_71_68_6F_73_74
-# pg_advisory_xact_lock key serialising appends to the audit log's hash chain.
-AUDIT_LOCK = MIGRATION_LOCK + 1
-
-# Every sale of a call in one statement (one round trip): one array per column, unnested in
-# order, so the identity hands out RRNs in the order of the call.
-_INSERT_SALES = (
-    "INSERT INTO sales (tid, mid, stan, local_date, local_time, transmission, amount, currency, "
-    "pan_masked, auth_code, test, account_version, batch_no, received_at) "
-    "SELECT tid, mid, stan, local_date, local_time, transmission, amount, currency, "
-    "pan_masked, auth_code, test, account_version, batch_no, received_at "
-    "FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::text[], %s::text[], "
-    "%s::bigint[], %s::text[], %s::text[], %s::text[], %s::boolean[], %s::integer[], "
-    "%s::integer[], %s::double precision[]) WITH ORDINALITY AS input (tid, mid, stan, "
-    "local_date, local_time, transmission, amount, currency, pan_masked, auth_code, test, "
-    "account_version, batch_no, received_at, ord) "
-    "ORDER BY ord "
-    "ON CONFLICT (tid, stan, local_date) DO NOTHING "
-    "RETURNING rrn, tid, stan, local_date"
+from acqhost.store.sql import (
+    INSERT_SALES_FROM_ARRAYS,
+    POSTGRES,
+    STORED_SALES_FROM_ARRAYS,
+    SaleKey,
+    SQLTx,
 )
-_EXISTING_SALES = (
-    "SELECT s.rrn, s.tid, s.stan, s.local_date FROM sales AS s "
-    "JOIN unnest(%s::text[], %s::text[], %s::text[]) AS k (tid, stan, local_date) "
-    "ON s.tid = k.tid AND s.stan = k.stan AND s.local_date = k.local_date"
-)
+from acqhost.store.sqlstore import SQLStore
+
+__all__ = ("PostgresStore", "PostgresTx")
 
 # One notification per terminal named, in one round trip (PostgreSQL folds repeats of one
 # payload within a transaction into one).
 _NOTIFY = "SELECT pg_notify(%s::text, %s::text || ':' || tid) FROM unnest(%s::text[]) AS t (tid)"
 
-_Key = tuple[str, str, str]  # (tid, stan, local_date): the duplicate key
 _DEADLOCK_ATTEMPTS = 3
 
+_Cursor = psycopg.Cursor[tuple[Any, ...]]
 
-class PostgresStore:
+
+class PostgresTx(SQLTx):
+    """``SQLTx`` on a PostgreSQL transaction: the sales of a call go in one statement, their
+    columns as arrays, whatever their number (a round trip costs more than the rows)."""
+
+    dialect = POSTGRES
+
+    def _insert_sales(self, sales: Sequence[SaleRecord]) -> list[int | None]:
+        # Repeats within the call are settled here: only a key's first sale is sent, so the
+        # statement never meets its own rows and every returned row names one key.
+        first: dict[SaleKey, SaleRecord] = {}
+        for sale in sales:
+            first.setdefault((sale.tid, sale.stan, sale.local_date), sale)
+        unique = list(first.values())
+        columns = (
+            [s.tid for s in unique],
+            [s.mid for s in unique],
+            [s.stan for s in unique],
+            [s.local_date for s in unique],
+            [s.local_time for s in unique],
+            [s.transmission for s in unique],
+            [s.amount for s in unique],
+            [s.currency for s in unique],
+            [s.pan_masked for s in unique],
+            [s.auth_code for s in unique],
+            [s.test for s in unique],
+            [s.account_version for s in unique],
+            [s.batch_no for s in unique],
+            [s.received_at for s in unique],
+        )
+        rows = self._execute(INSERT_SALES_FROM_ARRAYS, columns).fetchall()
+        inserted = {(tid, stan, date): rrn for rrn, tid, stan, date in rows}
+        rrns: list[int | None] = []
+        for sale in sales:
+            key = (sale.tid, sale.stan, sale.local_date)
+            rrns.append(inserted.get(key) if first[key] is sale else None)
+        return rrns
+
+    def _stored_rrns(self, keys: list[SaleKey]) -> dict[SaleKey, int]:
+        # A key stored before, or by a writer that committed while the insert waited on it:
+        # under READ COMMITTED this statement's snapshot sees it.
+        columns = ([k[0] for k in keys], [k[1] for k in keys], [k[2] for k in keys])
+        rows = self._execute(STORED_SALES_FROM_ARRAYS, columns).fetchall()
+        return {(tid, stan, date): rrn for rrn, tid, stan, date in rows}
+
+
+class PostgresStore(SQLStore):
     """``Store`` on one PostgreSQL database (created, or upgraded to the latest schema, on open).
 
     ``conninfo`` is a libpq connection string or URL (``postgresql://user@host/db``). Use one
@@ -106,13 +105,14 @@ class PostgresStore:
         self._conninfo = conninfo
         conn = self._connect()
         try:
-            _migrate(conn)
+            migrations.migrate(conn)
         except BaseException:
             conn.close()
             raise
         self._conn = conn
         # Never the connection string: it may carry a password.
         self._where = f"{conn.info.dbname!r} on {conn.info.host!r}"
+        self._reader = PostgresTx(self._alone, write=False)
 
     def __repr__(self) -> str:
         return f"<PostgresStore {self._where}>"
@@ -135,6 +135,12 @@ class PostgresStore:
             raise
         return conn
 
+    def _connection(self) -> psycopg.Connection[tuple[Any, ...]]:
+        if self._conn.broken:
+            # The server went away under an earlier call (which raised): start afresh.
+            self._conn = self._connect()
+        return self._conn
+
     # -- host ------------------------------------------------------------------------------
     def close(self) -> None:
         """Close the connection (idempotent)."""
@@ -143,383 +149,62 @@ class PostgresStore:
     def schema_version(self) -> int:
         """The database's schema version (the ``schema_version`` table)."""
         with self._transaction() as cur:
-            return _schema_version(cur)
+            return migrations.schema_version(cur)
 
     @contextmanager
-    def _transaction(self) -> Iterator[psycopg.Cursor[tuple[Any, ...]]]:
+    def _transaction(self) -> Iterator[_Cursor]:
         """One transaction (rolled back on any error); a constraint violation becomes
         ValueError (the caller's input), as with SQLite."""
-        if self._conn.broken:
-            # The server went away under an earlier call (which raised): start afresh.
-            self._conn = self._connect()
+        conn = self._connection()
         try:
-            with self._conn.transaction(), self._conn.cursor() as cur:
+            with conn.transaction(), conn.cursor() as cur:
                 yield cur
         except psycopg.errors.IntegrityError as error:
             raise ValueError(f"rejected by the store: {error}") from error
 
+    def _alone(self, sql: str, params: tuple[Any, ...]) -> _Cursor:
+        """Run one statement in a transaction of its own (the store's reads); the cursor
+        keeps its rows after the commit."""
+        conn = self._connection()
+        cur = conn.cursor()
+        with conn.transaction():
+            cur.execute(sql, params)
+        return cur
+
     @contextmanager
-    def transaction(self, tid: str | None = None, *, write: bool = True) -> Iterator[StoreTx]:
-        """One transaction for the rebind flow. A write transaction naming ``tid`` first locks
-        the terminal's row, so writers of one terminal (in any process) go one at a time;
-        appends to the audit log take an advisory lock, so its chain has one order. The
-        terminals whose settlement-account versions it adds or moves are announced
-        (``account:<tid>``) when it commits. A read transaction reads one snapshot."""
+    def _write(self) -> Iterator[SQLTx]:
+        """One write transaction. What it changed of what hosts cache is announced when it
+        commits; a block that raises announces nothing."""
         with self._transaction() as cur:
-            if not write:
-                # One snapshot for every read (audit verify compares two tables), as SQLite's
-                # read transactions have.
-                cur.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
-            elif tid is not None:
-                cur.execute("SELECT 1 FROM terminals WHERE tid = %s FOR UPDATE", (tid,))
-            tx = _tx_on(cur, write)
+            tx = PostgresTx(cur.execute, write=True)
             yield tx
-            # Not reached when the block raised: nothing is announced for a rollback.
-            if tx.changed:
-                _notify(cur, "account", tx.changed)
+            kinds: dict[str, list[str]] = {}
+            for kind, tid in sorted(tx.changed):
+                kinds.setdefault(kind, []).append(tid)
+            for kind, tids in kinds.items():
+                cur.execute(_NOTIFY, (CHANNEL, kind, tids))
 
-    # -- terminals -------------------------------------------------------------------------
-    def add_terminal(
-        self,
-        terminal: Terminal,
-        account: NewAccount,
-        operator: Operator | None,
-        then: Callable[[StoreTx], None] | None = None,
-    ) -> None:
-        """Register a terminal with settlement account version 1 (ACTIVE, effective from
-        ``terminal.created_at``), batch 1 open and the optional operator, in one transaction
-        with ``then`` (see Store.add_terminal). ValueError if the tid exists (or a value
-        breaks a constraint)."""
-        check_new_terminal(terminal, operator)
-        now = terminal.created_at
+    @contextmanager
+    def _snapshot(self) -> Iterator[SQLTx]:
+        """A read-only transaction seeing one snapshot for every read (audit verify compares
+        two tables), as SQLite's read transactions do."""
         with self._transaction() as cur:
-            # ON CONFLICT rather than a look first: two processes adding the same tid at once
-            # get one terminal and one "already exists".
-            cur.execute(
-                f"INSERT INTO terminals ({TERMINAL_COLUMNS}) "
-                "VALUES (%s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (tid) DO NOTHING",
-                terminal_params(terminal),
-            )
-            if cur.rowcount != 1:
-                raise ValueError(f"terminal {terminal.tid!r} already exists")
-            cur.execute(
-                f"INSERT INTO settlement_accounts ({ACCOUNT_COLUMNS}) "
-                "VALUES (%s, 1, %s, %s, %s, %s, %s, %s, 'ACTIVE', %s, %s, %s, %s)",
-                account_v1_params(terminal.tid, account, now),
-            )
-            cur.execute(
-                "INSERT INTO batches (tid, batch_no, status, opened_at) VALUES (%s, 1, 'open', %s)",
-                (terminal.tid, now),
-            )
-            if operator is not None:
-                cur.execute(
-                    "INSERT INTO operators (tid, operator_id, password_hash, failures) "
-                    "VALUES (%s, %s, %s, %s)",
-                    operator_params(operator),
-                )
-            if then is not None:
-                then(_tx_on(cur, write=True))
-            # A host that was asked about this tid has "no such terminal" cached.
-            _notify(cur, "terminal", (terminal.tid,))
-
-    def get_terminal(self, tid: str) -> Terminal | None:
-        """The terminal, or None."""
-        with self._transaction() as cur:
-            row = cur.execute(
-                f"SELECT {TERMINAL_COLUMNS} FROM terminals WHERE tid = %s", (tid,)
-            ).fetchone()
-        return None if row is None else Terminal(*row)
-
-    def list_terminals(self) -> list[Terminal]:
-        """Every terminal, by tid (in byte order, as SQLite sorts)."""
-        with self._transaction() as cur:
-            rows = cur.execute(
-                f'SELECT {TERMINAL_COLUMNS} FROM terminals ORDER BY tid COLLATE "C"'
-            ).fetchall()
-        return [Terminal(*row) for row in rows]
-
-    def set_terminal_status(self, tid: str, status: str) -> bool:
-        """Set "active" or "disabled"; False if there is no such terminal."""
-        if status not in TERMINAL_STATUSES:
-            raise ValueError(f"terminal status must be active or disabled: {status!r}")
-        with self._transaction() as cur:
-            cur.execute("UPDATE terminals SET status = %s WHERE tid = %s", (status, tid))
-            if cur.rowcount != 1:
-                return False
-            _notify(cur, "terminal", (tid,))
-            return True
-
-    # -- sessions --------------------------------------------------------------------------
-    def save_session(self, session: Session) -> None:
-        """Insert or replace the terminal's session (a new sign-on replaces the old keys)."""
-        with self._transaction() as cur:
-            cur.execute(
-                "INSERT INTO sessions (tid, sealed_rx, sealed_tx, signed_on_at) "
-                "VALUES (%s, %s, %s, %s) ON CONFLICT (tid) DO UPDATE SET "
-                "sealed_rx = excluded.sealed_rx, sealed_tx = excluded.sealed_tx, "
-                "signed_on_at = excluded.signed_on_at",
-                (session.tid, session.sealed_rx, session.sealed_tx, session.signed_on_at),
-            )
-            _notify(cur, "session", (session.tid,))
-
-    def get_session(self, tid: str) -> Session | None:
-        """The terminal's session, or None when it is not signed on."""
-        with self._transaction() as cur:
-            row = cur.execute(
-                "SELECT tid, sealed_rx, sealed_tx, signed_on_at FROM sessions WHERE tid = %s",
-                (tid,),
-            ).fetchone()
-        return None if row is None else Session(*row)
-
-    def drop_session(self, tid: str) -> None:
-        """Forget the terminal's session keys (sign-off); no error if there are none."""
-        with self._transaction() as cur:
-            cur.execute("DELETE FROM sessions WHERE tid = %s", (tid,))
-            if cur.rowcount:
-                _notify(cur, "session", (tid,))
-
-    # -- settlement accounts ---------------------------------------------------------------
-    def current_account(self, tid: str, now: float) -> AccountVersion | None:
-        """The version in force: the latest APPROVED, ACTIVE or VERIFIED version whose
-        effective_from <= now (APPROVED is ACTIVE from then on, recorded or not)."""
-        with self._transaction() as cur:
-            row = cur.execute(
-                f"SELECT {ACCOUNT_COLUMNS} FROM settlement_accounts "
-                "WHERE tid = %s AND state IN (%s, %s, %s) AND effective_from <= %s "
-                "ORDER BY version DESC LIMIT 1",
-                (tid, *IN_FORCE_STATES, now),
-            ).fetchone()
-        return None if row is None else AccountVersion(*row)
-
-    def account_history(self, tid: str) -> list[AccountVersion]:
-        """Every version of the terminal's settlement account, oldest first."""
-        with self._transaction() as cur:
-            rows = cur.execute(
-                f"SELECT {ACCOUNT_COLUMNS} FROM settlement_accounts WHERE tid = %s "
-                "ORDER BY version",
-                (tid,),
-            ).fetchall()
-        return [AccountVersion(*row) for row in rows]
+            cur.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            yield PostgresTx(cur.execute, write=False)
 
     # -- ledger ----------------------------------------------------------------------------
-    def open_batch(self, tid: str) -> int:
-        """The terminal's open batch number; KeyError if the terminal has none."""
-        with self._transaction() as cur:
-            row = cur.execute(
-                "SELECT batch_no FROM batches WHERE tid = %s AND status = 'open'", (tid,)
-            ).fetchone()
-        if row is None:
-            raise KeyError(tid)
-        return int(row[0])
-
     def record_sales(self, sales: Sequence[SaleRecord]) -> list[SaleResult]:
-        """Insert many approved sales in ONE transaction (one commit), in order.
-
-        A sale whose (tid, stan, local_date) is already stored, or repeated earlier in
-        ``sales``, is not inserted: it gets duplicate=True and the RRN of the sale stored under
-        that key. Others get their new RRN. ValueError (and nothing inserted) if a sale names an
-        unknown terminal, batch or account version.
-
-        All the sales go in one ``INSERT ... SELECT FROM unnest(...)`` statement; a second
-        statement, only when some key was already stored, fetches those RRNs. A transaction
-        that PostgreSQL aborts as a deadlock with another writer of the same keys is run again
-        (up to 3 times).
-        """
-        if not sales:
-            return []
-        # Repeats within the call are settled here: only a key's first sale is sent, so the
-        # statement never meets its own rows and every returned row names one key.
-        first: dict[_Key, SaleRecord] = {}
-        for sale in sales:
-            first.setdefault((sale.tid, sale.stan, sale.local_date), sale)
-        unique = list(first.values())
-        columns = (
-            [s.tid for s in unique],
-            [s.mid for s in unique],
-            [s.stan for s in unique],
-            [s.local_date for s in unique],
-            [s.local_time for s in unique],
-            [s.transmission for s in unique],
-            [s.amount for s in unique],
-            [s.currency for s in unique],
-            [s.pan_masked for s in unique],
-            [s.auth_code for s in unique],
-            [s.test for s in unique],
-            [s.account_version for s in unique],
-            [s.batch_no for s in unique],
-            [s.received_at for s in unique],
-        )
-        for attempt in range(1, _DEADLOCK_ATTEMPTS + 1):
+        """``Store.record_sales``: all the sales in one statement (``PostgresTx``), a second
+        only when some key was already stored. A transaction that PostgreSQL aborts as a
+        deadlock with another writer of the same keys is run again (up to 3 times)."""
+        attempt = 1
+        while True:
             try:
-                inserted, stored = self._insert_sales(list(first), columns)
-                break
+                return super().record_sales(sales)
             except psycopg.errors.DeadlockDetected:
                 # Two writers inserting the same keys in opposite orders wait for each other
                 # until PostgreSQL aborts one of them, whole: running it again is safe, and
                 # finds the other's sales as duplicates.
                 if attempt == _DEADLOCK_ATTEMPTS:
                     raise
-        results: list[SaleResult] = []
-        append = results.append
-        for sale in sales:
-            key = (sale.tid, sale.stan, sale.local_date)
-            rrn = inserted.get(key)
-            if rrn is not None and first[key] is sale:
-                append(SaleResult(format_rrn(rrn), False))
-            else:
-                append(SaleResult(format_rrn(stored[key] if rrn is None else rrn), True))
-        return results
-
-    def _insert_sales(
-        self, keys: list[_Key], columns: tuple[list[Any], ...]
-    ) -> tuple[dict[_Key, int], dict[_Key, int]]:
-        """One transaction: insert the sales (one per key, in ``columns``); the RRNs of those
-        inserted and of those whose key was already stored."""
-        with self._transaction() as cur:
-            cur.execute(_INSERT_SALES, columns)
-            inserted = {(tid, stan, date): rrn for rrn, tid, stan, date in cur.fetchall()}
-            if len(inserted) == len(keys):
-                return inserted, {}
-            # A key stored before (or by a writer that committed while this INSERT waited on
-            # it: under READ COMMITTED this next statement's snapshot sees it).
-            missing = [key for key in keys if key not in inserted]
-            cur.execute(
-                _EXISTING_SALES,
-                ([k[0] for k in missing], [k[1] for k in missing], [k[2] for k in missing]),
-            )
-            stored = {(tid, stan, date): rrn for rrn, tid, stan, date in cur.fetchall()}
-            if len(stored) != len(missing):
-                raise RuntimeError("a sale refused as a duplicate has no stored original")
-            return inserted, stored
-
-    def sale_exists(self, tid: str, stan: str, local_date: str) -> bool:
-        """Whether the duplicate key (tid, stan, local_date) already has a sale."""
-        with self._transaction() as cur:
-            row = cur.execute(
-                "SELECT 1 FROM sales WHERE tid = %s AND stan = %s AND local_date = %s",
-                (tid, stan, local_date),
-            ).fetchone()
-        return row is not None
-
-    def find_sale(self, tid: str, stan: str, transmission: str) -> StoredSale | None:
-        """The sale a reversal names: same terminal, original STAN and original field 7 (the
-        latest such sale, should a STAN and field 7 ever repeat a year later)."""
-        with self._transaction() as cur:
-            row = cur.execute(
-                SALE_SELECT + "WHERE s.tid = %s AND s.stan = %s AND s.transmission = %s "
-                "ORDER BY s.rrn DESC LIMIT 1",
-                (tid, stan, transmission),
-            ).fetchone()
-        return None if row is None else stored_sale(row)
-
-    def reverse_sale(self, rrn: str) -> bool:
-        """Mark the sale reversed; False if it was already reversed or does not exist
-        (idempotent)."""
-        if not (rrn.isdigit() and rrn.isascii()):
-            return False
-        with self._transaction() as cur:
-            cur.execute(
-                "UPDATE sales SET status = 'reversed', reversed_at = %s "
-                "WHERE rrn = %s AND status = 'approved'",
-                (time.time(), int(rrn)),
-            )
-            return cur.rowcount == 1
-
-    def sales(self, tid: str) -> list[StoredSale]:
-        """Every sale of the terminal, in RRN order."""
-        with self._transaction() as cur:
-            rows = cur.execute(SALE_SELECT + "WHERE s.tid = %s ORDER BY s.rrn", (tid,)).fetchall()
-        return [stored_sale(row) for row in rows]
-
-
-class _AnnouncingTx(SQLTx):
-    """``SQLTx`` that remembers the terminals whose settlement-account versions it wrote,
-    whichever function of ``acqhost.domain.rebind`` did (activation names no terminal up front)."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.changed: set[str] = set()
-
-    def insert_version(self, v: AccountVersion) -> None:
-        super().insert_version(v)
-        self.changed.add(v.tid)
-
-    def set_version_state(
-        self, tid: str, version: int, from_states: Sequence[str], state: str, effective_from: float
-    ) -> bool:
-        moved = super().set_version_state(tid, version, from_states, state, effective_from)
-        if moved:
-            self.changed.add(tid)
-        return moved
-
-
-def _tx_on(cur: psycopg.Cursor[tuple[Any, ...]], write: bool) -> _AnnouncingTx:
-    """The rebind flow's view of the transaction ``cur`` is in; a writer's audit appends
-    take the advisory lock that gives the audit chain one order."""
-
-    def execute(sql: str, params: tuple[Any, ...]) -> psycopg.Cursor[tuple[Any, ...]]:
-        return cur.execute(_placeholders(sql), params)
-
-    lock = f"SELECT pg_advisory_xact_lock({AUDIT_LOCK})" if write else None
-    return _AnnouncingTx(execute, write=write, lock_audit=lock)
-
-
-def _notify(cur: psycopg.Cursor[tuple[Any, ...]], kind: str, tids: Iterable[str]) -> None:
-    """Announce, at commit, that ``kind`` of these terminals changed (see the module doc)."""
-    cur.execute(_NOTIFY, (CHANNEL, kind, sorted(tids)))
-
-
-@functools.cache
-def _placeholders(sql: str) -> str:
-    """The shared SQL's ``?`` placeholders as psycopg's ``%s`` (once per statement text)."""
-    return sql.replace("?", "%s")
-
-
-def _migrate(conn: psycopg.Connection[tuple[Any, ...]]) -> None:
-    """Bring the database up to the latest schema, one transaction per migration.
-
-    A database already current costs one read. Otherwise each migration's transaction takes
-    the advisory lock and re-reads the version under it, so processes opening a new database
-    together apply each migration exactly once, and one that fails leaves nothing behind.
-    """
-    latest = pg_migrations.latest_version()
-    with conn.transaction(), conn.cursor() as cur:
-        found = _schema_version(cur)
-    if found > latest:
-        raise SchemaVersionError(found, latest)
-    if found == latest:
-        return
-    for version, script in pg_migrations.MIGRATIONS:
-        with conn.transaction(), conn.cursor() as cur:
-            cur.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
-            current = _schema_version(cur)
-            if current > latest:
-                raise SchemaVersionError(current, latest)
-            if current < version:
-                if current != version - 1:
-                    raise RuntimeError(f"migration {version} found schema version {current}")
-                if not _has_schema_version_table(cur):
-                    cur.execute(pg_migrations.SCHEMA_VERSION_TABLE)
-                # No parameters: sent as one simple query, every statement of the script in
-                # this transaction.
-                cur.execute(script)
-                cur.execute("UPDATE schema_version SET version = %s", (version,))
-
-
-def _has_schema_version_table(cur: psycopg.Cursor[tuple[Any, ...]]) -> bool:
-    # A query on the catalog, not to_regclass(): that one answers from this backend's catalog
-    # cache, which may still say "no such table" after another process created it while this
-    # transaction waited for the migration lock.
-    row = cur.execute(
-        "SELECT EXISTS (SELECT FROM pg_catalog.pg_tables "
-        "WHERE schemaname = current_schema() AND tablename = 'schema_version')"
-    ).fetchone()
-    return bool(row and row[0])
-
-
-def _schema_version(cur: psycopg.Cursor[tuple[Any, ...]]) -> int:
-    """The version in ``schema_version``; 0 for a database acqhost has never touched."""
-    if not _has_schema_version_table(cur):
-        return 0
-    row = cur.execute("SELECT version FROM schema_version").fetchone()
-    return 0 if row is None else int(row[0])
+                attempt += 1

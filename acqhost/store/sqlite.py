@@ -13,47 +13,16 @@ import fcntl
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from acqhost.store import migrations
-from acqhost.store._sql import (
-    ACCOUNT_COLUMNS,
-    SALE_SELECT,
-    TERMINAL_COLUMNS,
-    SQLTx,
-    account_v1_params,
-    check_new_terminal,
-    operator_params,
-    stored_sale,
-    terminal_params,
-)
-from acqhost.store.base import (
-    IN_FORCE_STATES,
-    TERMINAL_STATUSES,
-    AccountVersion,
-    NewAccount,
-    Operator,
-    SaleRecord,
-    SaleResult,
-    SchemaVersionError,
-    Session,
-    StoredSale,
-    StoreTx,
-    Terminal,
-    format_rrn,
-)
+from acqhost.store.base import SaleRecord
+from acqhost.store.migrations import sqlite as migrations
+from acqhost.store.sql import INSERT_SALE, SQLITE, SQLTx
+from acqhost.store.sqlstore import SQLStore
 
-__all__ = ("SQLiteStore",)
-
-_INSERT_SALE = (
-    "INSERT INTO sales (tid, mid, stan, local_date, local_time, transmission, amount, currency, "
-    "pan_masked, auth_code, test, account_version, batch_no, received_at) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
-    "ON CONFLICT (tid, stan, local_date) DO NOTHING"
-)
-
+__all__ = ("QUEUE_POLL_SECONDS", "QUEUE_SECONDS", "SQLiteStore", "SQLiteTx")
 
 # How long a queued writer waits for its turn: SQLite's own busy timeout.
 QUEUE_SECONDS = 5.0
@@ -86,7 +55,45 @@ def _take_turn(fd: int) -> None:
         time.sleep(QUEUE_POLL_SECONDS)
 
 
-class SQLiteStore:
+class SQLiteTx(SQLTx):
+    """``SQLTx`` on a SQLite connection: sales are inserted one statement each, which is
+    cheap in process and tells each one's fate by its rowcount and rowid (its RRN)."""
+
+    dialect = SQLITE
+
+    def __init__(self, conn: sqlite3.Connection, *, write: bool) -> None:
+        super().__init__(conn.execute, write=write)
+        self._conn_execute = conn.execute
+
+    def _insert_sales(self, sales: Sequence[SaleRecord]) -> list[int | None]:
+        rrns: list[int | None] = []
+        append = rrns.append
+        execute = self._conn_execute
+        for sale in sales:
+            cursor = execute(
+                INSERT_SALE,
+                (
+                    sale.tid,
+                    sale.mid,
+                    sale.stan,
+                    sale.local_date,
+                    sale.local_time,
+                    sale.transmission,
+                    sale.amount,
+                    sale.currency,
+                    sale.pan_masked,
+                    sale.auth_code,
+                    1 if sale.test else 0,
+                    sale.account_version,
+                    sale.batch_no,
+                    sale.received_at,
+                ),
+            )
+            append(cursor.lastrowid if cursor.rowcount == 1 else None)
+        return rrns
+
+
+class SQLiteStore(SQLStore):
     """``Store`` on one SQLite file (created, or upgraded to the latest schema, on open).
 
     Use one instance per thread at a time; every process or worker thread that writes opens its
@@ -104,13 +111,15 @@ class SQLiteStore:
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute("PRAGMA synchronous = FULL")
             conn.execute("PRAGMA foreign_keys = ON")
-            _migrate(conn)
+            migrations.migrate(conn)
         except BaseException:
             conn.close()
             raise
         self._conn = conn
         self.path = str(path)
         self._queue_fd: int | None = None
+        # Autocommit: each of the store's reads is a transaction of its own.
+        self._reader = SQLiteTx(conn, write=False)
 
     def queue_writers(self) -> None:
         """Make this connection's write transactions wait their turn on an OS file lock
@@ -131,11 +140,13 @@ class SQLiteStore:
 
     def schema_version(self) -> int:
         """The database's schema version (``PRAGMA user_version``)."""
-        return int(self._conn.execute("PRAGMA user_version").fetchone()[0])
+        return migrations.user_version(self._conn)
 
     @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction; a constraint violation becomes ValueError (caller's input)."""
+    def _write(self) -> Iterator[SQLTx]:
+        """One write transaction, holding the file's write lock from its start (which
+        serialises it with every writer, of any terminal); a constraint violation becomes
+        ValueError (the caller's input)."""
         conn = self._conn
         queue = self._queue_fd
         if queue is not None:
@@ -143,7 +154,7 @@ class SQLiteStore:
         try:
             conn.execute("BEGIN IMMEDIATE")
             try:
-                yield conn
+                yield SQLiteTx(conn, write=True)
                 conn.execute("COMMIT")
             except sqlite3.IntegrityError as error:
                 self._rollback()
@@ -156,18 +167,13 @@ class SQLiteStore:
                 fcntl.flock(queue, fcntl.LOCK_UN)
 
     @contextmanager
-    def transaction(self, tid: str | None = None, *, write: bool = True) -> Iterator[StoreTx]:
-        """One transaction for the rebind flow. A write transaction holds the file's write
-        lock from its start (which serialises it with every writer, of any terminal); a read
-        transaction sees one snapshot and never waits for the writer."""
-        if write:
-            with self._write() as conn:
-                yield SQLTx(conn.execute, write=True)
-            return
+    def _snapshot(self) -> Iterator[SQLTx]:
+        """A read transaction: one snapshot (from its first read), never waiting for the
+        writer."""
         conn = self._conn
         conn.execute("BEGIN")
         try:
-            yield SQLTx(conn.execute, write=False)
+            yield SQLiteTx(conn, write=False)
         finally:
             self._rollback()
 
@@ -175,232 +181,3 @@ class SQLiteStore:
         # SQLite may already have rolled back on its own (e.g. a full disk).
         if self._conn.in_transaction:
             self._conn.execute("ROLLBACK")
-
-    # -- terminals -------------------------------------------------------------------------
-    def add_terminal(
-        self,
-        terminal: Terminal,
-        account: NewAccount,
-        operator: Operator | None,
-        then: Callable[[StoreTx], None] | None = None,
-    ) -> None:
-        """Register a terminal with settlement account version 1 (ACTIVE, effective from
-        ``terminal.created_at``), batch 1 open and the optional operator, in one transaction
-        with ``then`` (see Store.add_terminal). ValueError if the tid exists (or a value
-        breaks a constraint)."""
-        check_new_terminal(terminal, operator)
-        now = terminal.created_at
-        with self._write() as conn:
-            if conn.execute("SELECT 1 FROM terminals WHERE tid = ?", (terminal.tid,)).fetchone():
-                raise ValueError(f"terminal {terminal.tid!r} already exists")
-            conn.execute(
-                f"INSERT INTO terminals ({TERMINAL_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                terminal_params(terminal),
-            )
-            conn.execute(
-                f"INSERT INTO settlement_accounts ({ACCOUNT_COLUMNS}) "
-                "VALUES (?, 1, ?, ?, ?, ?, ?, ?, 'ACTIVE', ?, ?, ?, ?)",
-                account_v1_params(terminal.tid, account, now),
-            )
-            conn.execute(
-                "INSERT INTO batches (tid, batch_no, status, opened_at) VALUES (?, 1, 'open', ?)",
-                (terminal.tid, now),
-            )
-            if operator is not None:
-                conn.execute(
-                    "INSERT INTO operators (tid, operator_id, password_hash, failures) "
-                    "VALUES (?, ?, ?, ?)",
-                    operator_params(operator),
-                )
-            if then is not None:
-                then(SQLTx(conn.execute, write=True))
-
-    def get_terminal(self, tid: str) -> Terminal | None:
-        """The terminal, or None."""
-        row = self._conn.execute(
-            f"SELECT {TERMINAL_COLUMNS} FROM terminals WHERE tid = ?", (tid,)
-        ).fetchone()
-        return None if row is None else Terminal(*row)
-
-    def list_terminals(self) -> list[Terminal]:
-        """Every terminal, by tid."""
-        rows = self._conn.execute(f"SELECT {TERMINAL_COLUMNS} FROM terminals ORDER BY tid")
-        return [Terminal(*row) for row in rows]
-
-    def set_terminal_status(self, tid: str, status: str) -> bool:
-        """Set "active" or "disabled"; False if there is no such terminal."""
-        if status not in TERMINAL_STATUSES:
-            raise ValueError(f"terminal status must be active or disabled: {status!r}")
-        with self._write() as conn:
-            cursor = conn.execute("UPDATE terminals SET status = ? WHERE tid = ?", (status, tid))
-        return cursor.rowcount == 1
-
-    # -- sessions --------------------------------------------------------------------------
-    def save_session(self, session: Session) -> None:
-        """Insert or replace the terminal's session (a new sign-on replaces the old keys)."""
-        with self._write() as conn:
-            conn.execute(
-                "INSERT INTO sessions (tid, sealed_rx, sealed_tx, signed_on_at) "
-                "VALUES (?, ?, ?, ?) ON CONFLICT (tid) DO UPDATE SET "
-                "sealed_rx = excluded.sealed_rx, sealed_tx = excluded.sealed_tx, "
-                "signed_on_at = excluded.signed_on_at",
-                (session.tid, session.sealed_rx, session.sealed_tx, session.signed_on_at),
-            )
-
-    def get_session(self, tid: str) -> Session | None:
-        """The terminal's session, or None when it is not signed on."""
-        row = self._conn.execute(
-            "SELECT tid, sealed_rx, sealed_tx, signed_on_at FROM sessions WHERE tid = ?", (tid,)
-        ).fetchone()
-        return None if row is None else Session(*row)
-
-    def drop_session(self, tid: str) -> None:
-        """Forget the terminal's session keys (sign-off); no error if there are none."""
-        with self._write() as conn:
-            conn.execute("DELETE FROM sessions WHERE tid = ?", (tid,))
-
-    # -- settlement accounts ---------------------------------------------------------------
-    def current_account(self, tid: str, now: float) -> AccountVersion | None:
-        """The version in force: the latest APPROVED, ACTIVE or VERIFIED version whose
-        effective_from <= now (APPROVED is ACTIVE from then on, recorded or not)."""
-        row = self._conn.execute(
-            f"SELECT {ACCOUNT_COLUMNS} FROM settlement_accounts "
-            "WHERE tid = ? AND state IN (?, ?, ?) AND effective_from <= ? "
-            "ORDER BY version DESC LIMIT 1",
-            (tid, *IN_FORCE_STATES, now),
-        ).fetchone()
-        return None if row is None else AccountVersion(*row)
-
-    def account_history(self, tid: str) -> list[AccountVersion]:
-        """Every version of the terminal's settlement account, oldest first."""
-        rows = self._conn.execute(
-            f"SELECT {ACCOUNT_COLUMNS} FROM settlement_accounts WHERE tid = ? ORDER BY version",
-            (tid,),
-        )
-        return [AccountVersion(*row) for row in rows]
-
-    # -- ledger ----------------------------------------------------------------------------
-    def open_batch(self, tid: str) -> int:
-        """The terminal's open batch number; KeyError if the terminal has none."""
-        row = self._conn.execute(
-            "SELECT batch_no FROM batches WHERE tid = ? AND status = 'open'", (tid,)
-        ).fetchone()
-        if row is None:
-            raise KeyError(tid)
-        return int(row[0])
-
-    def record_sales(self, sales: Sequence[SaleRecord]) -> list[SaleResult]:
-        """Insert many approved sales in ONE transaction (one fsync), in order.
-
-        A sale whose (tid, stan, local_date) is already stored, or repeated earlier in
-        ``sales``, is not inserted: it gets duplicate=True and the RRN of the sale stored under
-        that key. Others get their new RRN. ValueError (and nothing inserted) if a sale names an
-        unknown terminal, batch or account version.
-        """
-        if not sales:
-            return []
-        results: list[SaleResult] = []
-        append = results.append
-        with self._write() as conn:
-            execute = conn.execute
-            for sale in sales:
-                cursor = execute(
-                    _INSERT_SALE,
-                    (
-                        sale.tid,
-                        sale.mid,
-                        sale.stan,
-                        sale.local_date,
-                        sale.local_time,
-                        sale.transmission,
-                        sale.amount,
-                        sale.currency,
-                        sale.pan_masked,
-                        sale.auth_code,
-                        1 if sale.test else 0,
-                        sale.account_version,
-                        sale.batch_no,
-                        sale.received_at,
-                    ),
-                )
-                if cursor.rowcount == 1:
-                    append(SaleResult(format_rrn(cursor.lastrowid or 0), False))
-                else:
-                    row = execute(
-                        "SELECT rrn FROM sales WHERE tid = ? AND stan = ? AND local_date = ?",
-                        (sale.tid, sale.stan, sale.local_date),
-                    ).fetchone()
-                    append(SaleResult(format_rrn(row[0]), True))
-        return results
-
-    def sale_exists(self, tid: str, stan: str, local_date: str) -> bool:
-        """Whether the duplicate key (tid, stan, local_date) already has a sale."""
-        row = self._conn.execute(
-            "SELECT 1 FROM sales WHERE tid = ? AND stan = ? AND local_date = ?",
-            (tid, stan, local_date),
-        ).fetchone()
-        return row is not None
-
-    def find_sale(self, tid: str, stan: str, transmission: str) -> StoredSale | None:
-        """The sale a reversal names: same terminal, original STAN and original field 7 (the
-        latest such sale, should a STAN and field 7 ever repeat a year later)."""
-        row = self._conn.execute(
-            SALE_SELECT + "WHERE s.tid = ? AND s.stan = ? AND s.transmission = ? "
-            "ORDER BY s.rrn DESC LIMIT 1",
-            (tid, stan, transmission),
-        ).fetchone()
-        return None if row is None else stored_sale(row)
-
-    def reverse_sale(self, rrn: str) -> bool:
-        """Mark the sale reversed; False if it was already reversed or does not exist
-        (idempotent)."""
-        if not (rrn.isdigit() and rrn.isascii()):
-            return False
-        with self._write() as conn:
-            cursor = conn.execute(
-                "UPDATE sales SET status = 'reversed', reversed_at = ? "
-                "WHERE rrn = ? AND status = 'approved'",
-                (time.time(), int(rrn)),
-            )
-        return cursor.rowcount == 1
-
-    def sales(self, tid: str) -> list[StoredSale]:
-        """Every sale of the terminal, in RRN order."""
-        rows = self._conn.execute(SALE_SELECT + "WHERE s.tid = ? ORDER BY s.rrn", (tid,))
-        return [stored_sale(row) for row in rows]
-
-
-def _migrate(conn: sqlite3.Connection) -> None:
-    """Bring the database up to the latest schema, one transaction per migration.
-
-    The version is re-read under the write lock, so processes opening a new file together
-    apply each migration exactly once.
-    """
-    latest = migrations.latest_version()
-    found = _user_version(conn)
-    if found > latest:
-        raise SchemaVersionError(found, latest)
-    if found == latest:
-        return
-    for version, script in migrations.MIGRATIONS:
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            current = _user_version(conn)
-            if current > latest:
-                raise SchemaVersionError(current, latest)
-            if current < version:
-                if current != version - 1:
-                    raise RuntimeError(f"migration {version} found schema version {current}")
-                for statement in migrations.statements(script):
-                    conn.execute(statement)
-                # PRAGMA takes no parameters; version is an int from our own list.
-                conn.execute(f"PRAGMA user_version = {int(version)}")
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
-
-
-def _user_version(conn: sqlite3.Connection) -> int:
-    return int(conn.execute("PRAGMA user_version").fetchone()[0])
