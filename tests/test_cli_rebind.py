@@ -18,7 +18,7 @@ import pytest
 
 from acqhost.cli import main as cli
 from acqhost.config import RebindPolicy
-from acqhost.domain import cards, crypto, rebind, voucher
+from acqhost.domain import accounts, cards, crypto, rebind, voucher
 from acqhost.store import open_store
 from acqhost.store.base import SaleRecord, Store
 from tests.hostkit import ACCOUNT, BANK, HOLDER, add_terminal, make_host, running
@@ -107,7 +107,7 @@ def changed(host: Host, tid: str = "TERM0001", account: str = NEW, ago: float = 
     the terminal's first version is in force from its registration only.)"""
     outcome = submit(host, tid, account)
     assert outcome.request is not None
-    decided = time.time() - ago - rebind.DECISION_LEAD - 1  # EF is rounded up to a second
+    decided = time.time() - ago - accounts.DECISION_LEAD - 1  # EF is rounded up to a second
     with host.store() as store, store.transaction(tid) as tx:
         rebind.approve(tx, host.keys.data_key, outcome.request.rf, "tester", POLICY, decided)
     return outcome.request.rf
@@ -158,7 +158,7 @@ def test_list_show_approve_and_reject_with_their_refusals(
         assert request.decided_by == "alice" and request.decided_at is not None
         ef = tx.versions("TERM0001")[1].effective_from
     assert 0 <= ef - request.decided_at - 86400 < 1  # the cooling-off, to a whole second
-    assert rebind.ef_text(ef) in out
+    assert accounts.ef_text(ef) in out
 
     status, _, err = run(capsys, host, "rebind", "approve", rf1, "--by", "alice")
     assert status == 2 and "APPROVED, not PENDING_REVIEW" in err
@@ -228,7 +228,7 @@ def test_account_show_history_and_rollback_with_its_refusals(
         v4 = tx.versions("TERM0001")[3]
         request = tx.latest_request("TERM0001")
     assert request is not None and request.kind == "rollback" and request.restores == 1
-    assert request.rf in out and rebind.ef_text(v4.effective_from) in out
+    assert request.rf in out and accounts.ef_text(v4.effective_from) in out
     assert v4.state == "APPROVED" and v4.created_by == "carol" and "merchant asked" in v4.reason
     assert v4.account_masked == cards.mask_account(ACCOUNT)
     status, _, err = run(capsys, host, *argv, "--to-version", "1")
@@ -373,7 +373,7 @@ def test_a_rollback_voucher_names_the_version_it_undid(
     changed(host, ago=10)  # version 2
     at = time.time() - 5  # late enough for version 2, early enough for the rollback's EF
     with host.store() as store, store.transaction("TERM0001") as tx:
-        rebind.activate_due(tx, host.keys.data_key, at)
+        accounts.activate_due(tx, host.keys.data_key, at)
         back = rebind.rollback(tx, host.keys.data_key, "TERM0001", 1, "carol", "fraud", at)
     status, out, _ = run(capsys, host, "rebind", "voucher", back.rf)
     assert status == 0
@@ -407,7 +407,7 @@ def test_history_shows_a_verified_version_superseded_once_a_change_or_rollback_i
                                1, 1, time.time())  # fmt: skip
         store.record_sales([test_sale])
         with store.transaction("TERM0001") as tx:
-            assert rebind.verify(tx, host.keys.data_key, "TERM0001", 1, time.time())
+            assert accounts.verify(tx, host.keys.data_key, "TERM0001", 1, time.time())
     assert history(capsys, host) == [("1*", "VERIFIED")]
 
     rf = changed(host, ago=10)  # version 2, in force for 10 s
@@ -597,7 +597,7 @@ async def test_a_cli_approval_reaches_the_running_host_without_a_restart(
             argv = ["rebind", "approve", rf, "--by", "alice", *args]
             assert await anyio.to_thread.run_sync(cli, argv) == 0
             assert (await client.sale(500)).tlv["SV"] == "1"  # until EF: the old account
-            await anyio.sleep(rebind.DECISION_LEAD + 1.2)  # EF: rounded up to a second
+            await anyio.sleep(accounts.DECISION_LEAD + 1.2)  # EF: rounded up to a second
             sale = await client.sale(100, test=True)
             assert sale.rc == "00"
             assert sale.tlv == {"SA": cards.mask_account(NEW), "SV": "2", "BK": BANK}

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from acqhost.config import RebindPolicy
-from acqhost.domain import audit, cards, crypto, rebind
+from acqhost.domain import accounts, audit, cards, crypto, rebind
 from acqhost.domain.rebind import Outcome, RebindError, Submission
 from acqhost.store import NewAccount, Operator, SQLiteStore, Store
 from acqhost.store.postgres import PostgresStore
@@ -87,7 +87,7 @@ def approve(store: Store, rf: str, now: float, policy: RebindPolicy = MANUAL) ->
 
 def activate(store: Store, now: float) -> list[int]:
     with store.transaction() as tx:
-        return [v.version for v in rebind.activate_due(tx, KEY, now)]
+        return [v.version for v in accounts.activate_due(tx, KEY, now)]
 
 
 def test_accepted_submit_is_a_new_version_pending_review_and_the_old_one_stays_in_force(
@@ -97,7 +97,7 @@ def test_accepted_submit_is_a_new_version_pending_review_and_the_old_one_stays_i
     assert out.code == "00" and out.request is not None
     rf = out.request.rf
     assert len(rf) == 16 and rf.isalnum()
-    ef = rebind.ef_text(T0 + 10 + 100)
+    ef = accounts.ef_text(T0 + 10 + 100)
     sa = cards.mask_account(NEW)
     assert out.elements == {"RF": rf, "ST": "PENDING_REVIEW", "EF": ef, "SA": sa}
     assert states(store) == ["ACTIVE", "PENDING_REVIEW"]
@@ -127,7 +127,7 @@ def test_auto_review_approves_at_once_and_the_version_is_in_force_from_its_effec
 
 def test_a_short_cooling_off_still_takes_effect_after_the_decision_lead(store: Store) -> None:
     out = submit(store, policy=replace(AUTO, cooling_off=0.0), now=T0)
-    assert out.elements["EF"] == rebind.ef_text(T0 + rebind.DECISION_LEAD)
+    assert out.elements["EF"] == accounts.ef_text(T0 + accounts.DECISION_LEAD)
 
 
 def test_wrong_passwords_are_counted_and_lock_the_operator_out(store: Store) -> None:
@@ -282,12 +282,12 @@ def test_first_approved_test_sale_verifies_an_active_version(store: Store) -> No
     out = submit(store, policy=AUTO, now=T0)
     ef = T0 + AUTO.cooling_off
     with store.transaction(TID) as tx:
-        assert not rebind.verify(tx, KEY, TID, 2, ef)  # no test sale yet (activates it)
+        assert not accounts.verify(tx, KEY, TID, 2, ef)  # no test sale yet (activates it)
     assert states(store) == ["ACTIVE", "ACTIVE"]
     store.record_sales([make_sale("000009", test=True, account_version=2)])
     with store.transaction(TID) as tx:
-        assert rebind.verify(tx, KEY, TID, 2, ef + 1)
-        assert not rebind.verify(tx, KEY, TID, 2, ef + 2)  # once
+        assert accounts.verify(tx, KEY, TID, 2, ef + 1)
+        assert not accounts.verify(tx, KEY, TID, 2, ef + 2)  # once
     assert states(store) == ["ACTIVE", "VERIFIED"]
     assert out.request is not None
 
@@ -299,7 +299,7 @@ def test_rollback_restores_an_earlier_version_as_a_new_one(store: Store) -> None
     with store.transaction(TID) as tx:
         request = rebind.rollback(tx, KEY, TID, 1, "ops", "merchant's request", ef + 10)
     assert (request.kind, request.state, request.restores) == ("rollback", "APPROVED", 1)
-    takes_effect = ef + 10 + rebind.DECISION_LEAD
+    takes_effect = ef + 10 + accounts.DECISION_LEAD
     assert store.current_account(TID, takes_effect - 0.001).version == 2  # type: ignore[union-attr]
     current = store.current_account(TID, takes_effect)
     assert current is not None and current.version == 3
@@ -357,9 +357,9 @@ def story(store: Store) -> None:
     activate(store, ef)
     store.record_sales([make_sale("000009", test=True, account_version=2)])
     with store.transaction(TID) as tx:
-        rebind.verify(tx, KEY, TID, 2, ef + 1)
+        accounts.verify(tx, KEY, TID, 2, ef + 1)
         rebind.rollback(tx, KEY, TID, 1, "ops", "merchant's request", ef + 2)
-    activate(store, ef + 2 + rebind.DECISION_LEAD)
+    activate(store, ef + 2 + accounts.DECISION_LEAD)
     other = submit(store, sub(tid=OTHER), now=T0)
     assert other.request is not None
     with store.transaction() as tx:
@@ -467,7 +467,7 @@ def test_effective_from_falls_on_a_whole_second_never_sooner_than_the_lead(store
     out = submit(store, now=T0 + 0.25)
     assert out.request is not None
     ef = approve(store, out.request.rf, T0 + 0.25, replace(MANUAL, cooling_off=0.0))
-    assert ef == T0 + 3 and ef >= T0 + 0.25 + rebind.DECISION_LEAD
+    assert ef == T0 + 3 and ef >= T0 + 0.25 + accounts.DECISION_LEAD
 
 
 def test_a_read_transaction_sees_one_snapshot(store: Store, tmp_path: Path) -> None:

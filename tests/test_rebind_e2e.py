@@ -21,7 +21,7 @@ import pytest
 
 from acqhost.cli import main as cli
 from acqhost.config import RebindPolicy, load_config
-from acqhost.domain import audit, cards, crypto, rebind
+from acqhost.domain import accounts, audit, cards, crypto
 from acqhost.store import open_store
 from acqhost.store.base import Store, StoreTx
 from acqhost.wire.tlv import decode_tlv, encode_tlv
@@ -512,7 +512,7 @@ async def test_the_whole_story(
         ef = await acquirer(setup, toml, "rebind", "approve", rf, "--by", "reviewer")
         assert time.time() + 2.5 < ef  # 3 s of cooling-off from the approval
         tlv = expect(await client.rebind_inquire(rf), "00", RF=rf, ST="APPROVED", SA=NEW_SA)
-        assert tlv["EF"] == rebind.ef_text(ef)
+        assert tlv["EF"] == accounts.ef_text(ef)
         ex = await sale(ef, "1", "2")  # cooling-off: still the old account
         assert ex.tlv["SA"] == OLD_SA
         await sleep_until(ef - 1.0)
@@ -527,7 +527,7 @@ async def test_the_whole_story(
 
         rollback = ("account", "rollback", "TERM0001", "--to-version", "1", "--by", "ops")
         back_ef = await acquirer(setup, toml, *rollback, "--reason", "merchant asked")
-        assert back_ef >= time.time() + rebind.DECISION_LEAD - 0.5
+        assert back_ef >= time.time() + accounts.DECISION_LEAD - 0.5
         await sale(back_ef, "2", "3")
         await sleep_until(back_ef)
         ex = await sale(back_ef, "2", "3")

@@ -23,7 +23,7 @@ import pytest
 
 from acqhost.cli import main as cli
 from acqhost.config import RebindPolicy
-from acqhost.domain import crypto, rebind
+from acqhost.domain import accounts, crypto, rebind
 from acqhost.runtime.app import build_server, close_stores
 from acqhost.store import open_store
 from acqhost.store.base import AccountVersion, SaleRecord, Store
@@ -263,7 +263,7 @@ def test_the_store_announces_committed_changes_to_what_hosts_cache(
                 tx.insert_version(new_version(tx.versions(TID)[0], 2, state="APPROVED"))
             expect(("account", TID))
             with store.transaction() as tx:
-                assert len(rebind.activate_due(tx, key, time.time() + 1)) == 1
+                assert len(accounts.activate_due(tx, key, time.time() + 1)) == 1
             expect(("account", TID))
             assert events.empty()
         finally:

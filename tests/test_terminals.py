@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from acqhost.config import RebindPolicy
-from acqhost.domain import audit, cards, crypto, rebind, terminals
+from acqhost.domain import accounts, audit, cards, crypto, rebind, terminals
 from acqhost.store import open_store
 from acqhost.store.base import AccountVersion, Store
 
@@ -66,7 +66,7 @@ def due_change(store: Store, key: bytes, tid: str = "TERM0001") -> int:
     with store.transaction(tid) as tx:
         outcome = rebind.submit(tx, key, sub, password_ok=True, policy=POLICY, now=now)
         assert outcome.request is not None
-        past = now - rebind.DECISION_LEAD - 2
+        past = now - accounts.DECISION_LEAD - 2
         rebind.approve(tx, key, outcome.request.rf, "tester", POLICY, past)
         return outcome.request.version
 

@@ -4,7 +4,7 @@ signed vouchers and their check; the audit log's check; unlocking a terminal ope
 
 Each command opens the store, works in one transaction and closes it, so it may run while host
 processes serve: they see a decision within ``CACHE_SECONDS``, before it takes effect
-(``acqhost.domain.rebind.DECISION_LEAD``). The rules are the domain's (``acqhost.domain.rebind``
+(``acqhost.domain.accounts.DECISION_LEAD``). The rules are the domain's (``acqhost.domain.rebind``
 and ``acqhost.domain.terminals``); these commands parse, print and choose the exit status.
 """
 
@@ -31,7 +31,7 @@ from acqhost.cli.common import (
     write_new,
 )
 from acqhost.config import Config
-from acqhost.domain import audit, rebind, terminals, voucher
+from acqhost.domain import accounts, audit, rebind, terminals, voucher
 from acqhost.domain.crypto import HostKeys
 from acqhost.store.base import (
     ACCOUNT_STATES,
@@ -148,7 +148,7 @@ def cmd_rebind_show(args: argparse.Namespace) -> int:
         ("note", r.note or "-"),
         ("effective from", _utc(terminals.effective_from_of(r, proposed))),
         ("proposed", _version_text(proposed)),
-        ("in force now", _version_text(rebind.in_force(versions, now))),
+        ("in force now", _version_text(accounts.in_force(versions, now))),
     ]
     for name, value in lines:
         print(f"{name + ':':<15} {value}")
@@ -166,7 +166,7 @@ def cmd_rebind_approve(args: argparse.Namespace) -> int:
             version = _request(tx, args.rf).version
     print(
         f"{args.rf} approved by {by}: version {version} of {tid} takes effect at {_utc(ef)} "
-        f"(EF {rebind.ef_text(ef)})"
+        f"(EF {accounts.ef_text(ef)})"
     )
     return 0
 
@@ -193,7 +193,7 @@ def cmd_account_show(args: argparse.Namespace) -> int:
         versions = tx.versions(args.tid)
         requests = {r.version: r for r in tx.requests(tid=args.tid)}
     print(f"terminal {terminal.tid} (merchant {terminal.mid}, {terminal.merchant_name})")
-    print(f"in force now: {_version_text(rebind.in_force(versions, now))}")
+    print(f"in force now: {_version_text(accounts.in_force(versions, now))}")
     changes = [v for v in versions if v.state in OPEN_REBIND_STATES]
     for v in changes:
         r = requests.get(v.version)
@@ -209,7 +209,7 @@ def cmd_account_history(args: argparse.Namespace) -> int:
     with _reading(cfg, keys) as (tx, now):
         versions = tx.versions(args.tid)
     require(bool(versions), f"no terminal {args.tid}")
-    current = rebind.in_force(versions, now)
+    current = accounts.in_force(versions, now)
     states = terminals.shown_states(versions, now)
     rows = [
         (
@@ -242,7 +242,7 @@ def cmd_account_rollback(args: argparse.Namespace) -> int:
     print(
         f"{args.tid}: version {args.to_version} restored as version {r.version} "
         f"({v.account_masked} at {v.bank_code}), RF {r.rf}, effective from "
-        f"{_utc(v.effective_from)} (EF {rebind.ef_text(v.effective_from)})"
+        f"{_utc(v.effective_from)} (EF {accounts.ef_text(v.effective_from)})"
     )
     return 0
 

@@ -1,5 +1,6 @@
-"""Settlement-account changes ("rebind", PROTOCOL.md 5.3): submit, inquire, cancel, review,
-activation, verification by test sale, and the acquirer's rollback.
+"""Settlement-account changes ("rebind", PROTOCOL.md 5.3): a terminal's submit, inquire and
+cancel, the acquirer's review, and the acquirer's rollback. When decisions take effect, and
+activation and verification, are :mod:`acqhost.domain.accounts`.
 
 Every function here runs inside ONE store transaction (:meth:`Store.transaction`) handed in by
 the caller (the host's ledger writer, or the CLI), decides from what the store returns, writes
@@ -7,71 +8,42 @@ the change and its audit entry, and returns; the transaction commits both or nei
 outcomes for a terminal are returned as an :class:`Outcome` (response code and reason), never
 raised, so that what must persist with a refusal (a wrong-password count) is committed too. The
 acquirer's commands get :class:`RebindError` for a refusal.
-
-Timing. A decision (approval, rollback) takes effect at its effective-from, never sooner than
-:data:`DECISION_LEAD` seconds after it is made. Host processes cache a terminal's account for
-at most ``acqhost.host.core.CACHE_SECONDS`` (shorter than the lead) and never past the next
-effective-from they know of, so at that instant every process, on every machine sharing the
-store, switches to the new account: none answers with the old one after it.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import secrets
-import time
 import unicodedata
 from dataclasses import dataclass, field
 
 from acqhost.config import RebindPolicy
-from acqhost.domain import audit, cards, crypto
+from acqhost.domain import accounts, audit, cards, crypto
 from acqhost.errors import AcqHostError
-
-# in_force and next_change are the store's rule of which version is in force, named here too
-# because the rebind flow's callers (host, CLI) reach it through this module.
 from acqhost.store.base import (
     OPEN_REBIND_STATES,
     AccountVersion,
     RebindRequest,
     StoreTx,
-    in_force,
-    next_change,
 )
 
 __all__ = (
-    "DECISION_LEAD",
-    "NEVER_EFFECTIVE",
-    "ONCE_IN_FORCE",
     "Outcome",
     "RebindError",
     "Submission",
-    "activate_due",
     "approve",
     "cancel",
     "describe",
-    "ef_text",
-    "effective_from",
     "find",
-    "in_force",
     "new_rf",
-    "next_change",
     "normalise_name",
     "password_outcome",
     "reject",
     "rollback",
     "submit",
-    "verify",
 )
 
-# Seconds between a decision and the earliest moment it takes effect (see the module doc).
-DECISION_LEAD = 2.0
-
 _RF_ALPHABET = "ABCDEFGHJKLMNPQRSTUVWXYZ23456789"  # no 0/O or 1/I to misread on a voucher
-# States of a request whose version will never take effect: it has no effective-from.
-NEVER_EFFECTIVE = ("REJECTED", "CANCELLED")
-# States of a version that was once in force (and so may be restored by a rollback).
-ONCE_IN_FORCE = ("ACTIVE", "VERIFIED", "ROLLED_BACK")
 
 
 class RebindError(AcqHostError, ValueError):
@@ -115,32 +87,6 @@ def normalise_name(name: str) -> str:
     return " ".join(unicodedata.normalize("NFKC", name).casefold().split())
 
 
-def ef_text(at: float) -> str:
-    """48 EF: UTC ``YYYYMMDDhhmmss``."""
-    return time.strftime("%Y%m%d%H%M%S", time.gmtime(at))
-
-
-def effective_from(decided_at: float, delay: float) -> float:
-    """When a decision made at ``decided_at`` takes effect: ``delay`` later, but never sooner
-    than DECISION_LEAD, and on a whole second, so that 48 EF (to the second) is exact."""
-    return float(math.ceil(decided_at + max(delay, DECISION_LEAD)))
-
-
-def _log(
-    tx: StoreTx,
-    key: bytes,
-    now: float,
-    actor: str,
-    action: str,
-    tid: str,
-    subject: str,
-    **detail: object,
-) -> None:
-    audit.append(
-        tx, key, at=now, actor=actor, action=action, tid=tid, subject=subject, detail=detail
-    )
-
-
 # -- the terminal's requests ---------------------------------------------------------------------
 
 
@@ -168,7 +114,7 @@ def password_outcome(
     failures = operator.failures + 1
     tx.set_operator_failures(tid, operator_id, failures)
     if failures >= max_failures:
-        _log(
+        accounts.record(
             tx,
             key,
             now,
@@ -210,9 +156,9 @@ def submit(
     if any(v.state == "APPROVED" and v.effective_from <= now for v in versions):
         # In force (ACTIVE) since its effective-from, but not yet recorded so (host processes
         # do that every second): record it now, or it would be taken for an open request.
-        activate_due(tx, key, now)
+        accounts.activate_due(tx, key, now)
         versions = tx.versions(sub.tid)
-    current = in_force(versions, now)
+    current = accounts.in_force(versions, now)
     if current is None:  # every terminal is registered with version 1: our fault
         raise RuntimeError(f"terminal {sub.tid} has no settlement account in force")
     if normalise_name(sub.holder) != normalise_name(current.holder):
@@ -230,7 +176,7 @@ def submit(
         return Outcome("65", "TOO_FREQUENT")
     masked = cards.mask_account(account)
     number = versions[-1].version + 1
-    ef = effective_from(now, policy.cooling_off)  # an estimate until it is approved
+    ef = accounts.effective_from(now, policy.cooling_off)  # an estimate until it is approved
     actor = f"operator {sub.operator_id}"
     proposed = AccountVersion(
         tid=sub.tid,
@@ -267,7 +213,7 @@ def submit(
             restores=None,
         )
     )
-    _log(
+    accounts.record(
         tx,
         key,
         now,
@@ -295,7 +241,9 @@ def _last_accepted(tx: StoreTx, tid: str) -> float | None:
     times = [
         r.decided_at
         for r in tx.requests(tid=tid)
-        if r.kind == "rebind" and r.decided_at is not None and r.state not in NEVER_EFFECTIVE
+        if r.kind == "rebind"
+        and r.decided_at is not None
+        and r.state not in accounts.NEVER_EFFECTIVE
     ]
     return max(times) if times else None
 
@@ -334,8 +282,8 @@ def describe(tx: StoreTx, request: RebindRequest, now: float | None = None) -> d
     if now is not None and state == "APPROVED" and version.effective_from <= now:
         state = "ACTIVE"
     elements = {"RF": request.rf, "ST": state}
-    if request.state not in NEVER_EFFECTIVE:
-        elements["EF"] = ef_text(version.effective_from)
+    if request.state not in accounts.NEVER_EFFECTIVE:
+        elements["EF"] = accounts.ef_text(version.effective_from)
     elements["SA"] = version.account_masked
     return elements
 
@@ -361,10 +309,10 @@ def _decide(
         "after": state,
     }
     if effective_from is not None:
-        detail["effective_from"] = ef_text(ef)
+        detail["effective_from"] = accounts.ef_text(ef)
     if note:
         detail["why"] = note
-    _log(tx, key, now, by, f"rebind.{state.lower()}", request.tid, request.rf, **detail)
+    accounts.record(tx, key, now, by, f"rebind.{state.lower()}", request.tid, request.rf, **detail)
 
 
 # -- the acquirer's review -----------------------------------------------------------------------
@@ -381,7 +329,7 @@ def _pending(tx: StoreTx, rf: str) -> RebindRequest:
 
 def _approve(tx: StoreTx, key: bytes, rf: str, by: str, policy: RebindPolicy, now: float) -> float:
     request = _pending(tx, rf)
-    ef = effective_from(now, policy.cooling_off)
+    ef = accounts.effective_from(now, policy.cooling_off)
     _decide(tx, key, request, "APPROVED", by, "", now, effective_from=ef)
     return ef
 
@@ -400,88 +348,13 @@ def reject(tx: StoreTx, key: bytes, rf: str, by: str, reason: str, now: float) -
     _decide(tx, key, _pending(tx, rf), "REJECTED", by, reason.strip(), now)
 
 
-# -- activation, verification, rollback ---------------------------------------------------------
-
-
-def activate_due(tx: StoreTx, key: bytes, now: float) -> list[AccountVersion]:
-    """Record as ACTIVE every APPROVED version whose effective-from has passed (they are in
-    force from then on whether or not this has run); a rollback's activation marks the
-    versions it undoes ROLLED_BACK. Idempotent across processes: each version is activated by
-    exactly one. The versions activated."""
-    done: list[AccountVersion] = []
-    for v in tx.due_versions(now):
-        if not tx.set_version_state(v.tid, v.version, ("APPROVED",), "ACTIVE", v.effective_from):
-            continue  # another process did it meanwhile
-        done.append(v)
-        _log(
-            tx,
-            key,
-            now,
-            "host",
-            "account.activated",
-            v.tid,
-            f"v{v.version}",
-            version=v.version,
-            before="APPROVED",
-            after="ACTIVE",
-            effective_from=ef_text(v.effective_from),
-        )
-        request = next((r for r in tx.requests(tid=v.tid) if r.version == v.version), None)
-        if request is None or request.kind != "rollback" or request.restores is None:
-            continue
-        for undone in tx.versions(v.tid)[request.restores : v.version - 1]:
-            if undone.state in ("ACTIVE", "VERIFIED") and tx.set_version_state(
-                v.tid, undone.version, ("ACTIVE", "VERIFIED"), "ROLLED_BACK", undone.effective_from
-            ):
-                _log(
-                    tx,
-                    key,
-                    now,
-                    request.operator_id,
-                    "account.rolled_back",
-                    v.tid,
-                    f"v{undone.version}",
-                    version=undone.version,
-                    before=undone.state,
-                    after="ROLLED_BACK",
-                    by_request=request.rf,
-                )
-    return done
-
-
-def verify(tx: StoreTx, key: bytes, tid: str, version: int, now: float) -> bool:
-    """After an approved test sale on ``version``: ACTIVE -> VERIFIED (first recording any
-    due activation). True if this call verified it."""
-    activate_due(tx, key, now)
-    if not tx.has_test_sale(tid, version):
-        return False
-    if not tx.set_version_state(tid, version, ("ACTIVE",), "VERIFIED", _ef(tx, tid, version)):
-        return False
-    _log(
-        tx,
-        key,
-        now,
-        "host",
-        "account.verified",
-        tid,
-        f"v{version}",
-        version=version,
-        before="ACTIVE",
-        after="VERIFIED",
-    )
-    return True
-
-
-def _ef(tx: StoreTx, tid: str, version: int) -> float:
-    return tx.versions(tid)[version - 1].effective_from
-
-
 def rollback(
     tx: StoreTx, key: bytes, tid: str, to_version: int, by: str, reason: str, now: float
 ) -> RebindRequest:
     """The acquirer restores version ``to_version`` (one that was once in force) as a new
-    version, effective :data:`DECISION_LEAD` seconds from now; when it takes effect the versions
-    in force since are marked ROLLED_BACK. Refused while a request is open."""
+    version, effective :data:`~acqhost.domain.accounts.DECISION_LEAD` seconds from now; when it
+    takes effect the versions in force since are marked ROLLED_BACK. Refused while a request is
+    open."""
     if not by.strip():
         raise RebindError("the name of who rolls back is required")
     versions = tx.versions(tid)
@@ -490,7 +363,7 @@ def rollback(
     if not 1 <= to_version <= len(versions):
         raise RebindError(f"{tid} has no version {to_version}")
     target = versions[to_version - 1]
-    if target.state not in ONCE_IN_FORCE:
+    if target.state not in accounts.ONCE_IN_FORCE:
         raise RebindError(f"version {to_version} is {target.state}: it was never in force")
     open_ = [v for v in versions if v.state in OPEN_REBIND_STATES]
     if open_:
@@ -498,12 +371,12 @@ def rollback(
             f"{tid} has an open change (version {open_[0].version}, {open_[0].state}); "
             "reject it or let it take effect first"
         )
-    current = in_force(versions, now)
+    current = accounts.in_force(versions, now)
     if current is not None and current.version == to_version:
         raise RebindError(f"version {to_version} is already the one in force")
     number = versions[-1].version + 1
     why = f"rollback to version {to_version}" + (f": {reason.strip()}" if reason.strip() else "")
-    ef = effective_from(now, 0.0)
+    ef = accounts.effective_from(now, 0.0)
     restored = dataclasses.replace(
         target,
         version=number,
@@ -533,7 +406,7 @@ def rollback(
             restores=to_version,
         )
     )
-    _log(
+    accounts.record(
         tx,
         key,
         now,
@@ -546,7 +419,7 @@ def rollback(
         after="APPROVED",
         restores=to_version,
         account=target.account_masked,
-        effective_from=ef_text(ef),
+        effective_from=accounts.ef_text(ef),
         why=why,
         fingerprint=audit.fingerprint(key, restored),
     )

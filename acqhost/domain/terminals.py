@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from acqhost.config import MAX_AMOUNT
-from acqhost.domain import audit, cards, crypto, rebind
+from acqhost.domain import accounts, audit, cards, crypto
 from acqhost.errors import AcqHostError
 from acqhost.store.base import (
     IN_FORCE_STATES,
@@ -211,7 +211,7 @@ def record_due(store: Store, key: bytes, now: float) -> list[AccountVersion]:
         if not tx.due_versions(now):
             return []
     with store.transaction() as tx:
-        return rebind.activate_due(tx, key, now)
+        return accounts.activate_due(tx, key, now)
 
 
 @contextmanager
@@ -237,7 +237,7 @@ def deciding(
     those activations too: the running host or the next command records them."""
     with store.transaction(tid) as tx:
         now = clock()
-        rebind.activate_due(tx, key, now)
+        accounts.activate_due(tx, key, now)
         yield tx, now
 
 
@@ -270,7 +270,7 @@ def unlock_operator(
 
 def effective_from_of(request: RebindRequest, version: AccountVersion) -> float | None:
     """A request's effective-from, or None for one that will never take effect."""
-    return None if request.state in rebind.NEVER_EFFECTIVE else version.effective_from
+    return None if request.state in accounts.NEVER_EFFECTIVE else version.effective_from
 
 
 def shown_states(versions: Sequence[AccountVersion], now: float) -> list[str]:
@@ -280,7 +280,7 @@ def shown_states(versions: Sequence[AccountVersion], now: float) -> list[str]:
     if sales still settled to it. Such a version is shown :data:`SUPERSEDED`. An APPROVED
     version whose effective-from has passed is shown ACTIVE: it is in force even before a host
     process records it so. Every other state is shown as stored."""
-    current = rebind.in_force(versions, now)
+    current = accounts.in_force(versions, now)
     shown = []
     for v in versions:
         due = v.state in IN_FORCE_STATES and v.effective_from <= now

@@ -17,7 +17,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from acqhost.domain import crypto, rebind
+from acqhost.domain import accounts, crypto
 from acqhost.errors import AcqHostError
 from acqhost.store.base import AccountVersion, RebindRequest, Terminal
 
@@ -39,7 +39,7 @@ VOUCHER_TYPE = "ACQ1 settlement account change voucher 1"
 
 # States in which a version has been in force at some time (ROLLED_BACK ones were, until a
 # rollback took effect).
-_WAS_IN_FORCE = rebind.ONCE_IN_FORCE
+_WAS_IN_FORCE = accounts.ONCE_IN_FORCE
 
 
 class VoucherError(AcqHostError, ValueError):
@@ -68,7 +68,7 @@ def previous_version(
     (pending, approved but cooling off, rejected, cancelled), the one in force at ``now``.
 
     Only older versions count, and a version later rolled back still counts for the time it
-    was in force, which is why this is not :func:`acqhost.domain.rebind.in_force`."""
+    was in force, which is why this is not :func:`acqhost.domain.accounts.in_force`."""
     own = versions[request.version - 1]
     at = own.effective_from if own.state in _WAS_IN_FORCE else now
     for v in reversed(versions[: request.version - 1]):
@@ -90,7 +90,7 @@ def make_voucher(
     every version is ``versions``, oldest first) as issued at ``now``."""
     proposed = versions[request.version - 1]
     previous = previous_version(versions, request, now)
-    effective = None if request.state in rebind.NEVER_EFFECTIVE else proposed.effective_from
+    effective = None if request.state in accounts.NEVER_EFFECTIVE else proposed.effective_from
     fields: dict[str, Any] = {
         "voucher": VOUCHER_TYPE,
         "rf": request.rf,

@@ -12,7 +12,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 
 from acqhost.config import Config
-from acqhost.domain import crypto, rebind
+from acqhost.domain import accounts, crypto
 from acqhost.domain.crypto import HostKeys, SessionKeys
 from acqhost.errors import Decline
 from acqhost.store.base import AccountVersion, Store, Terminal
@@ -23,10 +23,10 @@ __all__ = ("CACHE_SECONDS", "HostState")
 # How long cached terminals and accounts are trusted before the store is asked again, so a
 # change made by the CLI reaches a running host within this many seconds. A cached account is
 # also never trusted past the next effective-from the store knows of; with every decision
-# taking effect acqhost.domain.rebind.DECISION_LEAD (> CACHE_SECONDS) after it is made, all
+# taking effect acqhost.domain.accounts.DECISION_LEAD (> CACHE_SECONDS) after it is made, all
 # host processes switch to a new account at its effective-from exactly.
 CACHE_SECONDS = 1.0
-assert CACHE_SECONDS < rebind.DECISION_LEAD
+assert CACHE_SECONDS < accounts.DECISION_LEAD
 
 
 class HostState:
@@ -99,9 +99,9 @@ class HostState:
             return hit[1]
         with self.store.transaction(write=False) as tx:
             versions = tx.versions(tid)
-        account = rebind.in_force(versions, now)
+        account = accounts.in_force(versions, now)
         expires = now + CACHE_SECONDS
-        change = rebind.next_change(versions, now)
+        change = accounts.next_change(versions, now)
         if change is not None and change < expires:
             expires = change
         self.accounts[tid] = (expires, account)

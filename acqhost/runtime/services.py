@@ -12,7 +12,7 @@ import anyio.from_thread
 import anyio.lowlevel
 import anyio.to_thread
 
-from acqhost.domain import rebind
+from acqhost.domain import accounts
 from acqhost.host.state import HostState
 from acqhost.log import get_logger
 from acqhost.runtime.ledger import Ledger, Write
@@ -48,7 +48,7 @@ def activations(state: HostState, ledger: Ledger) -> Service:
                     if not tx.due_versions(now):
                         return []
                 with store.transaction() as tx:
-                    return rebind.activate_due(tx, key, now)
+                    return accounts.activate_due(tx, key, now)
 
             write = Write(call=activate)
             await ledger.submit(write)

@@ -7,7 +7,7 @@ a rollback. A :class:`CacheListener` holds a connection of its own that ``LISTEN
 channel and hands each ``(kind, tid)`` to a callback, from a daemon thread.
 
 Notifications only make caches drop stale entries sooner: a host's caches also expire by
-themselves (``acqhost.host.core.CACHE_SECONDS``), and a cached account never outlives the
+themselves (``acqhost.host.state.CACHE_SECONDS``), and a cached account never outlives the
 next effective-from it knows of, so correctness never rests on a notification arriving. What
 they buy is promptness: a disabled terminal, a new sign-on or a new account version is seen by
 every process at once rather than within a second.

@@ -53,6 +53,8 @@ class PostgresTx(SQLTx):
     """``SQLTx`` on a PostgreSQL transaction: the sales of a call go in one statement, their
     columns as arrays, whatever their number (a round trip costs more than the rows)."""
 
+    __slots__ = ()
+
     dialect = POSTGRES
 
     def _insert_sales(self, sales: Sequence[SaleRecord]) -> list[int | None]:

@@ -82,6 +82,10 @@ class Dialect:
     # Run before a writer reads the newest audit entry, so that appends form one chain; None
     # where the write lock already gives them one order.
     lock_audit: str | None
+    # Whether a transaction notes what it changed of what hosts cache, for the backend to
+    # announce at commit: hosts sharing a PostgreSQL database listen for it; hosts sharing a
+    # SQLite file have only their caches' short lives.
+    announces: bool
 
     def statement(self, sql: str) -> str:
         """``sql``, written with ``?``, in this dialect's placeholders."""
@@ -95,12 +99,15 @@ class Dialect:
         return lambda sql, params: execute(statement(sql), params)
 
 
-SQLITE = Dialect(placeholder="?", byte_order="BINARY", lock_terminal=None, lock_audit=None)
+SQLITE = Dialect(
+    placeholder="?", byte_order="BINARY", lock_terminal=None, lock_audit=None, announces=False
+)
 POSTGRES = Dialect(
     placeholder="%s",
     byte_order='"C"',
     lock_terminal="SELECT 1 FROM terminals WHERE tid = ? FOR UPDATE",
     lock_audit=f"SELECT pg_advisory_xact_lock({AUDIT_LOCK})",
+    announces=True,
 )
 
 
@@ -167,8 +174,11 @@ class SQLTx:
     A backend's subclass names its :attr:`dialect` and implements :meth:`_insert_sales`; it is
     built on the driver's ``execute`` of the transaction (or, for a store's reads, of a
     statement that is a transaction of its own). What hosts cache and the transaction changed
-    is collected in :attr:`changed`, for a backend shared by several hosts to announce.
+    is collected in :attr:`changed` where the dialect announces it. It keeps no other state:
+    a backend may run every transaction of a connection through one.
     """
+
+    __slots__ = ("_execute", "_writing", "changed")
 
     dialect: ClassVar[Dialect]
 
@@ -177,6 +187,10 @@ class SQLTx:
         self._writing = write
         # (kind, tid): "terminal", "session" or "account" of a terminal, changed here.
         self.changed: set[tuple[str, str]] = set()
+
+    def _note(self, kind: str, tid: str) -> None:
+        if self.dialect.announces:
+            self.changed.add((kind, tid))
 
     def _one(self, sql: str, params: tuple[Any, ...]) -> Any:
         return self._execute(sql, params).fetchone()
@@ -231,14 +245,14 @@ class SQLTx:
                 (o.tid, o.operator_id, o.password_hash, o.failures),
             )
         # A host that was asked about this tid has "no such terminal" cached.
-        self.changed.add(("terminal", t.tid))
+        self._note("terminal", t.tid)
 
     def set_terminal_status(self, tid: str, status: str) -> bool:
         """False if there is no such terminal."""
         cursor = self._execute("UPDATE terminals SET status = ? WHERE tid = ?", (status, tid))
         if cursor.rowcount != 1:
             return False
-        self.changed.add(("terminal", tid))
+        self._note("terminal", tid)
         return True
 
     def operator(self, tid: str, operator_id: str) -> Operator | None:
@@ -270,11 +284,11 @@ class SQLTx:
             "sealed_tx = excluded.sealed_tx, signed_on_at = excluded.signed_on_at",
             (s.tid, s.sealed_rx, s.sealed_tx, s.signed_on_at),
         )
-        self.changed.add(("session", s.tid))
+        self._note("session", s.tid)
 
     def drop_session(self, tid: str) -> None:
         if self._execute("DELETE FROM sessions WHERE tid = ?", (tid,)).rowcount:
-            self.changed.add(("session", tid))
+            self._note("session", tid)
 
     # -- settlement accounts ---------------------------------------------------------------
     def versions(self, tid: str) -> list[AccountVersion]:
@@ -286,7 +300,7 @@ class SQLTx:
 
     def insert_version(self, v: AccountVersion) -> None:
         self._insert_version(v)
-        self.changed.add(("account", v.tid))
+        self._note("account", v.tid)
 
     def _insert_version(self, v: AccountVersion) -> None:
         self._execute(
@@ -308,7 +322,7 @@ class SQLTx:
         )
         if cursor.rowcount != 1:
             return False
-        self.changed.add(("account", tid))
+        self._note("account", tid)
         return True
 
     def due_versions(self, now: float) -> list[AccountVersion]:

@@ -13,9 +13,10 @@ import fcntl
 import os
 import sqlite3
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from acqhost.store.base import SaleRecord
 from acqhost.store.migrations import sqlite as migrations
@@ -59,16 +60,15 @@ class SQLiteTx(SQLTx):
     """``SQLTx`` on a SQLite connection: sales are inserted one statement each, which is
     cheap in process and tells each one's fate by its rowcount and rowid (its RRN)."""
 
-    dialect = SQLITE
+    __slots__ = ()
 
-    def __init__(self, conn: sqlite3.Connection, *, write: bool) -> None:
-        super().__init__(conn.execute, write=write)
-        self._conn_execute = conn.execute
+    dialect = SQLITE
+    _execute: Callable[[str, tuple[Any, ...]], sqlite3.Cursor]  # the connection's own
 
     def _insert_sales(self, sales: Sequence[SaleRecord]) -> list[int | None]:
         rrns: list[int | None] = []
         append = rrns.append
-        execute = self._conn_execute
+        execute = self._execute
         for sale in sales:
             cursor = execute(
                 INSERT_SALE,
@@ -118,8 +118,10 @@ class SQLiteStore(SQLStore):
         self._conn = conn
         self.path = str(path)
         self._queue_fd: int | None = None
-        # Autocommit: each of the store's reads is a transaction of its own.
-        self._reader = SQLiteTx(conn, write=False)
+        # Autocommit: each of the store's reads is a transaction of its own. Transactions run
+        # through one SQLiteTx each for reading and writing (it keeps no state of its own).
+        self._reader = SQLiteTx(conn.execute, write=False)
+        self._writer = SQLiteTx(conn.execute, write=True)
 
     def queue_writers(self) -> None:
         """Make this connection's write transactions wait their turn on an OS file lock
@@ -154,7 +156,7 @@ class SQLiteStore(SQLStore):
         try:
             conn.execute("BEGIN IMMEDIATE")
             try:
-                yield SQLiteTx(conn, write=True)
+                yield self._writer
                 conn.execute("COMMIT")
             except sqlite3.IntegrityError as error:
                 self._rollback()
@@ -173,7 +175,7 @@ class SQLiteStore(SQLStore):
         conn = self._conn
         conn.execute("BEGIN")
         try:
-            yield SQLiteTx(conn, write=False)
+            yield self._reader
         finally:
             self._rollback()
 

@@ -6,7 +6,7 @@ import random
 import time
 from collections.abc import Callable
 
-from acqhost.domain import cards, rebind
+from acqhost.domain import accounts, cards
 from acqhost.errors import Decline
 from acqhost.host.context import Context, Effect
 from acqhost.host.state import HostState
@@ -135,7 +135,7 @@ def _record_and_verify(sale: SaleRecord, key: bytes) -> Callable[[Store], tuple[
     def call(store: Store) -> tuple[SaleResult, bool]:
         with store.transaction(sale.tid) as tx:
             result = tx.record_sales((sale,))[0]
-            verified = not result.duplicate and rebind.verify(
+            verified = not result.duplicate and accounts.verify(
                 tx, key, sale.tid, sale.account_version, sale.received_at
             )
         return result, verified
