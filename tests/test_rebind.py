@@ -292,6 +292,24 @@ def test_first_approved_test_sale_verifies_an_active_version(store: Store) -> No
     assert out.request is not None
 
 
+def test_a_test_sale_verifies_in_its_own_transaction_touching_only_its_terminal(
+    store: Store,
+) -> None:
+    """What the host's verifying test sale does: the sale and VERIFIED commit together, and
+    the other terminal's due change is left to the activation service."""
+    submit(store, policy=AUTO, now=T0)
+    submit(store, sub(tid=OTHER), policy=AUTO, now=T0)
+    ef = T0 + AUTO.cooling_off
+    with store.transaction(TID) as tx:
+        (result,) = tx.record_sales([make_sale("000009", test=True, account_version=2)])
+        assert not result.duplicate
+        assert accounts.verify(tx, KEY, TID, 2, ef + 1)
+    assert states(store) == ["ACTIVE", "VERIFIED"]
+    assert states(store, OTHER) == ["ACTIVE", "APPROVED"]  # in force, recorded later
+    assert [s.stan for s in store.sales(TID)] == ["000009"]
+    assert activate(store, ef + 2) == [2]
+
+
 def test_rollback_restores_an_earlier_version_as_a_new_one(store: Store) -> None:
     out = submit(store, policy=AUTO, now=T0)
     ef = T0 + AUTO.cooling_off

@@ -67,13 +67,17 @@ def record(
     )
 
 
-def activate_due(tx: StoreTx, key: bytes, now: float) -> list[AccountVersion]:
+def activate_due(
+    tx: StoreTx, key: bytes, now: float, tid: str | None = None
+) -> list[AccountVersion]:
     """Record as ACTIVE every APPROVED version whose effective-from has passed (they are in
     force from then on whether or not this has run); a rollback's activation marks the
     versions it undoes ROLLED_BACK. Idempotent across processes: each version is activated by
-    exactly one. The versions activated."""
+    exactly one. Given ``tid``, only that terminal's. The versions activated."""
     done: list[AccountVersion] = []
     for v in tx.due_versions(now):
+        if tid is not None and v.tid != tid:
+            continue
         if not tx.set_version_state(v.tid, v.version, ("APPROVED",), "ACTIVE", v.effective_from):
             continue  # another process did it meanwhile
         done.append(v)
@@ -115,8 +119,9 @@ def activate_due(tx: StoreTx, key: bytes, now: float) -> list[AccountVersion]:
 
 def verify(tx: StoreTx, key: bytes, tid: str, version: int, now: float) -> bool:
     """After an approved test sale on ``version``: ACTIVE -> VERIFIED (first recording any
-    due activation). True if this call verified it."""
-    activate_due(tx, key, now)
+    due activation of the terminal's: a test sale's transaction locks that terminal only).
+    True if this call verified it."""
+    activate_due(tx, key, now, tid)
     if not tx.has_test_sale(tid, version):
         return False
     ef = tx.versions(tid)[version - 1].effective_from
