@@ -15,7 +15,7 @@ import pytest
 from acqhost.config import RebindPolicy
 from acqhost.domain import accounts, audit, cards, crypto, rebind
 from acqhost.domain.rebind import Outcome, RebindError, Submission
-from acqhost.store import NewAccount, Operator, SQLiteStore, Store
+from acqhost.store import NewAccount, Operator, SaleResult, SQLiteStore, Store, StoreTx
 from acqhost.store.postgres import PostgresStore
 from tests.storekit import make_sale, make_terminal
 
@@ -295,18 +295,32 @@ def test_first_approved_test_sale_verifies_an_active_version(store: Store) -> No
 def test_a_test_sale_verifies_in_its_own_transaction_touching_only_its_terminal(
     store: Store,
 ) -> None:
-    """What the host's verifying test sale does: the sale and VERIFIED commit together, and
-    the other terminal's due change is left to the activation service."""
+    """What the host's verifying test sale does: the sale and VERIFIED commit together (or,
+    when the verification fails, neither), and the other terminal's due change is left to
+    the activation service."""
     submit(store, policy=AUTO, now=T0)
     submit(store, sub(tid=OTHER), policy=AUTO, now=T0)
     ef = T0 + AUTO.cooling_off
-    with store.transaction(TID) as tx:
-        (result,) = tx.record_sales([make_sale("000009", test=True, account_version=2)])
-        assert not result.duplicate
+    test_sale = make_sale("000009", test=True, account_version=2)
+
+    def broken(tx: StoreTx, results: list[SaleResult]) -> None:
         assert accounts.verify(tx, KEY, TID, 2, ef + 1)
+        raise RuntimeError("after the state change")
+
+    with pytest.raises(RuntimeError):
+        store.record_sales([test_sale], then=broken)
+    assert store.sales(TID) == [] and states(store) == ["ACTIVE", "APPROVED"]
+    verified: list[bool] = []
+
+    def verify(tx: StoreTx, results: list[SaleResult]) -> None:
+        assert not results[0].duplicate
+        verified.append(accounts.verify(tx, KEY, TID, 2, ef + 1))
+
+    (result,) = store.record_sales([test_sale], then=verify)
+    assert verified == [True] and not result.duplicate
     assert states(store) == ["ACTIVE", "VERIFIED"]
     assert states(store, OTHER) == ["ACTIVE", "APPROVED"]  # in force, recorded later
-    assert [s.stan for s in store.sales(TID)] == ["000009"]
+    assert [s.rrn for s in store.sales(TID)] == [result.rrn]
     assert activate(store, ef + 2) == [2]
 
 

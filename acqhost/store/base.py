@@ -355,10 +355,17 @@ class Store(Protocol):
     def open_batch(self, tid: str) -> int:
         """The terminal's open batch number."""
 
-    def record_sales(self, sales: Sequence[SaleRecord]) -> list[SaleResult]:
+    def record_sales(
+        self,
+        sales: Sequence[SaleRecord],
+        then: Callable[[StoreTx, list[SaleResult]], None] | None = None,
+    ) -> list[SaleResult]:
         """Insert many approved sales in ONE transaction (one fsync), in order; a sale whose
         (tid, stan, local_date) is already stored (or repeated earlier in ``sales``) is not
-        inserted and gets duplicate=True. RRNs are unique 12-digit strings assigned here."""
+        inserted and gets duplicate=True. RRNs are unique 12-digit strings assigned here.
+        ``then(tx, results)`` runs in the same transaction, after (what a test sale changes of
+        its version's state): if it raises, nothing is recorded. A transaction the database
+        aborts as a deadlock may be run again, ``then`` with it."""
 
     def sale_exists(self, tid: str, stan: str, local_date: str) -> bool:
         """Whether (tid, stan, local_date) already has a sale: the duplicate pre-check."""

@@ -26,7 +26,7 @@ from typing import Any
 
 import psycopg
 
-from acqhost.store.base import SaleRecord, SaleResult
+from acqhost.store.base import SaleRecord, SaleResult, StoreTx
 from acqhost.store.migrations import postgres as migrations
 from acqhost.store.pg_listen import CHANNEL, CacheListener
 from acqhost.store.sql import (
@@ -195,14 +195,19 @@ class PostgresStore(SQLStore):
             yield PostgresTx(cur.execute, write=False)
 
     # -- ledger ----------------------------------------------------------------------------
-    def record_sales(self, sales: Sequence[SaleRecord]) -> list[SaleResult]:
+    def record_sales(
+        self,
+        sales: Sequence[SaleRecord],
+        then: Callable[[StoreTx, list[SaleResult]], None] | None = None,
+    ) -> list[SaleResult]:
         """``Store.record_sales``: all the sales in one statement (``PostgresTx``), a second
         only when some key was already stored. A transaction that PostgreSQL aborts as a
-        deadlock with another writer of the same keys is run again (up to 3 times)."""
+        deadlock with another writer of the same keys is run again, ``then`` with it (up to 3
+        times)."""
         attempt = 1
         while True:
             try:
-                return super().record_sales(sales)
+                return super().record_sales(sales, then)
             except psycopg.errors.DeadlockDetected:
                 # Two writers inserting the same keys in opposite orders wait for each other
                 # until PostgreSQL aborts one of them, whole: running it again is safe, and

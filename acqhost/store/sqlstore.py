@@ -133,18 +133,26 @@ class SQLStore(ABC):
             raise KeyError(tid)
         return number
 
-    def record_sales(self, sales: Sequence[SaleRecord]) -> list[SaleResult]:
+    def record_sales(
+        self,
+        sales: Sequence[SaleRecord],
+        then: Callable[[StoreTx, list[SaleResult]], None] | None = None,
+    ) -> list[SaleResult]:
         """Insert many approved sales in ONE transaction (one commit), in order.
 
         A sale whose (tid, stan, local_date) is already stored, or repeated earlier in
         ``sales``, is not inserted: it gets duplicate=True and the RRN of the sale stored under
         that key. Others get their new RRN. ValueError (and nothing inserted) if a sale names an
-        unknown terminal, batch or account version.
+        unknown terminal, batch or account version. ``then(tx, results)`` runs in the same
+        transaction; if it raises, nothing is recorded.
         """
         if not sales:
             return []
         with self._write() as tx:
-            return tx.record_sales(sales)
+            results = tx.record_sales(sales)
+            if then is not None:
+                then(tx, results)
+            return results
 
     def sale_exists(self, tid: str, stan: str, local_date: str) -> bool:
         """Whether the duplicate key (tid, stan, local_date) already has a sale."""

@@ -11,7 +11,7 @@ from acqhost.errors import Decline
 from acqhost.host.context import Context, Effect
 from acqhost.host.state import HostState
 from acqhost.log import get_logger
-from acqhost.store.base import SaleRecord, SaleResult, Store, Terminal
+from acqhost.store.base import SaleRecord, SaleResult, Store, StoreTx, Terminal
 
 __all__ = ("SALE_ECHO", "SALE_FIELDS", "approved", "authorise", "card")
 
@@ -133,11 +133,15 @@ def _record_and_verify(sale: SaleRecord, key: bytes) -> Callable[[Store], tuple[
     version VERIFIED, in one transaction (the sale's result, and whether this verified it)."""
 
     def call(store: Store) -> tuple[SaleResult, bool]:
-        with store.transaction(sale.tid) as tx:
-            result = tx.record_sales((sale,))[0]
-            verified = not result.duplicate and accounts.verify(
+        verified = False
+
+        def verify(tx: StoreTx, results: list[SaleResult]) -> None:
+            nonlocal verified  # run again with the transaction, should the store retry it
+            verified = not results[0].duplicate and accounts.verify(
                 tx, key, sale.tid, sale.account_version, sale.received_at
             )
+
+        (result,) = store.record_sales((sale,), then=verify)
         return result, verified
 
     return call
