@@ -8,6 +8,7 @@ in by the caller; the command line only parses, prints and chooses exit codes ar
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -112,19 +113,7 @@ def check_registration(reg: Registration) -> Registration:
         raise RegistrationError("sale_limit", f"must be positive and at most {MAX_AMOUNT}")
     if (reg.operator_id is None) != (reg.operator_password is None):
         raise RegistrationError("operator_id", "and an operator password go together")
-    return Registration(
-        tid=reg.tid,
-        mid=reg.mid,
-        merchant_name=reg.merchant_name,
-        holder=reg.holder.strip(),
-        account=account,
-        bank_code=reg.bank_code,
-        branch=reg.branch,
-        sale_limit=reg.sale_limit,
-        test_limit=reg.test_limit,
-        operator_id=reg.operator_id,
-        operator_password=reg.operator_password,
-    )
+    return dataclasses.replace(reg, holder=reg.holder.strip(), account=account)
 
 
 def register(
