@@ -6,7 +6,7 @@ closed connection) is a different class from our own bug, which propagates as wh
 
 from __future__ import annotations
 
-__all__ = ("AcqHostError", "CodecError", "Decline", "FramingError", "TLVError")
+__all__ = ("AcqHostError", "CodecError", "Decline", "FramingError", "ListenError", "TLVError")
 
 
 class AcqHostError(Exception):
@@ -66,3 +66,8 @@ class Decline(AcqHostError):
         self.code = code
         self.reason = reason
         self.elements = elements
+
+
+class ListenError(AcqHostError, OSError):
+    """The host cannot listen where it was told to (the port is taken, the address is not
+    this machine's): an operator's mistake, said in one line."""

@@ -4,6 +4,7 @@ demo. The configuration's own tests are in test_config.py."""
 from __future__ import annotations
 
 import json
+import socket
 import stat
 import subprocess
 import sys
@@ -97,6 +98,22 @@ def test_commands_without_host_keys_say_what_to_do(
 ) -> None:
     status = cli(["serve", "--db", str(tmp_path / "x.db")])
     assert status == 2 and "acqhost init" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_a_port_already_taken_is_one_line_and_exit_2(
+    db: str, backend: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        status = cli(["serve", "--db", db, "--port", str(port), "--backend", backend])
+    err = capsys.readouterr().err
+    assert status == 2 and "Traceback" not in err
+    assert err.lower().strip().splitlines() == [
+        f"acqhost: cannot listen on 127.0.0.1:{port}: address already in use"
+    ]
 
 
 @pytest.mark.parametrize(

@@ -17,6 +17,7 @@ from acqhost.cli import rebind, serve, terminals
 from acqhost.cli.common import CliError
 from acqhost.config import ConfigError
 from acqhost.domain.crypto import CryptoError
+from acqhost.errors import ListenError
 
 __all__ = ("build_parser", "main")
 
@@ -39,7 +40,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         status: int = args.func(args)
-    except (CliError, ConfigError, CryptoError) as e:
+    except (CliError, ConfigError, CryptoError, ListenError) as e:
         print(f"acqhost: {e}", file=sys.stderr)
         return 2
     return status

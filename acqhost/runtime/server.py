@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import os
 import signal
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -20,6 +21,7 @@ import anyio
 import anyio.abc
 
 from acqhost.config import Config
+from acqhost.errors import ListenError
 from acqhost.host.core import HostCore
 from acqhost.log import get_logger
 from acqhost.runtime.asyncio_driver import AsyncioConnection
@@ -74,21 +76,28 @@ class Server:
         cfg = self.config
         connections = self.connections
         native: asyncio.Server | None = None
-        if listener is None and _on_asyncio():
-            native = await asyncio.get_running_loop().create_server(
-                lambda: AsyncioConnection(connections),
-                cfg.host,
-                cfg.port,
-                reuse_port=cfg.workers > 1,
-                backlog=65535,
-                start_serving=False,
-            )
-            self.port = int(native.sockets[0].getsockname()[1])
-        else:
-            if listener is None:
+        try:
+            if listener is None and _on_asyncio():
+                native = await asyncio.get_running_loop().create_server(
+                    lambda: AsyncioConnection(connections),
+                    cfg.host,
+                    cfg.port,
+                    reuse_port=cfg.workers > 1,
+                    backlog=65535,
+                    start_serving=False,
+                )
+            elif listener is None:
                 listener = await anyio.create_tcp_listener(
                     local_host=cfg.host, local_port=cfg.port, reuse_port=cfg.workers > 1
                 )
+        except OSError as e:
+            # asyncio words its own message around the OS's; the OS's alone is the point.
+            why = os.strerror(e.errno) if e.errno else str(e)
+            raise ListenError(f"cannot listen on {cfg.host}:{cfg.port}: {why}") from None
+        if native is not None:
+            self.port = int(native.sockets[0].getsockname()[1])
+        else:
+            assert listener is not None
             sockname = listener.extra(anyio.abc.SocketAttribute.local_address)
             self.port = int(sockname[1])
         async with anyio.create_task_group() as writer_group:
