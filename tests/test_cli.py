@@ -3,6 +3,7 @@ demo. The configuration's own tests are in test_config.py."""
 
 from __future__ import annotations
 
+import io
 import json
 import socket
 import stat
@@ -102,8 +103,10 @@ def test_commands_without_host_keys_say_what_to_do(
 
 @pytest.mark.parametrize("backend", ["asyncio", "trio"])
 def test_a_port_already_taken_is_one_line_and_exit_2(
-    db: str, backend: str, capsys: pytest.CaptureFixture[str]
+    db: str, backend: str, capsys: pytest.CaptureFixture[str], json_logs: io.StringIO
 ) -> None:
+    # json_logs: serve configures logging onto this test's captured stdout; the fixture puts
+    # it back for the tests after.
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
