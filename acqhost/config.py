@@ -14,7 +14,6 @@ the value and what is allowed, rather than a traceback once the host is starting
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import tomllib
@@ -33,6 +32,7 @@ __all__ = (
     "MAX_AMOUNT",
     "REVIEW_POLICIES",
     "TABLES",
+    "BankConfig",
     "Config",
     "ConfigError",
     "RebindPolicy",
@@ -52,8 +52,8 @@ FRAME_SIZES: Mapping[str, tuple[int, int]] = {
 }
 # The largest amount field 4 carries (12 digits of minor units): no limit is worth more.
 MAX_AMOUNT = 999_999_999_999
-# The tables a configuration file may hold.
-TABLES = ("host", "rebind")
+# The tables a configuration file may hold ([[banks]]: an array of tables, one a bank).
+TABLES = ("host", "rebind", "banks")
 
 
 class ConfigError(ValueError):
@@ -169,6 +169,143 @@ def _unknown(where: str, name: str, known: Sequence[str]) -> ConfigError:
     return ConfigError(f"{where}unknown setting {name}; known: {', '.join(known)}")
 
 
+def _strings(value: object, ok: Callable[[str], bool]) -> tuple[str, ...]:
+    """A list of strings, each of which ``ok`` allows; _Refused otherwise."""
+    if not isinstance(value, list) or not all(isinstance(v, str) and ok(v) for v in value):
+        raise _Refused
+    return tuple(value)
+
+
+def _tid(v: str) -> bool:
+    return len(v) == 8 and v.isascii() and v.isprintable()
+
+
+def _bank_code(v: str) -> bool:
+    return len(v) == 12 and v.isdigit() and v.isascii()
+
+
+def _response_code(v: str) -> bool:
+    return len(v) == 2 and v.isascii() and v.isalnum() and v != "00"
+
+
+# The [[banks]] settings that are lists: (what is allowed, what each item must be).
+_LIST_RULES: Mapping[str, tuple[str, Callable[[str], bool]]] = {
+    "bank_codes": ("a list of 12-digit bank codes (48 BK)", _bank_code),
+    "terminals": ("a list of terminal ids of 8 printable characters", _tid),
+    "final_codes": ("a list of 2-character response codes other than 00", _response_code),
+}
+_BANK_RULES: Mapping[str, _Rule] = {
+    "name": _text("a non-empty name"),
+    "host": _text("a non-empty host name or address"),
+    "port": _whole(1, 65535),
+    "framing": _choice(lambda: FRAMINGS),
+    "spec": _choice(specs.available),
+    "max_age": _seconds(zero=False),
+    "retry_initial": _seconds(zero=False),
+    "retry_max": _seconds(zero=False),
+    "ack_timeout": _seconds(zero=False),
+    "echo_interval": _seconds(zero=False),
+}
+_TLS_RULES: Mapping[str, _Rule] = {
+    "ca_file": _text("the path of the CA certificates that sign the bank's certificate"),
+    "cert_file": _text("the path of this host's client certificate (PEM)"),
+    "key_file": _text("the path of this host's client certificate's key (PEM)"),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class BankConfig:
+    """One ``[[banks]]`` table: a bank system the host delivers settlement updates to
+    (PROTOCOL.md 6), the advices it takes (by 48 BK or by terminal), and how delivery is
+    retried. Durations in seconds."""
+
+    name: str
+    port: int
+    host: str = "127.0.0.1"
+    framing: str = "len2"
+    spec: str = "acq87"
+    bank_codes: tuple[str, ...] = ()  # advices whose 48 BK is one of these
+    terminals: tuple[str, ...] = ()  # and advices of these terminals
+    final_codes: tuple[str, ...] = ()  # answers that refuse an advice for good: dead-lettered
+    max_age: float = 3 * 86400.0  # an advice undelivered this long is dead-lettered
+    retry_initial: float = 0.5  # the first retry's wait; doubled, with jitter, up to retry_max
+    retry_max: float = 60.0
+    ack_timeout: float = 10.0  # an advice unanswered this long is sent again
+    echo_interval: float = 30.0  # an idle link is kept alive with an echo this often
+    tls_ca_file: str = ""  # [banks.tls]: TLS when given
+    tls_cert_file: str = ""  # a client certificate, with its key
+    tls_key_file: str = ""
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.tls_ca_file)
+
+    def takes(self, tid: str, bank_code: str) -> bool:
+        """Whether an advice of terminal ``tid`` naming bank ``bank_code`` goes to this bank."""
+        return bank_code in self.bank_codes or tid in self.terminals
+
+    @classmethod
+    def from_table(cls, table: object, file: str, number: int) -> BankConfig:
+        """The bank the ``number``-th ``[[banks]]`` table of ``file`` describes; ConfigError
+        naming the setting."""
+        where = f"{file}: [[banks]] #{number}"
+        if not isinstance(table, Mapping):
+            raise ConfigError(f"{where} must be a table ([[banks]]), not {table!r}")
+        values: dict[str, Any] = {}
+        for name, value in table.items():
+            at = f"{where} {name}"
+            if name in _BANK_RULES:
+                values[name] = _apply(_BANK_RULES[name], value, at)
+            elif name in _LIST_RULES:
+                allowed, ok = _LIST_RULES[name]
+                try:
+                    values[name] = _strings(value, ok)
+                except _Refused:
+                    raise ConfigError(f"{at} must be {allowed}, not {value!r}") from None
+            elif name == "tls":
+                values.update(_tls(value, file, number))
+            else:
+                known = [*_BANK_RULES, *_LIST_RULES, "tls"]
+                raise _unknown(f"{file}: ", f"[[banks]] #{number} {name}", known)
+        for required in ("name", "port"):
+            if required not in values:
+                raise ConfigError(f"{where} needs {required} ({_BANK_RULES[required].describe()})")
+        if not values.get("bank_codes") and not values.get("terminals"):
+            raise ConfigError(f"{where} takes no advice: give bank_codes, terminals or both")
+        bank = cls(**values)
+        if bank.retry_initial > bank.retry_max:
+            raise ConfigError(f"{where} retry_initial must not exceed retry_max")
+        return bank
+
+
+def _tls(table: object, file: str, number: int) -> dict[str, str]:
+    where = f"{file}: [[banks]] #{number} tls"
+    if not isinstance(table, Mapping):
+        raise ConfigError(f"{where} must be a table ([banks.tls]), not {table!r}")
+    values: dict[str, str] = {}
+    for name, value in table.items():
+        rule = _TLS_RULES.get(name)
+        if rule is None:
+            raise _unknown(f"{file}: ", f"[[banks]] #{number} tls {name}", list(_TLS_RULES))
+        values[f"tls_{name}"] = _apply(rule, value, f"{where} {name}")
+    if "tls_ca_file" not in values:
+        raise ConfigError(f"{where} needs ca_file ({_TLS_RULES['ca_file'].describe()})")
+    if ("tls_cert_file" in values) != ("tls_key_file" in values):
+        raise ConfigError(f"{where} cert_file and key_file go together")
+    return values
+
+
+def _banks(value: object, file: str) -> tuple[BankConfig, ...]:
+    if not isinstance(value, list):
+        raise ConfigError(f"{file}: banks must be an array of tables ([[banks]]), not {value!r}")
+    banks = tuple(BankConfig.from_table(t, file, i + 1) for i, t in enumerate(value))
+    names = [b.name for b in banks]
+    for name in names:
+        if names.count(name) > 1:
+            raise ConfigError(f"{file}: [[banks]] name {name!r} is given to two banks")
+    return banks
+
+
 @dataclass(frozen=True, slots=True)
 class RebindPolicy:
     """The ``[rebind]`` table: how settlement-account changes are reviewed and paced
@@ -220,6 +357,7 @@ class Config:
     default_sale_limit: int = 100_000_00  # minor units, for terminals added without a limit
     write_batch: int = 512  # most sales committed in one transaction
     rebind: RebindPolicy = field(default_factory=RebindPolicy)  # the [rebind] table
+    banks: tuple[BankConfig, ...] = ()  # the [[banks]] tables
 
     @property
     def key_path(self) -> Path:
@@ -274,12 +412,13 @@ def load_config(
     values: dict[str, Any] = {}
     origin: dict[str, str] = {}
     rebind = RebindPolicy()
+    banks: tuple[BankConfig, ...] = ()
     if path is not None:
         data = _read(path)
         for name, value in data.items():
             if name not in TABLES:
                 what = f"table [{name}]" if isinstance(value, dict) else f"setting {name}"
-                known = ", ".join(f"[{t}]" for t in TABLES)
+                known = "[host], [rebind] and [[banks]]"
                 raise ConfigError(f"{path}: unknown {what} (settings go in {known})")
         host = data.get("host", {})
         if not isinstance(host, dict):
@@ -291,6 +430,7 @@ def load_config(
             origin[name] = f"{path}: [host] {name}"
             values[name] = _apply(rule, value, origin[name])
         rebind = RebindPolicy.from_table(data.get("rebind", {}), str(path))
+        banks = _banks(data.get("banks", []), str(path))
     env = os.environ if environ is None else environ
     for name, rule in _HOST_RULES.items():
         variable = f"ACQHOST_{name.upper()}"
@@ -306,4 +446,5 @@ def load_config(
             raise _unknown("", name, list(_HOST_RULES))
         origin[name] = f"option --{name.replace('_', '-')}"
         values[name] = _apply(rule, value, origin[name])
-    return dataclasses.replace(Config(), **values, rebind=rebind).validate(origin)
+    config = Config(**values, rebind=rebind, banks=banks)
+    return config.validate(origin)

@@ -76,7 +76,7 @@ OTHER = {
 
 
 def test_every_host_setting_is_taken_from_the_environment() -> None:
-    assert set(OTHER) == {f.name for f in fields(Config)} - {"rebind"}
+    assert set(OTHER) == {f.name for f in fields(Config)} - {"rebind", "banks"}
     env = {f"ACQHOST_{name.upper()}": value for name, value in OTHER.items()}
     cfg = load_config(None, {}, environ=env)
     for name, value in OTHER.items():
@@ -177,8 +177,11 @@ def test_a_policy_made_in_code_is_checked_too() -> None:
     [
         ("[host]\nportt = 1\n", "unknown setting [host] portt; known: host, port, framing, "),
         ("[rebind]\nreveiw = 'auto'\n", "unknown setting [rebind] reveiw; known: review, "),
-        ("[bank]\nhost = 'x'\n", "unknown table [bank] (settings go in [host], [rebind])"),
-        ("port = 9000\n", "unknown setting port (settings go in [host], [rebind])"),
+        (
+            "[bank]\nhost = 'x'\n",
+            "unknown table [bank] (settings go in [host], [rebind] and [[banks]])",
+        ),
+        ("port = 9000\n", "unknown setting port (settings go in [host], [rebind] and [[banks]])"),
         ("host = 'x'\n", "host must be a table ([host]), not 'x'"),
         ("rebind = 1\n", "rebind must be a table ([rebind]), not 1"),
         ("[host.tls]\ncert = 'x'\n", "unknown setting [host] tls; known: "),
@@ -308,3 +311,53 @@ def test_a_bad_flag_is_a_user_error_in_process(
     assert cli(["serve", "--db", str(tmp_path / "x.db"), "--workers", "0"]) == 2
     err = capsys.readouterr().err
     assert err == "acqhost: option --workers must be a whole number of at least 1, not 0\n"
+
+
+# -- [[banks]] -----------------------------------------------------------------------------------
+
+BANK = '[[banks]]\nname = "icbc"\nport = 9100\nbank_codes = ["102100099996"]\n'
+
+
+def test_banks_are_read_with_their_defaults_and_take_advices_by_bank_code_or_terminal(
+    tmp_path: Path,
+) -> None:
+    ccb = (
+        '[[banks]]\nname = "ccb"\nhost = "localhost"\nport = 9101\nterminals = ["TERM0001"]\n'
+        'final_codes = ["14", "25"]\nmax_age = 600\n[banks.tls]\nca_file = "ca.pem"\n'
+        'cert_file = "host.pem"\nkey_file = "host.key"\n'
+    )
+    path = toml(tmp_path, BANK + ccb)
+    icbc, ccb = load_config(path, {}, environ={}).banks
+    assert (icbc.name, icbc.host, icbc.port, icbc.framing, icbc.spec) == (
+        "icbc", "127.0.0.1", 9100, "len2", "acq87")  # fmt: skip
+    assert not icbc.tls and icbc.final_codes == () and icbc.retry_initial < icbc.retry_max
+    assert icbc.takes("TERM0009", "102100099996") and not icbc.takes("TERM0001", "103100000026")
+    assert ccb.tls and (ccb.tls_ca_file, ccb.tls_cert_file, ccb.tls_key_file) == (
+        "ca.pem", "host.pem", "host.key")  # fmt: skip
+    assert ccb.takes("TERM0001", "103100000026") and ccb.final_codes == ("14", "25")
+    assert ccb.max_age == 600.0
+    assert load_config(None, {}, environ={}).banks == ()
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('[[banks]]\nname = "x"\nbank_codes = ["102100099996"]\n', "#1 needs port"),
+        ('[[banks]]\nport = 9100\nbank_codes = ["102100099996"]\n', "#1 needs name"),
+        ('[[banks]]\nname = "x"\nport = 9100\n', "#1 takes no advice"),
+        (BANK + 'colour = "red"\n', "unknown setting [[banks]] #1 colour"),
+        (BANK.replace('"102100099996"', '"1021"'), "bank_codes must be a list of 12-digit"),
+        (BANK + 'terminals = "TERM0001"\n', "terminals must be a list of terminal ids"),
+        (BANK + 'final_codes = ["00"]\n', "final_codes must be a list of 2-character"),
+        (BANK.replace("9100", "70000"), "port must be a whole number from 1 to 65535"),
+        (BANK + 'framing = "len3"\n', "framing must be one of"),
+        (BANK + "retry_initial = 90\n", "retry_initial must not exceed retry_max"),
+        (BANK + "max_age = 0\n", "max_age must be a number of seconds above 0"),
+        (BANK + '[banks.tls]\ncert_file = "c.pem"\n', "tls needs ca_file"),
+        (BANK + '[banks.tls]\nca_file = "ca.pem"\ncert_file = "c.pem"\n', "go together"),
+        (BANK + BANK.replace("9100", "9200"), "name 'icbc' is given to two banks"),
+        ('[banks]\nname = "x"\n', "banks must be an array of tables"),
+    ],
+)
+def test_a_bad_bank_is_one_line_naming_it(tmp_path: Path, text: str, message: str) -> None:
+    assert message in refused(toml(tmp_path, text))
