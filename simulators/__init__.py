@@ -1,1 +1,2 @@
-"""Simulators for acqhost: POS terminals, a bank system, and a load tester (to come)."""
+"""Simulators for acqhost: POS terminals (acqhost-terminal), a bank system (acqhost-bank) and
+a load tester."""
