@@ -1,18 +1,26 @@
 """Batch settlement (PROTOCOL.md 5.4) end to end over TCP on loopback, on asyncio and on trio:
 0500 -> 0510 with 00, 95 and 12, the batch that closes and the one that opens, a batch spanning
 a change of the settlement account (on SQLite and PostgreSQL), reversals and sales around a
-settlement, retransmissions, format and security codes; the simulator's `settle`."""
+settlement, retransmissions, format and security codes; the simulator's `settle` and the
+acquirer's `acqhost settle report`."""
 
 from __future__ import annotations
 
+import contextlib
+import csv
+import getpass
+import io
+import json
+import os
 import time
 from pathlib import Path
 
 import anyio
 import pytest
 
+from acqhost.cli import main as cli
 from acqhost.config import RebindPolicy
-from acqhost.domain import cards, crypto, rebind
+from acqhost.domain import cards, crypto, rebind, settlement
 from acqhost.store import open_store
 from acqhost.wire.tlv import decode_tlv, encode_tlv
 from simulators.terminal import Exchange, TerminalClient
@@ -207,6 +215,15 @@ def change_account(setup: HostSetup) -> float:
         store.close()
 
 
+def report(setup: HostSetup, *argv: str) -> str:
+    where = ["--db", setup.config.db, "--keys", str(setup.config.key_path)]
+    """What ``acqhost settle report`` writes to stdout."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert cli(["settle", "report", *where, *argv]) == 0
+    return out.getvalue()
+
+
 # Each store once, each event loop once: what differs is the store's.
 @pytest.mark.parametrize(
     ("store_kind", "anyio_backend"), [("sqlite", "trio"), ("postgresql", "asyncio")]
@@ -232,20 +249,75 @@ async def test_a_batch_spanning_an_account_change_settles_each_part_to_its_own_a
         expect(await client.settle(1, 4, 3307), "00", BN="000001", CT="4", AM="3307", NB="000002")
         assert (await client.sale(50)).tlv["SV"] == "2"  # batch 2, on the account in force
         await client.close()
-    store = open_store(setup.config.db)
-    try:
-        with store.transaction(write=False) as tx:
-            lines = tx.settled()
-    finally:
-        store.close()
-    assert [(x.batch_no, x.account_version, x.count, x.amount) for x in lines] == [
-        (1, 1, 2, 3000),
-        (1, 2, 2, 307),
+    lines = list(csv.DictReader(io.StringIO(report(setup))))
+    assert [(x["batch"], x["account_version"], x["count"], x["amount"]) for x in lines] == [
+        ("1", "1", "2", "3000"),
+        ("1", "2", "2", "307"),
     ]
-    assert [x.account_masked for x in lines] == [
+    assert [x["account"] for x in lines] == [
         cards.mask_account(ACCOUNT),
         cards.mask_account(NEW_ACCOUNT),
     ]
+
+
+async def test_settle_report_masked_and_unmasked(setup: HostSetup) -> None:
+    async with running(setup):
+        client = await signed_on(setup)
+        assert (await client.sale(1234)).rc == "00"
+        assert (await client.settle(1, 1, 1234)).rc == "00"
+        await client.close()
+        other = await signed_on(setup, "TERM0002")
+        assert (await other.sale(99)).rc == "00"
+        assert (await other.settle(1, 1, 99)).rc == "00"
+        await other.close()
+    today = time.strftime("%Y-%m-%d", time.gmtime())
+    text = report(setup)
+    rows = list(csv.reader(io.StringIO(text)))
+    header = "batch tid mid closed_at account_version account holder bank_code count amount"
+    assert rows[0] == header.split()
+    masked = cards.mask_account(ACCOUNT)
+    assert [r[:3] + r[4:] for r in rows[1:]] == [
+        ["1", "TERM0001", "MERCHANT0000001", "1", masked, HOLDER, BANK, "1", "1234"],
+        ["1", "TERM0002", "MERCHANT0000002", "1", masked, HOLDER, BANK, "1", "99"],
+    ]
+    assert all(r[3].startswith(today + "T") and r[3].endswith("Z") for r in rows[1:])
+    assert ACCOUNT not in text
+    assert report(setup, "--tid", "TERM0002", "--batch", "1", "--date", today).count("\n") == 2
+    assert report(setup, "--batch", "2").count("\n") == 1  # the header alone
+    assert report(setup, "--date", "2001-01-01").count("\n") == 1
+    doc = json.loads(report(setup, "--format", "json", "--tid", "TERM0001"))
+    assert doc == [
+        {"batch": 1, "tid": "TERM0001", "mid": "MERCHANT0000001", "closed_at": rows[1][3],
+         "account_version": 1, "account": masked, "holder": HOLDER, "bank_code": BANK,
+         "count": 1, "amount": 1234},
+    ]  # fmt: skip
+    store = open_store(setup.config.db)
+    try:
+        with store.transaction(write=False) as tx:
+            assert tx.audit_entry("*", settlement.REPORT_UNMASKED, "settlement") is None
+    finally:
+        store.close()
+
+    unmasked = report(setup, "--unmasked", "--by", "auditor", "--format", "json")
+    assert [line["account"] for line in json.loads(unmasked)] == [ACCOUNT, ACCOUNT]
+    out = setup.folder / "settlement.csv"
+    report(setup, "--unmasked", "--tid", "TERM0001", "--out", str(out))
+    assert ACCOUNT in out.read_text() and os.stat(out).st_mode & 0o777 == 0o600
+    assert cli(["settle", "report", "--db", setup.config.db, "--out", str(out)]) == 2
+    assert cli(["settle", "report", "--db", setup.config.db, "--date", "yesterday"]) == 2
+    store = open_store(setup.config.db)
+    try:
+        with store.transaction(write=False) as tx:
+            entries = [e for e in tx.audit_entries() if e.action == settlement.REPORT_UNMASKED]
+    finally:
+        store.close()
+    assert [(e.actor, e.tid) for e in entries] == [
+        ("auditor", "*"),
+        (getpass.getuser(), "TERM0001"),
+    ]
+    assert json.loads(entries[1].detail)["shown"] == ["TERM0001 b1 v1"]
+    assert all(ACCOUNT not in e.detail for e in entries)
+    assert cli(["audit", "verify", "--db", setup.config.db]) == 0
 
 
 async def test_simulator_settle_command_line(

@@ -1,10 +1,10 @@
 """The ``acqhost`` command: initialise a store, register terminals, serve; and the acquirer's
 side of settlement-account changes: review, account history and rollback, signed vouchers,
-operator unlock and the audit log's check.
+operator unlock and the audit log's check; and the settlement report.
 
 The commands live in ``common`` (what they share), ``terminals`` (init and terminal),
-``serve`` and ``rebind`` (rebind, account, voucher, audit, operator); this module builds the
-parser from them and runs one command.
+``serve``, ``rebind`` (rebind, account, voucher, audit, operator) and ``settle``; this module
+builds the parser from them and runs one command.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from acqhost.cli import rebind, serve, terminals
+from acqhost.cli import rebind, serve, settle, terminals
 from acqhost.cli.common import CliError
 from acqhost.config import ConfigError
 from acqhost.domain.crypto import CryptoError
@@ -31,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_serve_command(sub)
     terminals.add_terminal_commands(sub)
     rebind.add_account_commands(sub)
+    settle.add_settle_commands(sub)
     return parser
 
 
