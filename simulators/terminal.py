@@ -1,5 +1,5 @@
-"""POS terminal simulator: signs on, echoes, sells, test-sells, reverses and changes its
-settlement account (submit, inquire, cancel) against a host.
+"""POS terminal simulator: signs on, echoes, sells, test-sells, reverses, settles its batch and
+changes its settlement account (submit, inquire, cancel) against a host.
 
 ``TerminalClient`` is the terminal side of PROTOCOL.md (sign-on with Ed25519 and crypto_kx,
 MAC'd requests, verified responses) over anyio, so tests drive it on asyncio and trio alike;
@@ -316,6 +316,37 @@ class TerminalClient:
         del fields["101"]
         return await self.request(fields)
 
+    # -- batch settlement, PROTOCOL.md 5.4 --------------------------------------------------
+
+    def settle_fields(self, batch_no: int, count: int, amount: int) -> dict[str, str]:
+        """A 0500 for batch ``batch_no`` with the terminal's totals: the number and the net
+        amount (minor units) of its approved, unreversed sales."""
+        elements = {"BN": f"{batch_no:06d}", "CT": str(count), "AM": str(amount)}
+        return {"t": "0500", "7": self.now_fields()["7"], "11": self.stan(), "41": self.tid,
+                "42": self.mid, "48": encode_tlv(elements)}  # fmt: skip
+
+    async def settle(self, batch_no: int, count: int, amount: int) -> Exchange:
+        """Settle batch ``batch_no`` with these totals: 00 closes it, 95 gives the host's."""
+        return await self.request(self.settle_fields(batch_no, count, amount))
+
+    async def settle_as_host_says(
+        self, batch_no: int | None = None, totals: tuple[int, int] | None = None
+    ) -> list[Exchange]:
+        """Settle, filling in what is not given from the host's answers, as a terminal that
+        keeps no batch of its own: the batch a 12 names as open (48 NB) when ``batch_no`` is
+        None, the host's totals from a 95 when ``totals`` (count, amount) is None. Every
+        exchange, the last one deciding."""
+        asked = await self.settle(batch_no or 0, *(totals or (0, 0)))
+        done = [asked]
+        if batch_no is None and asked.rc == "12" and "NB" in asked.tlv:
+            batch_no = int(asked.tlv["NB"])
+            asked = await self.settle(batch_no, *(totals or (0, 0)))
+            done.append(asked)
+        if totals is None and asked.rc == "95":
+            tlv = asked.tlv
+            done.append(await self.settle(int(tlv["BN"]), int(tlv["CT"]), int(tlv["AM"])))
+        return done
+
 
 # -- command line ----------------------------------------------------------------------------
 
@@ -362,6 +393,10 @@ def describe(title: str, ex: Exchange) -> str:
             parts.append(f"effective from {tlv['EF']} UTC")
     elif "SA" in tlv:
         parts.append(f"settles to {tlv['SA']} (version {tlv.get('SV')}, bank {tlv.get('BK')})")
+    if "BN" in tlv:
+        parts.append(f"batch {tlv['BN']}: count {tlv.get('CT')} amount {tlv.get('AM')}")
+    if "NB" in tlv:
+        parts.append(f"open batch {tlv['NB']}")
     if "RS" in tlv:
         parts.append(f"reason={tlv['RS']}")
     return "  ".join(parts)
@@ -421,7 +456,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--rf", help="the request's reference (default: the latest request)")
     p = sub.add_parser("cancel", help="sign on, then cancel a change still waiting for review")
     p.add_argument("--rf", required=True, help="the request's reference")
+    p = sub.add_parser(
+        "settle",
+        help="sign on, then settle the batch (0500)",
+        description="Sign on, then settle the terminal's batch with the totals given. The "
+        "simulator keeps no batch: without --batch it takes the open batch the host names "
+        "(a 12 with 48 NB), and without --count and --amount the host's totals (a 95), so "
+        "it then always reconciles.",
+    )
+    p.add_argument("--batch", type=int, help="the batch number (48 BN)")
+    p.add_argument("--count", type=int, help="number of approved, unreversed sales (48 CT)")
+    p.add_argument("--amount", type=int, help="their net amount in minor units (48 AM)")
     args = parser.parse_args(argv)
+    if args.command == "settle" and (args.count is None) != (args.amount is None):
+        parser.error("--count and --amount go together")
     client = TerminalClient.from_file(args.key_file, host=args.host, port=args.port)
 
     async def signed_on_request() -> tuple[str, Exchange]:
@@ -443,6 +491,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             return "rebind inquiry", await client.rebind_inquire(args.rf)
         return "rebind cancel", await client.rebind_cancel(args.rf)
 
+    async def settle() -> int:
+        totals = None if args.count is None else (args.count, args.amount)
+        exchanges = await client.settle_as_host_says(args.batch, totals)
+        for ex in exchanges:
+            print(describe("settle", ex))
+        return 0 if exchanges[-1].rc == "00" else 1
+
     async def go() -> int:
         if args.command == "demo":
             exchanges = await run_demo(client, args.amount)
@@ -456,6 +511,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(describe("sign-on", ex))
             if ex.rc != "00":
                 return 1
+            if args.command == "settle":
+                return await settle()
             title, ex = await signed_on_request()
             print(describe(title, ex))
             return 0 if ex.rc == "00" else 1

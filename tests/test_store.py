@@ -364,11 +364,16 @@ def test_open_store_refuses_an_in_memory_database(
 
 def test_batch_settled_follows_the_batch_status(store: Store) -> None:
     with_terminal(store).record_sales([make_sale()])
-    # Closing batches arrives with 0500 support; close this one by hand.
-    execute_sql(store, "UPDATE batches SET status = 'closed', closed_at = 1")
+    assert store.sales(TID)[0].batch_settled is False
+    with store.transaction() as tx:
+        opened = tx.close_batch(TID, 1, CREATED + 120)
+        assert (opened.batch_no, opened.status, opened.opened_at) == (2, "open", CREATED + 120)
+        with pytest.raises(ValueError, match="not open"):
+            tx.close_batch(TID, 1, CREATED + 121)
     found = store.find_sale(TID, "000001", "0314101500")
     assert found is not None and found.batch_settled is True
     assert store.sales(TID)[0].batch_settled is True
+    assert store.open_batch(TID) == 2
 
 
 def test_history_and_ledger_cannot_be_rewritten_in_place(store: Store) -> None:

@@ -1,10 +1,11 @@
 """The ``acqhost`` command: initialise a store, register terminals, serve; and the acquirer's
 side of settlement-account changes: review, account history and rollback, signed vouchers,
-operator unlock and the audit log's check; the host's public key for the banks.
+operator unlock and the audit log's check; the settlement report; the host's public key for
+the banks.
 
 The commands live in ``common`` (what they share), ``terminals`` (init and terminal),
-``serve``, ``rebind`` (rebind, account, voucher, audit, operator) and ``keys`` (keys public);
-this module builds the parser from them and runs one command.
+``serve``, ``rebind`` (rebind, account, voucher, audit, operator), ``settle`` (settle report)
+and ``keys`` (keys public); this module builds the parser from them and runs one command.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from acqhost.cli import keys, rebind, serve, terminals
+from acqhost.cli import keys, rebind, serve, settle, terminals
 from acqhost.cli.common import CliError
 from acqhost.config import ConfigError
 from acqhost.domain.crypto import CryptoError
@@ -32,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     terminals.add_terminal_commands(sub)
     rebind.add_account_commands(sub)
     keys.add_keys_commands(sub)
+    settle.add_settle_commands(sub)
     return parser
 
 

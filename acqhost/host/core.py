@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 from acqhost.domain import crypto
 from acqhost.errors import Decline
 from acqhost.host.context import Context
-from acqhost.host.routes import network, rebind, reversal, sale
+from acqhost.host.routes import network, rebind, reversal, sale, settle
 from acqhost.host.stages import (
     Stage,
     active,
@@ -46,8 +46,9 @@ class Route(NamedTuple):
     echo: tuple[str, ...]
 
 
-# The field that picks the route of an MTI: field 3 (processing code) unless named here.
-ROUTE_FIELD = {"0800": "70", "0300": "91"}
+# The field that picks the route of an MTI: field 3 (processing code) unless named here; ""
+# (no field) routes the MTI alone.
+ROUTE_FIELD = {"0800": "70", "0300": "91", "0500": ""}
 
 
 def build_routes() -> dict[tuple[str, str], Route]:
@@ -97,6 +98,11 @@ def build_routes() -> dict[tuple[str, str], Route]:
                 reversal.reverse,
             ),
             reversal.REVERSAL_ECHO,
+        ),
+        ("0500", ""): Route(
+            "settle",
+            (*mac_checked, fields(settle.SETTLE_FIELDS, ("7", "11")), parse_tlv, settle.settle),
+            settle.SETTLE_ECHO,
         ),
     }
 

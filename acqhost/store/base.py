@@ -22,6 +22,8 @@ __all__ = (
     "TERMINAL_STATUSES",
     "AccountVersion",
     "AuditEntry",
+    "Batch",
+    "BatchTotal",
     "NewAccount",
     "Operator",
     "RebindRequest",
@@ -29,6 +31,7 @@ __all__ = (
     "SaleResult",
     "SchemaVersionError",
     "Session",
+    "SettlementLine",
     "Store",
     "StoreTx",
     "StoredSale",
@@ -156,6 +159,9 @@ class SaleRecord:
     auth_code: str  # field 38
     test: bool
     account_version: int
+    # The terminal's open batch as the host last read it. The store records the sale in the
+    # terminal's open batch, which is this one or, when a settlement closed it meanwhile, a
+    # later one; a batch beyond the open one is refused.
     batch_no: int
     received_at: float
 
@@ -184,6 +190,46 @@ class StoredSale:
     batch_no: int
     status: str  # "approved" or "reversed"
     batch_settled: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """A terminal's batch: its sales settle together when a 0500 closes it (PROTOCOL.md 5.4).
+    A terminal always has exactly one open batch; closing it opens the next number."""
+
+    tid: str
+    batch_no: int  # 1, 2, ...
+    status: str  # "open" or "closed"
+    opened_at: float
+    closed_at: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class BatchTotal:
+    """The approved, unreversed sales (test sales too) of one batch that settle to one
+    settlement-account version: their number and their amount in minor units."""
+
+    account_version: int
+    count: int
+    amount: int
+
+
+@dataclass(frozen=True, slots=True)
+class SettlementLine:
+    """What a closed batch settled to one settlement-account version: a line of the
+    settlement report. The account number is sealed (with the host data key) and masked."""
+
+    tid: str
+    mid: str
+    batch_no: int
+    closed_at: float
+    account_version: int
+    sealed_account: bytes
+    account_masked: str
+    holder: str
+    bank_code: str
+    count: int
+    amount: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -301,6 +347,35 @@ class StoreTx(Protocol):
     def audit_entries(self) -> list[AuditEntry]:
         """The whole audit log, in order."""
 
+    def audit_entry(self, tid: str, action: str, subject: str) -> AuditEntry | None:
+        """The newest audit entry of this terminal, action and subject."""
+
+    def open_batch(self, tid: str) -> Batch | None:
+        """The terminal's open batch. In a write transaction it is locked until the transaction
+        ends: sales and reversals of it wait (a settlement is about to close it), and so does
+        another transaction's ``open_batch``."""
+
+    def batch(self, tid: str, batch_no: int) -> Batch | None: ...
+
+    def batch_totals(self, tid: str, batch_no: int) -> list[BatchTotal]:
+        """The batch's approved, unreversed sales (test sales too) per settlement-account
+        version, by version."""
+
+    def close_batch(self, tid: str, batch_no: int, at: float) -> Batch:
+        """Close the terminal's open batch ``batch_no`` at ``at`` and open the next number;
+        the batch opened. ValueError if ``batch_no`` is not the open batch."""
+
+    def settled(
+        self,
+        tid: str | None = None,
+        batch_no: int | None = None,
+        closed_from: float | None = None,
+        closed_before: float | None = None,
+    ) -> list[SettlementLine]:
+        """What closed batches settled, one line per terminal, batch and settlement-account
+        version with sales, optionally of one terminal, one batch number, and batches closed
+        in [closed_from, closed_before); ordered by tid (byte order), batch, version."""
+
 
 class Store(Protocol):
     """Synchronous store. Each method is one transaction. Implementations are safe to call
@@ -374,6 +449,7 @@ class Store(Protocol):
         """The sale a reversal names: same terminal, original STAN and original field 7."""
 
     def reverse_sale(self, rrn: str) -> bool:
-        """Mark the sale reversed; False if it was already reversed (idempotent)."""
+        """Mark the sale reversed; False if it was already reversed (idempotent) or its batch
+        is closed (settled sales stay as they were)."""
 
     def sales(self, tid: str) -> list[StoredSale]: ...

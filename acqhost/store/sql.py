@@ -11,6 +11,8 @@ statements written for one dialect are how each batches the sales of ``record_sa
 :class:`SQLTx` runs them over one open transaction of either backend: the ``StoreTx`` of the
 rebind flow, and what each ``Store`` method does in a transaction of its own
 (``acqhost.store.sqlstore``). A backend subclasses it to name its dialect and its batching.
+SQLTx takes the statements of batches and settlement from ``acqhost.store.batches`` (kept
+apart for this module's size).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from acqhost.store.base import (
     Terminal,
     format_rrn,
 )
+from acqhost.store.batches import BatchStatements
 
 __all__ = (
     "AUDIT_LOCK",
@@ -82,6 +85,12 @@ class Dialect:
     # Run before a writer reads the newest audit entry, so that appends form one chain; None
     # where the write lock already gives them one order.
     lock_audit: str | None
+    # Ends a settlement's read of the open batch it is about to close, so that the sales and
+    # reversals of that batch wait for it; "" where the write lock already orders them.
+    for_update: str
+    # Ends a reversal's sub-select of its sale's batch, so that it waits for a settlement
+    # closing that batch, and then finds it closed; "" likewise.
+    key_share: str
     # Whether a transaction notes what it changed of what hosts cache, for the backend to
     # announce at commit: hosts sharing a PostgreSQL database listen for it; hosts sharing a
     # SQLite file have only their caches' short lives.
@@ -100,13 +109,16 @@ class Dialect:
 
 
 SQLITE = Dialect(
-    placeholder="?", byte_order="BINARY", lock_terminal=None, lock_audit=None, announces=False
-)
+    placeholder="?", byte_order="BINARY", lock_terminal=None, lock_audit=None, for_update="",
+    key_share="", announces=False,
+)  # fmt: skip
 POSTGRES = Dialect(
     placeholder="%s",
     byte_order='"C"',
     lock_terminal="SELECT 1 FROM terminals WHERE tid = ? FOR UPDATE",
     lock_audit=f"SELECT pg_advisory_xact_lock({AUDIT_LOCK})",
+    for_update=" FOR UPDATE",
+    key_share=" FOR KEY SHARE",
     announces=True,
 )
 
@@ -143,15 +155,24 @@ AUDIT_COLUMNS = "seq, at, actor, action, tid, subject, detail, prev_digest, dige
 SALE_EXISTS = "SELECT 1 FROM sales WHERE tid = ? AND stan = ? AND local_date = ?"
 STORED_SALE = "SELECT rrn FROM sales WHERE tid = ? AND stan = ? AND local_date = ?"
 
-# SQLite's batching: one sale a statement, whose rowcount and lastrowid say what became of it.
+# A sale goes to its terminal's open batch: the one the host named or, when a settlement has
+# closed that meanwhile, the next; a batch beyond the open one gives NULL (refused). It never
+# joins a batch already settled: on PostgreSQL it waits for a settlement closing its batch
+# (FOR KEY SHARE against the settlement's FOR UPDATE), then finds it closed and fails.
+# SQLite's batching: one sale a statement, whose rowcount and lastrowid say what became of it
+# (parameters: the columns, with the tid again before the batch).
 INSERT_SALE = (
-    f"INSERT INTO sales ({SALE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+    f"INSERT INTO sales ({SALE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, "
+    "(SELECT batch_no FROM batches WHERE tid = ? AND status = 'open' AND batch_no >= ?), ?) "
     "ON CONFLICT (tid, stan, local_date) DO NOTHING"
 )
 # PostgreSQL's batching: every sale of a call in one statement (one round trip), one array a
 # column, unnested in order, so that the identity hands out RRNs in the order of the call.
 INSERT_SALES_FROM_ARRAYS = (
-    f"INSERT INTO sales ({SALE_COLUMNS}) SELECT {SALE_COLUMNS} "
+    f"INSERT INTO sales ({SALE_COLUMNS}) SELECT tid, mid, stan, local_date, local_time, "
+    "transmission, amount, currency, pan_masked, auth_code, test, account_version, "
+    "(SELECT b.batch_no FROM batches AS b WHERE b.tid = input.tid AND b.status = 'open' "
+    "AND b.batch_no >= input.batch_no FOR KEY SHARE), received_at "
     "FROM unnest(?::text[], ?::text[], ?::text[], ?::text[], ?::text[], ?::text[], "
     "?::bigint[], ?::text[], ?::text[], ?::text[], ?::boolean[], ?::integer[], "
     f"?::integer[], ?::double precision[]) WITH ORDINALITY AS input ({SALE_COLUMNS}, ord) "
@@ -167,7 +188,7 @@ STORED_SALES_FROM_ARRAYS = (
 )
 
 
-class SQLTx:
+class SQLTx(BatchStatements):
     """``StoreTx`` over one open transaction of either SQL backend, with the statements of the
     ``Store`` methods besides.
 
@@ -181,6 +202,7 @@ class SQLTx:
     __slots__ = ("_execute", "_writing", "changed")
 
     dialect: ClassVar[Dialect]
+    _execute: Execute
 
     def __init__(self, execute: Execute, *, write: bool) -> None:
         self._execute = self.dialect.bind(execute)
@@ -395,12 +417,15 @@ class SQLTx:
         rows = self._all(f"SELECT {AUDIT_COLUMNS} FROM audit_log ORDER BY seq")
         return [_audit_entry(row) for row in rows]
 
-    # -- ledger ----------------------------------------------------------------------------
-    def open_batch(self, tid: str) -> int | None:
-        """The terminal's open batch number; None if it has none."""
-        row = self._one("SELECT batch_no FROM batches WHERE tid = ? AND status = 'open'", (tid,))
-        return None if row is None else int(row[0])
+    def audit_entry(self, tid: str, action: str, subject: str) -> AuditEntry | None:
+        row = self._one(
+            f"SELECT {AUDIT_COLUMNS} FROM audit_log WHERE tid = ? AND action = ? AND subject = ? "
+            "ORDER BY seq DESC LIMIT 1",
+            (tid, action, subject),
+        )
+        return None if row is None else _audit_entry(row)
 
+    # -- ledger ----------------------------------------------------------------------------
     def sale_exists(self, tid: str, stan: str, local_date: str) -> bool:
         return self._execute(SALE_EXISTS, (tid, stan, local_date)).fetchone() is not None
 
@@ -418,10 +443,13 @@ class SQLTx:
         return [_stored_sale(row) for row in rows]
 
     def reverse_sale(self, rrn: int, at: float) -> bool:
-        """Mark the sale reversed at ``at``; False if it was not an approved sale."""
+        """Mark the sale reversed at ``at``; False if it was not an approved sale of an open
+        batch (a settlement closing its batch is waited for)."""
         cursor = self._execute(
             "UPDATE sales SET status = 'reversed', reversed_at = ? "
-            "WHERE rrn = ? AND status = 'approved'",
+            "WHERE rrn = ? AND status = 'approved' AND EXISTS (SELECT 1 FROM batches AS b "
+            "WHERE b.tid = sales.tid AND b.batch_no = sales.batch_no AND b.status = 'open'"
+            f"{self.dialect.key_share})",
             (at, rrn),
         )
         return cursor.rowcount == 1

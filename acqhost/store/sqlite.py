@@ -85,6 +85,7 @@ class SQLiteTx(SQLTx):
                     sale.auth_code,
                     1 if sale.test else 0,
                     sale.account_version,
+                    sale.tid,
                     sale.batch_no,
                     sale.received_at,
                 ),

@@ -128,10 +128,10 @@ class SQLStore(ABC):
     # -- ledger ----------------------------------------------------------------------------
     def open_batch(self, tid: str) -> int:
         """The terminal's open batch number; KeyError if the terminal has none."""
-        number = self._reader.open_batch(tid)
-        if number is None:
+        batch = self._reader.open_batch(tid)
+        if batch is None:
             raise KeyError(tid)
-        return number
+        return batch.batch_no
 
     def record_sales(
         self,
@@ -164,8 +164,8 @@ class SQLStore(ABC):
         return self._reader.find_sale(tid, stan, transmission)
 
     def reverse_sale(self, rrn: str) -> bool:
-        """Mark the sale reversed; False if it was already reversed or does not exist
-        (idempotent)."""
+        """Mark the sale reversed; False if it was already reversed, does not exist or its batch
+        is closed (idempotent)."""
         if not (rrn.isdigit() and rrn.isascii()):
             return False
         with self._write() as tx:

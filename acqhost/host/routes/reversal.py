@@ -5,6 +5,7 @@ from __future__ import annotations
 from acqhost.errors import Decline
 from acqhost.host.context import Context, Effect
 from acqhost.host.state import HostState
+from acqhost.store.base import Store
 
 __all__ = ("REVERSAL_ECHO", "REVERSAL_FIELDS", "reverse")
 
@@ -26,6 +27,21 @@ def reverse(state: HostState, ctx: Context) -> None:
     if sale.batch_settled:
         raise Decline("12", "BATCH_SETTLED")
     if sale.status != "reversed":
-        rrn = sale.rrn
-        ctx.effect = Effect(call=lambda store: store.reverse_sale(rrn))
+        tid, rrn, stan, transmission = sale.tid, sale.rrn, original[4:10], original[10:20]
+
+        def call(store: Store) -> bool:
+            """Whether the sale is reversed now: not when a settlement closed its batch
+            between the check above and this write."""
+            if store.reverse_sale(rrn):
+                return True
+            stored = store.find_sale(tid, stan, transmission)
+            return stored is not None and stored.status == "reversed"
+
+        ctx.effect = Effect(call=call, then=_reversed)
     ctx.log["rrn"] = sale.rrn
+
+
+def _reversed(state: HostState, ctx: Context, reversed_now: bool) -> None:
+    """The 0410 once the write is done: 12 when the sale's batch was settled meanwhile."""
+    if not reversed_now:
+        raise Decline("12", "BATCH_SETTLED")
