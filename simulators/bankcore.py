@@ -67,7 +67,7 @@ TOTALS_COLUMNS: Final = (
     "tid",
     "mid",
     "account_version",
-    "account_masked",
+    "account",
     "holder",
     "bank_code",
     "count",

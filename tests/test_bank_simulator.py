@@ -422,7 +422,7 @@ def test_totals_per_batch_terminal_and_account_in_csv_and_json(
     assert bank_main(["totals", str(journal), "--format", "csv"]) == 0
     one, two = "6222***********3446", "6222***********3453"
     assert capsys.readouterr().out == (
-        "batch,tid,mid,account_version,account_masked,holder,bank_code,count,amount\n"
+        "batch,tid,mid,account_version,account,holder,bank_code,count,amount\n"
         f"000001,TERM0001,MERCHANT0000001,1,{one},张三,102100099996,3,4500\n"
         f"000001,TERM0001,MERCHANT0000001,2,{two},张三,102100099996,1,100\n"
         f"000001,TERM0002,MERCHANT0000002,1,{one},张三,102100099996,5,1000\n"
@@ -432,7 +432,7 @@ def test_totals_per_batch_terminal_and_account_in_csv_and_json(
     rows = json.loads(capsys.readouterr().out)
     assert rows[0] == {
         "batch": "000001", "tid": "TERM0001", "mid": "MERCHANT0000001", "account_version": 1,
-        "account_masked": one, "holder": HOLDER, "bank_code": BANK, "count": 3, "amount": 4500,
+        "account": one, "holder": HOLDER, "bank_code": BANK, "count": 3, "amount": 4500,
     }  # fmt: skip
     assert [(r["count"], r["amount"]) for r in rows] == [(3, 4500), (1, 100), (5, 1000), (2, 250)]
     assert bank_main(["totals", str(journal)]) == 0

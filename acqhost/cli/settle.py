@@ -61,12 +61,20 @@ def render(lines: Sequence[settlement.ReportLine], fmt: str) -> str:
          line.account, line.holder, line.bank_code, line.count, line.amount)
         for line in lines
     ]  # fmt: skip
+    if fmt == "totals":  # the bank's view: no close time, in the bank simulator's order
+        columns = tuple(c for c in COLUMNS if c != "closed_at")
+        totals = sorted((row[:3] + row[4:] for row in rows), key=lambda r: r[:4])
+        return _csv(columns, totals)
     if fmt == "json":
         objects = [dict(zip(COLUMNS, row, strict=True)) for row in rows]
         return json.dumps(objects, ensure_ascii=False, indent=2) + "\n"
+    return _csv(COLUMNS, rows)
+
+
+def _csv(columns: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(COLUMNS)
+    writer.writerow(columns)
     writer.writerows(rows)
     return out.getvalue()
 
@@ -120,7 +128,8 @@ def add_settle_commands(sub: Subparsers) -> None:
     p.add_argument("--batch", type=int, metavar="N", help="only batches numbered N")
     p.add_argument("--date", metavar="YYYY-MM-DD", help="only batches closed that day (UTC)")
     p.add_argument("--tid", metavar="TID", help="only this terminal's batches")
-    p.add_argument("--format", choices=("csv", "json"), default="csv", help="default: csv")
+    text = "csv (default), json, or totals: CSV without closed_at, as acqhost-bank totals prints"
+    p.add_argument("--format", choices=("csv", "json", "totals"), default="csv", help=text)
     text = "full account numbers (recorded in the audit log, with --by)"
     p.add_argument("--unmasked", action="store_true", help=text)
     text = "who asks for full account numbers (default: the login name)"
