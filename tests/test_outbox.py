@@ -1,9 +1,10 @@
 """The outbox of settlement updates and the bank leases (acqhost.store.outbox) on both
 backends: what a claim takes (oldest first, a terminal's advices in order, one in flight),
 failures and their retries, dead letters, the per-bank status, one lease owner at a time. What
-only one backend has (SKIP LOCKED claimers, indexes, migrations) is at the end.
+only one backend has (SKIP LOCKED claimers, the files' bytes, indexes, migrations) is at the end.
 
-The advices here carry made-up sealed bytes: the store never opens them."""
+The advices here carry made-up sealed bytes: the store never opens them (test_advices.py has
+the domain's)."""
 
 from __future__ import annotations
 
@@ -15,8 +16,11 @@ from contextlib import closing
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 
+from acqhost.config import RebindPolicy
+from acqhost.domain import accounts, advices, crypto, rebind, terminals
 from acqhost.store import NewAdvice, PostgresStore, SQLiteStore, Store
 from acqhost.store.migrations import postgres as pg_migrations
 from acqhost.store.migrations import sqlite as sqlite_migrations
@@ -296,6 +300,48 @@ def test_sqlite_claims_read_the_outbox_through_its_indexes(tmp_path: Path) -> No
     assert not re.search(r"SCAN outbox(?! USING)", plans["SELECT"])
 
 
+AUTO = RebindPolicy(review="auto", cooling_off=10.0, min_interval=0.0)
+ACCOUNT, NEW = "6222021234567890128", "6217009876543210981"  # Luhn-valid
+
+
+def register_and_change(store: Store, key: bytes, account: str, new: str) -> None:
+    """Version 1 registered (its 0320), version 2 approved and activated (its 0320)."""
+    reg = terminals.Registration(
+        tid="TERM0001", mid="MERCHANT0000001", merchant_name="Shop", holder="ZHANG SAN",
+        account=account, bank_code=BANK, branch="", sale_limit=1000, test_limit=100,
+        operator_id="01", operator_password="pw",
+    )  # fmt: skip
+    terminals.register(store, key, reg, by="tester", now=T0, fast_hash=True)
+    sub = rebind.Submission(
+        tid="TERM0001", operator_id="01", stan="000001", transmission="1114221320",
+        holder="ZHANG SAN", bank_code=BANK_B, branch="", account=new, source="typed",
+    )  # fmt: skip
+    with store.transaction("TERM0001") as tx:
+        out = rebind.submit(tx, key, sub, password_ok=True, policy=AUTO, now=T0)
+    assert out.code == "00"
+    with store.transaction() as tx:
+        assert len(accounts.activate_due(tx, key, T0 + 100)) == 1
+    assert len(store.advices("TERM0001")) == 2
+
+
+def test_sqlite_no_account_number_in_clear_in_the_outbox_on_disk(tmp_path: Path) -> None:
+    key = crypto.HostKeys.generate().data_key
+    path = tmp_path / "a.db"
+    store = SQLiteStore(path)
+    register_and_change(store, key, ACCOUNT, NEW)
+    sealed = [a.sealed_fields for a in store.advices()]
+    assert [advices.open_advice(key, a).fields["41"] for a in store.advices()] == ["TERM0001"] * 2
+    wal = Path(f"{path}-wal")
+    while_open = path.read_bytes() + wal.read_bytes()
+    store.close()
+    after_close = path.read_bytes() + (wal.read_bytes() if wal.exists() else b"")
+    for blob in (while_open, after_close):
+        assert all(s in blob for s in sealed)  # the search does see what the store wrote
+        for number in (ACCOUNT, NEW, ACCOUNT[6:-4], NEW[6:-4]):
+            assert number.encode() not in blob
+            assert number.encode("utf-16-le") not in blob
+
+
 def test_sqlite_a_database_of_schema_3_gains_the_outbox(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -394,6 +440,21 @@ def test_postgres_a_terminals_advices_are_numbered_in_commit_order(pg_url: str) 
                 assert unlocked(third, OTHER) > earlier  # another terminal's does not wait
             thread.join(10)
     assert later and later[0] > earlier
+
+
+def test_postgres_no_account_number_in_clear_in_any_outbox_column(pg_url: str) -> None:
+    key = crypto.HostKeys.generate().data_key
+    with closing(PostgresStore(pg_url)) as store:
+        register_and_change(store, key, ACCOUNT, NEW)
+    with psycopg.connect(pg_url) as conn:
+        rows = conn.execute("SELECT * FROM outbox").fetchall()
+        names = [d.name for d in conn.execute("SELECT * FROM outbox LIMIT 0").description or ()]
+    assert len(rows) == 2 and "sealed_fields" in names
+    for row in rows:
+        for value in row:
+            raw = bytes(value) if isinstance(value, bytes | memoryview) else str(value).encode()
+            for number in (ACCOUNT, NEW, ACCOUNT[6:-4], NEW[6:-4]):
+                assert number.encode() not in raw
 
 
 def test_postgres_a_database_of_schema_3_gains_the_outbox(
