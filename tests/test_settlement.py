@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from acqhost.domain import accounts, audit, cards, crypto, settlement, terminals
+from acqhost.domain import accounts, advices, audit, cards, crypto, settlement, terminals
 from acqhost.store import PostgresStore, SQLiteStore, Store, StoreTx
-from acqhost.store.base import BatchTotal
+from acqhost.store.base import AccountVersion, BatchTotal
+from acqhost.wire.tlv import decode_tlv
 from tests.storekit import CREATED, KEY, MID, TID, chain, make_sale
 
 ACCOUNT = "6222020200112233446"
@@ -85,7 +86,7 @@ def close(
     amount: int,
     *,
     stan: str = STAN,
-    advise: settlement.Advise | None = None,
+    advise: settlement.Advise = advices.queue_settlement_advice,
 ) -> settlement.Outcome:
     """A terminal's 0500, decided in a transaction of its own."""
     with store.transaction() as tx:
@@ -155,13 +156,33 @@ def test_totals_that_differ_get_95_with_the_hosts_and_the_batch_stays_open(store
     assert close(store, 1, 3, 1701).code == "00"
 
 
+def test_a_close_queues_one_0520_per_settlement_account_in_its_transaction(
+    store: Store,
+) -> None:
+    sell(store)
+    before = {a.id for a in store.advices()}  # the registration's 0320 of version 1
+    assert close(store, 1, 3, 1701).code == "00"
+    queued = [a for a in store.advices() if a.id not in before]
+    opened = [advices.open_advice(KEY, a) for a in queued]
+    assert [(a.mti, a.tid, a.bank_code) for a in opened] == [("0520", TID, "102100099996")] * 2
+    elements = [decode_tlv(a.fields["48"]) for a in opened]
+    assert [(e["BN"], e["SV"], e["CT"], e["AM"]) for e in elements] == [
+        ("000001", "1", "1", "1000"),
+        ("000001", "2", "2", "701"),
+    ]
+    assert [e["AC"] for e in elements] == [ACCOUNT, NEW_ACCOUNT]
+    assert close(store, 1, 3, 1701).code == "00"  # the retransmission queues nothing more
+    assert len(store.advices()) == len(before) + 2
+
+
 def test_advise_is_called_per_version_inside_the_closing_transaction(store: Store) -> None:
     sell(store)
     calls: list[tuple[object, ...]] = []
 
-    def advise(tx: StoreTx, key: bytes, *args: object) -> None:
+    def advise(tx: StoreTx, key: bytes, tid: str, batch: int, v: AccountVersion,
+               *args: object) -> None:  # fmt: skip
         assert key == KEY and tx.open_batch(TID) is not None
-        calls.append(args)
+        calls.append((tid, batch, v.version, *args))
 
     close(store, 1, 3, 1701, advise=advise)
     assert calls == [(TID, 1, 1, 1, 1000, NOW), (TID, 1, 2, 2, 701, NOW)]
@@ -229,7 +250,7 @@ def test_a_sale_in_flight_is_counted_by_the_settlement_that_waits_for_it(store_u
             with other.transaction() as tx:
                 outcome.append(
                     settlement.close(tx, KEY, TID, 1, 1, 500, NOW, stan=STAN,
-                                     transmission=TRANSMISSION, advise=None)
+                                     transmission=TRANSMISSION)
                 )  # fmt: skip
             sold.set()
 
@@ -265,7 +286,7 @@ def test_a_sale_racing_a_settlement_never_joins_the_settled_batch(store_url: str
         thread.start()
         with first.transaction() as tx:
             outcome = settlement.close(tx, KEY, TID, 1, 0, 0, NOW, stan=STAN,
-                                       transmission=TRANSMISSION, advise=None)  # fmt: skip
+                                       transmission=TRANSMISSION)  # fmt: skip
             assert outcome.code == "00"
             closing.set()
             assert not done.wait(0.3)  # the sale waits for the settlement

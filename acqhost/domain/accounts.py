@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import time
 
-from acqhost.domain import audit
+from acqhost.domain import advices, audit
 from acqhost.store.base import AccountVersion, StoreTx, in_force, next_change
 
 __all__ = (
@@ -71,9 +71,10 @@ def activate_due(
     tx: StoreTx, key: bytes, now: float, tid: str | None = None
 ) -> list[AccountVersion]:
     """Record as ACTIVE every APPROVED version whose effective-from has passed (they are in
-    force from then on whether or not this has run); a rollback's activation marks the
-    versions it undoes ROLLED_BACK. Idempotent across processes: each version is activated by
-    exactly one. Given ``tid``, only that terminal's. The versions activated."""
+    force from then on whether or not this has run), and queue its 0320 for its bank in the
+    same transaction (``acqhost.domain.advices``); a rollback's activation marks the versions
+    it undoes ROLLED_BACK. Idempotent across processes: each version is activated, and
+    advised, by exactly one. Given ``tid``, only that terminal's. The versions activated."""
     done: list[AccountVersion] = []
     for v in tx.due_versions(now):
         if tid is not None and v.tid != tid:
@@ -95,6 +96,7 @@ def activate_due(
             effective_from=ef_text(v.effective_from),
         )
         request = next((r for r in tx.requests(tid=v.tid) if r.version == v.version), None)
+        advices.queue_account_advice(tx, key, v, request, now)
         if request is None or request.kind != "rollback" or request.restores is None:
             continue
         for undone in tx.versions(v.tid)[request.restores : v.version - 1]:

@@ -24,8 +24,8 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from acqhost.domain import audit, crypto
-from acqhost.store.base import Batch, BatchTotal, StoreTx
+from acqhost.domain import advices, audit, crypto
+from acqhost.store.base import AccountVersion, Batch, BatchTotal, StoreTx
 
 __all__ = (
     "CLOSED",
@@ -44,8 +44,8 @@ CLOSED = "batch.closed"  # the audit action of a batch closed by a 0500
 REPORT_UNMASKED = "report.unmasked"  # the audit action of a report showing account numbers
 
 # Queues one settlement advice (0520, PROTOCOL.md 6) in the closing transaction:
-# advise(tx, data_key, tid, batch_no, account_version, count, amount, now).
-Advise = Callable[[StoreTx, bytes, str, int, int, int, int, float], None]
+# advise(tx, data_key, tid, batch_no, account version, count, amount, now).
+Advise = Callable[[StoreTx, bytes, str, int, AccountVersion, int, int, float], object]
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,13 +119,14 @@ def close(
     *,
     stan: str,
     transmission: str,
-    advise: Advise | None,
+    advise: Advise = advices.queue_settlement_advice,
 ) -> Outcome:
     """Decide the terminal's 0500 for batch ``batch_no`` with its totals ``count`` and
     ``amount`` (``stan`` and ``transmission``: its fields 11 and 7), in ``tx``.
 
-    On a close, ``advise`` is called once per settlement-account version the batch's sales
-    settle to, by version, in ``tx``: if it raises, nothing is closed."""
+    On a close, ``advise`` (queuing the 0520 in the outbox) is called once per
+    settlement-account version the batch's sales settle to, by version, in ``tx``: if it
+    raises, nothing is closed."""
     host = open_totals(tx, tid)
     if batch_no != host.batch_no:
         return _not_open(tx, tid, batch_no, host.batch_no, stan, transmission)
@@ -160,9 +161,8 @@ def close(
             ],
         },
     )
-    if advise is not None:
-        for v in host.versions:
-            advise(tx, key, tid, batch_no, v.account_version, v.count, v.amount, now)
+    for v in host.versions:
+        advise(tx, key, tid, batch_no, accounts[v.account_version], v.count, v.amount, now)
     return Outcome("00", "", batch_no, opened.batch_no, host.count, host.amount, host.versions,
                    closed=True)  # fmt: skip
 

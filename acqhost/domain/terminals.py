@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from acqhost.config import MAX_AMOUNT
-from acqhost.domain import accounts, audit, cards, crypto
+from acqhost.domain import accounts, advices, audit, cards, crypto
 from acqhost.errors import AcqHostError
 from acqhost.store.base import (
     IN_FORCE_STATES,
@@ -126,10 +126,10 @@ def register(
     fast_hash: bool = False,
 ) -> Registered:
     """Register a terminal: checked (:func:`check_registration`), then the terminal, its
-    account version 1, its operator and the audit log's registration entry, all in one
-    transaction. A new identity key pair is made for it. ValueError (from the store) when the
-    terminal id is taken. ``fast_hash``: the operator's password hashed at minimal cost
-    (tests and demos only)."""
+    account version 1, its operator, the audit log's registration entry and version 1's 0320
+    for its bank, all in one transaction. A new identity key pair is made for it. ValueError
+    (from the store) when the terminal id is taken. ``fast_hash``: the operator's password
+    hashed at minimal cost (tests and demos only)."""
     reg = check_registration(reg)
     seed = crypto.new_signing_key()
     terminal = Terminal(
@@ -160,9 +160,13 @@ def register(
             password_hash=crypto.hash_password(reg.operator_password, fast=fast_hash),
             failures=0,
         )
-    store.add_terminal(
-        terminal, account, operator, then=lambda tx: audit_registration(tx, key, reg.tid)
-    )
+
+    def registered(tx: StoreTx) -> None:
+        audit_registration(tx, key, reg.tid)
+        # Version 1 is ACTIVE from the start: its bank learns of it as of any later version.
+        advices.queue_account_advice(tx, key, tx.versions(reg.tid)[0], None, now)
+
+    store.add_terminal(terminal, account, operator, then=registered)
     return Registered(terminal, account, seed)
 
 

@@ -14,17 +14,22 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from acqhost.errors import AcqHostError
+from acqhost.store.outbox import ADVICE_STATES, BankLease, BankStatus, NewAdvice, StoredAdvice
 
 __all__ = (
     "ACCOUNT_STATES",
+    "ADVICE_STATES",
     "IN_FORCE_STATES",
     "OPEN_REBIND_STATES",
     "TERMINAL_STATUSES",
     "AccountVersion",
     "AuditEntry",
+    "BankLease",
+    "BankStatus",
     "Batch",
     "BatchTotal",
     "NewAccount",
+    "NewAdvice",
     "Operator",
     "RebindRequest",
     "SaleRecord",
@@ -34,6 +39,7 @@ __all__ = (
     "SettlementLine",
     "Store",
     "StoreTx",
+    "StoredAdvice",
     "StoredSale",
     "Terminal",
     "format_rrn",
@@ -376,6 +382,10 @@ class StoreTx(Protocol):
         version with sales, optionally of one terminal, one batch number, and batches closed
         in [closed_from, closed_before); ordered by tid (byte order), batch, version."""
 
+    def insert_advice(self, advice: NewAdvice) -> int:
+        """Queue ``advice`` (deliverable at once) in this transaction; its id, which orders it
+        after every advice of its terminal already committed."""
+
 
 class Store(Protocol):
     """Synchronous store. Each method is one transaction. Implementations are safe to call
@@ -453,3 +463,52 @@ class Store(Protocol):
         is closed (settled sales stay as they were)."""
 
     def sales(self, tid: str) -> list[StoredSale]: ...
+
+    # -- the outbox of settlement updates (PROTOCOL.md 6) ----------------------------------
+    def advices(self, tid: str | None = None, state: str | None = None) -> list[StoredAdvice]:
+        """Advices in the order they were queued, optionally of one terminal and/or state."""
+
+    def claim_advices(
+        self, bank_codes: Sequence[str], now: float, hold: float, limit: int = 100
+    ) -> list[StoredAdvice]:
+        """Up to ``limit`` deliverable advices of ``bank_codes``, oldest first, each held for
+        its claimer until ``now + hold`` (its next_attempt_at): no other claim gets it before,
+        and if the claimer dies it is deliverable again after. Deliverable: queued, its
+        next_attempt_at passed, and no earlier advice of its terminal still queued (so a
+        terminal has at most one in flight, and its advices go in order)."""
+
+    def mark_delivered(self, advice_id: int, ack_code: str, now: float) -> bool:
+        """The bank acknowledged the advice; False if it is not queued."""
+
+    def mark_failed(self, advice_id: int, error: str, next_attempt_at: float, now: float) -> bool:
+        """A delivery failed: one more attempt, the error, and when to try again; False if the
+        advice is not queued."""
+
+    def dead_letter(self, advice_id: int, reason: str, now: float) -> bool:
+        """Give up on a queued advice (``reason`` is kept as its last error); the terminal's
+        later advices are deliverable again. False if it is not queued."""
+
+    def retry_advice(self, advice_id: int, now: float) -> bool:
+        """A dead or waiting advice is queued again, deliverable at once with its attempts
+        counted afresh; False for a delivered or unknown one."""
+
+    def retry_dead_advices(self, now: float, bank_codes: Sequence[str] | None = None) -> int:
+        """Queue again every dead advice (of ``bank_codes``, if given); how many."""
+
+    def outbox_status(self) -> list[BankStatus]:
+        """One entry per bank code with undelivered advices, by bank code."""
+
+    def acquire_bank_lease(self, bank: str, owner: str, now: float, ttl: float) -> bool:
+        """Become (or stay) the one owner of ``bank``'s lease until ``now + ttl``: True if
+        nobody else holds an unexpired lease on it. Exactly one of several processes asking
+        at once gets it."""
+
+    def renew_bank_lease(self, bank: str, owner: str, now: float, ttl: float) -> bool:
+        """Extend ``owner``'s unexpired lease to ``now + ttl``; False if it has expired or is
+        another's (the owner has lost it and must stop delivering)."""
+
+    def release_bank_lease(self, bank: str, owner: str) -> bool:
+        """Give the lease up, if ``owner`` holds it, so that another may take it at once."""
+
+    def bank_lease(self, bank: str) -> BankLease | None:
+        """The bank's lease as recorded (perhaps expired), or None."""

@@ -1,12 +1,12 @@
-"""Every SQL statement of the store, once, and the small table of what the dialects write
-differently.
+"""Every SQL statement of the store, once (the outbox's in ``acqhost.store.outbox``).
 
 The statements are written with ``?`` placeholders in the SQL that SQLite and PostgreSQL both
 speak (``INSERT ... ON CONFLICT`` for duplicates and upserts, ``excluded.``, ``LIMIT``). What
-differs is in a :class:`Dialect`: how a parameter is written, the collation that sorts by bytes,
-and locking: PostgreSQL locks a terminal's row (``FOR UPDATE``) and the audit chain (an advisory
-lock) where SQLite's ``BEGIN IMMEDIATE`` already holds the database's one write lock. The only
-statements written for one dialect are how each batches the sales of ``record_sales``.
+differs is in a :class:`~acqhost.store.dialect.Dialect`: how a parameter is written, the
+collation that sorts by bytes, and locking: PostgreSQL locks a terminal's row (``FOR UPDATE``)
+and the audit chain (an advisory lock) where SQLite's ``BEGIN IMMEDIATE`` already holds the
+database's one write lock. The only statements written for one dialect are how each batches the
+sales of ``record_sales``.
 
 :class:`SQLTx` runs them over one open transaction of either backend: the ``StoreTx`` of the
 rebind flow, and what each ``Store`` method does in a transaction of its own
@@ -17,10 +17,8 @@ apart for this module's size).
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any, ClassVar, Protocol, cast
+from collections.abc import Sequence
+from typing import Any, ClassVar, cast
 
 from acqhost.store.base import (
     AccountVersion,
@@ -36,6 +34,16 @@ from acqhost.store.base import (
     format_rrn,
 )
 from acqhost.store.batches import BatchStatements
+from acqhost.store.dialect import (
+    AUDIT_LOCK,
+    MIGRATION_LOCK,
+    POSTGRES,
+    SQLITE,
+    Cursor,
+    Dialect,
+    Execute,
+)
+from acqhost.store.outbox import OutboxSQL
 
 __all__ = (
     "AUDIT_LOCK",
@@ -47,87 +55,12 @@ __all__ = (
     "STORED_SALES_FROM_ARRAYS",
     "Cursor",
     "Dialect",
+    "Execute",
     "SQLTx",
     "SaleKey",
 )
 
-# pg_advisory_xact_lock keys (advisory locks are per database, so databases on one server do
-# not wait for each other): "acqhost" in ASCII serialises migrations; the next one, appends to
-# the audit log's hash chain.
-MIGRATION_LOCK = 0x61_63_71_68_6F_73_74
-AUDIT_LOCK = MIGRATION_LOCK + 1
-
-
-class Cursor(Protocol):
-    """What SQLTx reads of a statement's result, in either driver."""
-
-    @property
-    def rowcount(self) -> int: ...
-
-    def fetchone(self) -> Any: ...
-
-    def fetchall(self) -> list[Any]: ...
-
-
-Execute = Callable[[str, tuple[Any, ...]], Cursor]
 SaleKey = tuple[str, str, str]  # (tid, stan, local_date): the duplicate key
-
-
-@dataclass(frozen=True, slots=True)
-class Dialect:
-    """What one backend's SQL writes differently from the statements below."""
-
-    placeholder: str  # a parameter: "?" (sqlite3) or "%s" (psycopg)
-    byte_order: str  # the collation that sorts text byte by byte (tids are listed so)
-    # Run first in a write transaction naming a terminal, so that the writers of one terminal
-    # go one at a time; None where BEGIN IMMEDIATE already holds the one write lock.
-    lock_terminal: str | None
-    # Run before a writer reads the newest audit entry, so that appends form one chain; None
-    # where the write lock already gives them one order.
-    lock_audit: str | None
-    # Ends a settlement's read of the open batch it is about to close, so that the sales and
-    # reversals of that batch wait for it; "" where the write lock already orders them.
-    for_update: str
-    # Ends a reversal's sub-select of its sale's batch, so that it waits for a settlement
-    # closing that batch, and then finds it closed; "" likewise.
-    key_share: str
-    # Whether a transaction notes what it changed of what hosts cache, for the backend to
-    # announce at commit: hosts sharing a PostgreSQL database listen for it; hosts sharing a
-    # SQLite file have only their caches' short lives.
-    announces: bool
-
-    def statement(self, sql: str) -> str:
-        """``sql``, written with ``?``, in this dialect's placeholders."""
-        return sql if self.placeholder == "?" else _translate(sql, self.placeholder)
-
-    def bind(self, execute: Execute) -> Execute:
-        """``execute`` (the driver's) taking statements written with ``?``."""
-        if self.placeholder == "?":
-            return execute
-        statement = self.statement
-        return lambda sql, params: execute(statement(sql), params)
-
-
-SQLITE = Dialect(
-    placeholder="?", byte_order="BINARY", lock_terminal=None, lock_audit=None, for_update="",
-    key_share="", announces=False,
-)  # fmt: skip
-POSTGRES = Dialect(
-    placeholder="%s",
-    byte_order='"C"',
-    lock_terminal="SELECT 1 FROM terminals WHERE tid = ? FOR UPDATE",
-    lock_audit=f"SELECT pg_advisory_xact_lock({AUDIT_LOCK})",
-    for_update=" FOR UPDATE",
-    key_share=" FOR KEY SHARE",
-    announces=True,
-)
-
-
-@functools.cache
-def _translate(sql: str, placeholder: str) -> str:
-    # Once per statement text: a statement holds no "?" but its placeholders.
-    return sql.replace("?", placeholder)
-
 
 TERMINAL_COLUMNS = (
     "tid, mid, merchant_name, status, identity_public_key, sale_limit, test_limit, created_at"
@@ -188,7 +121,7 @@ STORED_SALES_FROM_ARRAYS = (
 )
 
 
-class SQLTx(BatchStatements):
+class SQLTx(BatchStatements, OutboxSQL):
     """``StoreTx`` over one open transaction of either SQL backend, with the statements of the
     ``Store`` methods besides.
 

@@ -15,13 +15,17 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 
 from acqhost.store.base import (
+    ADVICE_STATES,
     TERMINAL_STATUSES,
     AccountVersion,
+    BankLease,
+    BankStatus,
     NewAccount,
     Operator,
     SaleRecord,
     SaleResult,
     Session,
+    StoredAdvice,
     StoredSale,
     StoreTx,
     Terminal,
@@ -174,6 +178,89 @@ class SQLStore(ABC):
     def sales(self, tid: str) -> list[StoredSale]:
         """Every sale of the terminal, in RRN order."""
         return self._reader.sales(tid)
+
+    # -- the outbox of settlement updates (acqhost.store.outbox) -----------------------------
+    def advices(self, tid: str | None = None, state: str | None = None) -> list[StoredAdvice]:
+        """Advices in the order they were queued, optionally of one terminal and/or state."""
+        if state is not None and state not in ADVICE_STATES:
+            raise ValueError(f"advice state must be one of {', '.join(ADVICE_STATES)}: {state!r}")
+        return self._reader.advices(tid, state)
+
+    def claim_advices(
+        self, bank_codes: Sequence[str], now: float, hold: float, limit: int = 100
+    ) -> list[StoredAdvice]:
+        """Up to ``limit`` deliverable advices of ``bank_codes``, oldest first, each held for
+        its claimer until ``now + hold`` (see Store.claim_advices)."""
+        if hold <= 0 or limit < 1:
+            raise ValueError("a claim holds its advices for a while, and takes at least one")
+        if not bank_codes:
+            return []
+        with self._write() as tx:
+            return tx.claim_advices(sorted(set(bank_codes)), now, now + hold, limit)
+
+    def mark_delivered(self, advice_id: int, ack_code: str, now: float) -> bool:
+        """The bank acknowledged the advice; False if it is not queued."""
+        with self._write() as tx:
+            return tx.mark_delivered(advice_id, ack_code, now)
+
+    def mark_failed(self, advice_id: int, error: str, next_attempt_at: float, now: float) -> bool:
+        """A delivery failed: one more attempt, the error and when to try again; False if the
+        advice is not queued."""
+        with self._write() as tx:
+            return tx.mark_failed(advice_id, error, next_attempt_at, now)
+
+    def dead_letter(self, advice_id: int, reason: str, now: float) -> bool:
+        """Give up on a queued advice; False if it is not queued."""
+        with self._write() as tx:
+            return tx.dead_letter(advice_id, reason, now)
+
+    def retry_advice(self, advice_id: int, now: float) -> bool:
+        """Queue a dead or waiting advice again, deliverable at once; False if it is delivered
+        or unknown."""
+        with self._write() as tx:
+            return tx.retry_advice(advice_id, now)
+
+    def retry_dead_advices(self, now: float, bank_codes: Sequence[str] | None = None) -> int:
+        """Queue again every dead advice (of ``bank_codes``, if given); how many."""
+        if bank_codes is not None and not bank_codes:
+            return 0
+        with self._write() as tx:
+            return tx.retry_dead_advices(now, bank_codes)
+
+    def outbox_status(self) -> list[BankStatus]:
+        """One entry per bank code with undelivered advices, by bank code."""
+        with self._snapshot() as tx:
+            return tx.outbox_status()
+
+    def acquire_bank_lease(self, bank: str, owner: str, now: float, ttl: float) -> bool:
+        """Hold ``bank``'s lease until ``now + ttl`` unless another holds it unexpired."""
+        _check_lease(owner, ttl)
+        with self._write() as tx:
+            return tx.acquire_bank_lease(bank, owner, now, now + ttl)
+
+    def renew_bank_lease(self, bank: str, owner: str, now: float, ttl: float) -> bool:
+        """Extend ``owner``'s unexpired lease to ``now + ttl``; False once it is lost."""
+        _check_lease(owner, ttl)
+        with self._write() as tx:
+            return tx.renew_bank_lease(bank, owner, now, now + ttl)
+
+    def release_bank_lease(self, bank: str, owner: str) -> bool:
+        """Give the lease up if ``owner`` holds it; whether it did."""
+        with self._write() as tx:
+            return tx.release_bank_lease(bank, owner)
+
+    def bank_lease(self, bank: str) -> BankLease | None:
+        """The bank's lease as recorded (perhaps expired), or None."""
+        return self._reader.bank_lease(bank)
+
+
+def _check_lease(owner: str, ttl: float) -> None:
+    """ValueError for a lease nobody could tell apart from another's, or one that never
+    holds: a lease's owner names one process (say host name, process id and a random part)."""
+    if not owner:
+        raise ValueError("a bank lease needs its owner's name")
+    if not ttl > 0:
+        raise ValueError(f"a bank lease lasts a positive time, not {ttl!r}")
 
 
 def _check_new_terminal(terminal: Terminal, operator: Operator | None) -> None:

@@ -22,15 +22,10 @@ from acqhost.host.state import HostState
 from acqhost.store.base import Store
 from acqhost.wire.tlv import encode_tlv
 
-__all__ = ("ADVISE", "SETTLE_ECHO", "SETTLE_FIELDS", "settle")
+__all__ = ("SETTLE_ECHO", "SETTLE_FIELDS", "settle")
 
 SETTLE_FIELDS = ("7", "11", "41", "42", "48")
 SETTLE_ECHO = ("3", "7", "11", "41", "42")
-
-# What queues the settlement advices (0520) of a batch this host closes, one per settlement
-# account, in the closing transaction: ``acqhost.domain.settlement.Advise``. None: no advice
-# is queued.
-ADVISE: settlement.Advise | None = None
 
 # The longest CT and AM read: a count of sales and an amount in minor units fit in 64 bits.
 _MAX_DIGITS = 18
@@ -62,7 +57,7 @@ def settle(state: HostState, ctx: Context) -> None:
         # and its sales, which lock the batch before the terminal, wait for it.
         with store.transaction() as tx:
             return settlement.close(tx, key, tid, batch_no, count, amount, clock(), stan=stan,
-                                    transmission=transmission, advise=ADVISE)  # fmt: skip
+                                    transmission=transmission)  # fmt: skip
 
     ctx.effect = Effect(call=apply, then=_answer)
     ctx.log["batch"] = batch_no

@@ -27,6 +27,7 @@ __all__ = (
     "TABLES_V1",
     "TABLES_V2",
     "V3",
+    "V4",
     "Migration",
     "Refusal",
     "due",
@@ -241,6 +242,47 @@ CREATE INDEX settlement_accounts_due ON settlement_accounts (effective_from)
     WHERE state = 'APPROVED';
 """
 
+# The outbox of settlement updates to the banks (PROTOCOL.md 6; acqhost.store.outbox), and the
+# leases that let one process at a time deliver to each bank. Words: {rrn} (the id is numbered
+# as the RRN is: it becomes the advice's field 37, 12 digits), {blob}, {real}.
+V4 = """
+-- One advice to a bank, queued in the transaction of the change that causes it (an account
+-- version becoming ACTIVE: 0320; a batch closing: a 0520 per settlement account) and kept
+-- once delivered. Its fields exist only sealed with the host data key (48 AC is a full account
+-- number). A terminal's advices are delivered in the order of their ids.
+CREATE TABLE outbox (
+    id              {rrn},
+    tid             TEXT NOT NULL REFERENCES terminals (tid),
+    mti             TEXT NOT NULL CHECK (mti IN ('0320', '0520')),
+    bank_code       TEXT NOT NULL,
+    created_at      {real} NOT NULL,
+    sealed_fields   {blob} NOT NULL,
+    state           TEXT NOT NULL DEFAULT 'queued'
+                        CHECK (state IN ('queued', 'delivered', 'dead')),
+    attempts        INTEGER NOT NULL DEFAULT 0 CHECK (attempts >= 0),
+    next_attempt_at {real} NOT NULL,
+    last_error      TEXT NOT NULL DEFAULT '',
+    last_error_at   {real},
+    delivered_at    {real},
+    ack_code        TEXT NOT NULL DEFAULT ''
+);
+
+-- A bank's next deliverable advices, oldest first...
+CREATE INDEX outbox_queued ON outbox (bank_code, id) WHERE state = 'queued';
+-- ...each once no earlier advice of its terminal is still queued.
+CREATE INDEX outbox_queued_terminal ON outbox (tid, id) WHERE state = 'queued';
+-- The dead letters, counted and retried per bank code.
+CREATE INDEX outbox_dead ON outbox (bank_code, id) WHERE state = 'dead';
+
+-- Who delivers to a bank: one owner at a time across every process and machine, until its
+-- lease expires unless renewed.
+CREATE TABLE bank_leases (
+    bank       TEXT PRIMARY KEY,
+    owner      TEXT NOT NULL,
+    expires_at {real} NOT NULL
+);
+"""
+
 
 def in_dialect(
     words: Mapping[str, str], triggers: Callable[[str, Sequence[Refusal]], str]
@@ -249,7 +291,12 @@ def in_dialect(
     for each table of REFUSALS."""
     blocks = {f"{table}_refusals": triggers(table, r) for table, r in REFUSALS.items()}
     filled = {**words, **blocks}
-    return [(1, TABLES_V1.format_map(filled)), (2, TABLES_V2.format_map(filled)), (3, V3)]
+    return [
+        (1, TABLES_V1.format_map(filled)),
+        (2, TABLES_V2.format_map(filled)),
+        (3, V3),
+        (4, V4.format_map(filled)),
+    ]
 
 
 def latest_of(migrations: Sequence[Migration]) -> int:
