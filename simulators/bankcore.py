@@ -51,8 +51,10 @@ ADVICE_MTIS: Final = frozenset({"0320", "0321", "0520", "0521"})
 """File update advices (0320, repeat 0321) and settlement advices (0520, repeat 0521)."""
 
 # The field 48 elements each advice must carry (PROTOCOL.md 6), SG apart.
+# A 0320's RF names the change that brought the version; the first version, registered with its
+# terminal, has none.
 REQUIRED_ELEMENTS: Final = {
-    "032": ("RF", "AC", "NM", "BK", "SV", "EF"),
+    "032": ("AC", "NM", "BK", "SV", "EF"),
     "052": ("BN", "AC", "NM", "BK", "SV", "CT", "AM"),
 }
 REQUIRED_FIELDS: Final = ("7", "11", "37", "41", "42")
@@ -434,7 +436,7 @@ def settlement_totals(records: Iterable[Mapping[str, Any]]) -> list[dict[str, An
     account (version, number, holder, bank), in :data:`TOTALS_COLUMNS`, sorted by batch, tid,
     mid and account version. A field 37 seen twice counts once."""
     seen: set[str] = set()
-    sums: dict[tuple[str, str, str, int, str, str, str], list[int]] = collections.defaultdict(
+    sums: dict[tuple[int, str, str, int, str, str, str], list[int]] = collections.defaultdict(
         lambda: [0, 0]
     )
     for record in records:
@@ -443,7 +445,15 @@ def settlement_totals(records: Iterable[Mapping[str, Any]]) -> list[dict[str, An
         seen.add(record["37"])
         try:
             e = record["48"]
-            key = (e["BN"], record["41"], record["42"], int(e["SV"]), e["AC"], e["NM"], e["BK"])
+            key = (
+                int(e["BN"]),
+                record["41"],
+                record["42"],
+                int(e["SV"]),
+                e["AC"],
+                e["NM"],
+                e["BK"],
+            )
             sums[key][0] += int(e["CT"])
             sums[key][1] += int(e["AM"])
         except (KeyError, TypeError, ValueError) as exc:

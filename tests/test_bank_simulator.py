@@ -423,15 +423,15 @@ def test_totals_per_batch_terminal_and_account_in_csv_and_json(
     one, two = "6222***********3446", "6222***********3453"
     assert capsys.readouterr().out == (
         "batch,tid,mid,account_version,account,holder,bank_code,count,amount\n"
-        f"000001,TERM0001,MERCHANT0000001,1,{one},张三,102100099996,3,4500\n"
-        f"000001,TERM0001,MERCHANT0000001,2,{two},张三,102100099996,1,100\n"
-        f"000001,TERM0002,MERCHANT0000002,1,{one},张三,102100099996,5,1000\n"
-        f"000002,TERM0001,MERCHANT0000001,2,{two},张三,102100099996,2,250\n"
+        f"1,TERM0001,MERCHANT0000001,1,{one},张三,102100099996,3,4500\n"
+        f"1,TERM0001,MERCHANT0000001,2,{two},张三,102100099996,1,100\n"
+        f"1,TERM0002,MERCHANT0000002,1,{one},张三,102100099996,5,1000\n"
+        f"2,TERM0001,MERCHANT0000001,2,{two},张三,102100099996,2,250\n"
     )
     assert bank_main(["totals", str(journal), "--format", "json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert rows[0] == {
-        "batch": "000001", "tid": "TERM0001", "mid": "MERCHANT0000001", "account_version": 1,
+        "batch": 1, "tid": "TERM0001", "mid": "MERCHANT0000001", "account_version": 1,
         "account": one, "holder": HOLDER, "bank_code": BANK, "count": 3, "amount": 4500,
     }  # fmt: skip
     assert [(r["count"], r["amount"]) for r in rows] == [(3, 4500), (1, 100), (5, 1000), (2, 250)]
@@ -520,7 +520,7 @@ def test_the_console_script_with_the_key_acqhost_keys_public_prints(
         cwd=ROOT, capture_output=True, text=True, timeout=30,
     )  # fmt: skip
     assert totals.stdout.splitlines()[1:] == [
-        f"000001,TERM0001,MERCHANT0000001,1,6222***********3446,{HOLDER},{BANK},2,300"
+        f"1,TERM0001,MERCHANT0000001,1,6222***********3446,{HOLDER},{BANK},2,300"
     ]
 
 

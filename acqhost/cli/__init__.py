@@ -4,8 +4,9 @@ operator unlock and the audit log's check; the settlement report; the host's pub
 the banks.
 
 The commands live in ``common`` (what they share), ``terminals`` (init and terminal),
-``serve``, ``rebind`` (rebind, account, voucher, audit, operator), ``settle`` (settle report)
-and ``keys`` (keys public); this module builds the parser from them and runs one command.
+``serve``, ``rebind`` (rebind, account, voucher, audit, operator), ``settle`` (settle report),
+``keys`` (keys public) and ``banklink`` (status, retry); this module builds the parser from them
+and runs one command.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from acqhost.cli import keys, rebind, serve, settle, terminals
+from acqhost.cli import banklink, keys, rebind, serve, settle, terminals
 from acqhost.cli.common import CliError
 from acqhost.config import ConfigError
 from acqhost.domain.crypto import CryptoError
@@ -34,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     rebind.add_account_commands(sub)
     keys.add_keys_commands(sub)
     settle.add_settle_commands(sub)
+    banklink.add_banklink_commands(sub)
     return parser
 
 

@@ -29,9 +29,11 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from acqhost.config import BankConfig
 from acqhost.domain import crypto
 from acqhost.store.base import (
     AccountVersion,
+    BankStatus,
     NewAdvice,
     RebindRequest,
     Store,
@@ -44,8 +46,10 @@ __all__ = (
     "ACCOUNT_ADVICE",
     "SETTLEMENT_ADVICE",
     "Advice",
+    "LinkStatus",
     "claim",
     "event_id",
+    "link_status",
     "open_advice",
     "queue_account_advice",
     "queue_settlement_advice",
@@ -260,3 +264,58 @@ def _utc(pattern: str, at: float) -> str:
     # Field 7 (MMDDhhmmss) and 48 EF (YYYYMMDDhhmmss, as accounts.ef_text: not imported, since
     # accounts queues its advices through this module) are UTC.
     return time.strftime(pattern, time.gmtime(at))
+
+
+# -- the banks' view -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class LinkStatus:
+    """What waits for one configured bank (its bank codes' outbox), and who delivers it."""
+
+    bank: str
+    queued: int
+    oldest_age: float  # seconds the oldest undelivered advice has waited (0 when none)
+    retrying: int  # undelivered advices that have failed at least once
+    dead: int
+    last_error: str
+    dispatcher: str  # the lease's owner while unexpired, else ""
+
+    def as_json(self) -> dict[str, object]:
+        return {
+            "bank": self.bank, "queued": self.queued, "oldest_age": round(self.oldest_age, 3),
+            "retrying": self.retrying, "dead": self.dead, "last_error": self.last_error,
+            "dispatcher": self.dispatcher,
+        }  # fmt: skip
+
+
+def link_status(store: Store, banks: Sequence[BankConfig], now: float) -> list[LinkStatus]:
+    """Per configured bank, its bank codes' outbox summed (``Store.outbox_status``), and its
+    dispatcher; then, as bank "(none)", what waits under bank codes that no bank takes (an
+    advice of a terminal a bank takes by terminal id is counted under its bank code)."""
+    by_code = {s.bank_code: s for s in store.outbox_status()}
+    taken: set[str] = set()
+    out = []
+    for bank in banks:
+        mine = [by_code[c] for c in bank.bank_codes if c in by_code]
+        taken.update(bank.bank_codes)
+        lease = store.bank_lease(bank.name)
+        owner = lease.owner if lease is not None and lease.expires_at > now else ""
+        out.append(_summed(bank.name, mine, owner, now))
+    rest = [s for code, s in by_code.items() if code not in taken]
+    if rest:
+        out.append(_summed("(none)", rest, "", now))
+    return out
+
+
+def _summed(name: str, statuses: Sequence[BankStatus], owner: str, now: float) -> LinkStatus:
+    errors = [s.last_error for s in statuses if s.last_error]
+    return LinkStatus(
+        name,
+        sum(s.queued for s in statuses),
+        max((s.oldest_age(now) for s in statuses), default=0.0),
+        sum(s.retrying for s in statuses),
+        sum(s.dead for s in statuses),
+        errors[-1] if errors else "",
+        owner,
+    )

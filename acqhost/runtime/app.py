@@ -1,4 +1,5 @@
-"""Assembling a host from its configuration: stores, keys, codec, host core, ledger, server."""
+"""Assembling a host from its configuration: stores, keys, codec, host core, ledger, server,
+and its services (activations, cache invalidation, a bank link per bank)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from acqhost.domain.crypto import HostKeys
 from acqhost.host.core import HostCore
 from acqhost.host.state import HostState
 from acqhost.log import configure_logging, get_logger
+from acqhost.runtime.banklink import BankLink
 from acqhost.runtime.ledger import Ledger
 from acqhost.runtime.server import Server, run_backend
 from acqhost.runtime.services import activations, cache_invalidation
@@ -33,6 +35,8 @@ def build_server(cfg: Config) -> Server:
     core = HostCore(codec=compile_spec(specs.load(cfg.spec)), state=state)
     server = Server(cfg, core, ledger)
     server.services.append(activations(state, ledger))
+    # Every process runs a link per bank; the bank's lease makes one of them its dispatcher.
+    server.services.extend(BankLink(bank, cfg.db, keys).run for bank in cfg.banks)
     if cfg.db.startswith(_POSTGRES_PREFIXES):
         from acqhost.store.postgres import PostgresStore
 

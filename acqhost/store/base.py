@@ -469,9 +469,15 @@ class Store(Protocol):
         """Advices in the order they were queued, optionally of one terminal and/or state."""
 
     def claim_advices(
-        self, bank_codes: Sequence[str], now: float, hold: float, limit: int = 100
+        self,
+        bank_codes: Sequence[str],
+        now: float,
+        hold: float,
+        limit: int = 100,
+        terminals: Sequence[str] = (),
     ) -> list[StoredAdvice]:
-        """Up to ``limit`` deliverable advices of ``bank_codes``, oldest first, each held for
+        """Up to ``limit`` deliverable advices of ``bank_codes`` (48 BK) or of ``terminals``
+        (a bank may take a terminal's advices whatever their BK), oldest first, each held for
         its claimer until ``now + hold`` (its next_attempt_at): no other claim gets it before,
         and if the claimer dies it is deliverable again after. Deliverable: queued, its
         next_attempt_at passed, and no earlier advice of its terminal still queued (so a

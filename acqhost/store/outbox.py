@@ -160,20 +160,29 @@ class OutboxSQL:
         return [_advice(row) for row in rows]
 
     def claim_advices(
-        self, bank_codes: Sequence[str], now: float, until: float, limit: int
+        self,
+        bank_codes: Sequence[str],
+        now: float,
+        until: float,
+        limit: int,
+        terminals: Sequence[str] = (),
     ) -> list[StoredAdvice]:
-        """The deliverable advices of ``bank_codes`` (see ``Store.claim_advices``), oldest
-        first, held until ``until``."""
-        marks = ", ".join("?" * len(bank_codes))
+        """The deliverable advices of ``bank_codes`` or of ``terminals`` (see
+        ``Store.claim_advices``), oldest first, held until ``until``."""
+        taken = []
+        if bank_codes:
+            taken.append(f"o.bank_code IN ({', '.join('?' * len(bank_codes))})")
+        if terminals:
+            taken.append(f"o.tid IN ({', '.join('?' * len(terminals))})")
         rows = self._execute(
             "UPDATE outbox SET next_attempt_at = ? WHERE id IN ("
             "SELECT o.id FROM outbox AS o "
-            f"WHERE o.state = 'queued' AND o.bank_code IN ({marks}) AND o.next_attempt_at <= ? "
+            f"WHERE o.state = 'queued' AND ({' OR '.join(taken)}) AND o.next_attempt_at <= ? "
             "AND NOT EXISTS (SELECT 1 FROM outbox AS e "
             "WHERE e.tid = o.tid AND e.state = 'queued' AND e.id < o.id) "
             f"ORDER BY o.id LIMIT ?{self.dialect.skip_locked}) "
             f"RETURNING {ADVICE_COLUMNS}",
-            (until, *bank_codes, now, limit),
+            (until, *bank_codes, *terminals, now, limit),
         ).fetchall()
         return sorted((_advice(row) for row in rows), key=lambda a: a.id)
 

@@ -187,16 +187,23 @@ class SQLStore(ABC):
         return self._reader.advices(tid, state)
 
     def claim_advices(
-        self, bank_codes: Sequence[str], now: float, hold: float, limit: int = 100
+        self,
+        bank_codes: Sequence[str],
+        now: float,
+        hold: float,
+        limit: int = 100,
+        terminals: Sequence[str] = (),
     ) -> list[StoredAdvice]:
-        """Up to ``limit`` deliverable advices of ``bank_codes``, oldest first, each held for
-        its claimer until ``now + hold`` (see Store.claim_advices)."""
+        """Up to ``limit`` deliverable advices of ``bank_codes`` or ``terminals``, oldest
+        first, each held for its claimer until ``now + hold`` (see Store.claim_advices)."""
         if hold <= 0 or limit < 1:
             raise ValueError("a claim holds its advices for a while, and takes at least one")
-        if not bank_codes:
+        if not bank_codes and not terminals:
             return []
         with self._write() as tx:
-            return tx.claim_advices(sorted(set(bank_codes)), now, now + hold, limit)
+            return tx.claim_advices(
+                sorted(set(bank_codes)), now, now + hold, limit, sorted(set(terminals))
+            )
 
     def mark_delivered(self, advice_id: int, ack_code: str, now: float) -> bool:
         """The bank acknowledged the advice; False if it is not queued."""
