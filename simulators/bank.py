@@ -18,6 +18,7 @@ import csv
 import json
 import logging
 import signal
+import ssl
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ from typing import Any
 import anyio
 import anyio.abc
 from anyio.streams.buffered import BufferedByteReceiveStream
+from anyio.streams.tls import TLSListener
 
 from acqhost.errors import FramingError
 from acqhost.runtime.server import run_backend
@@ -57,6 +59,9 @@ class BankServer:
     bank: Bank
     framing: str = "len2"
     max_frame: int = 4096
+    # TLS on the advice port when given (a server context: the bank's certificate, and the CA
+    # of the host's client certificate when it requires one).
+    tls: ssl.SSLContext | None = None
     _connections: set[anyio.CancelScope] = field(default_factory=set)
 
     async def run(
@@ -70,10 +75,13 @@ class BankServer:
         """Serve until cancelled; ``task_status.started`` gets the ports bound (0: any free)."""
         FrameDecoder(self.framing, self.max_frame)  # a bad framing or size fails here
         async with contextlib.AsyncExitStack() as stack:
-            listener = await stack.enter_async_context(
+            tcp = await stack.enter_async_context(
                 await anyio.create_tcp_listener(local_host=host, local_port=port)
             )
-            bound = listener.extra(anyio.abc.SocketAttribute.local_port)
+            bound = tcp.extra(anyio.abc.SocketAttribute.local_port)
+            listener: anyio.abc.Listener[Any] = tcp
+            if self.tls is not None:
+                listener = TLSListener(tcp, self.tls, standard_compatible=False)
             control = None
             if control_port is not None:
                 control = await stack.enter_async_context(
@@ -218,7 +226,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     FrameDecoder(args.framing, args.max_frame)  # a bad --max-frame or --spec is a user
     specs.load(args.spec)  # error before the journal is opened
     bank = Bank(key, Journal(args.out), faults, spec=args.spec)
-    server = BankServer(bank, framing=args.framing, max_frame=args.max_frame)
+    server = BankServer(bank, framing=args.framing, max_frame=args.max_frame, tls=_tls(args))
     logging.basicConfig(
         level=args.log_level.upper(),
         stream=sys.stderr,
@@ -239,6 +247,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
     finally:
         bank.journal.close()
     return 0
+
+
+def _tls(args: argparse.Namespace) -> ssl.SSLContext | None:
+    """The advice port's TLS: this bank's certificate and key, and the CA whose client
+    certificates it requires, when given."""
+    if args.tls_cert is None:
+        if args.tls_client_ca is not None:
+            raise ValueError("--tls-client-ca needs --tls-cert")
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(args.tls_cert, args.tls_key)
+        if args.tls_client_ca is not None:
+            context.load_verify_locations(args.tls_client_ca)
+            context.verify_mode = ssl.CERT_REQUIRED
+    except (OSError, ssl.SSLError) as e:
+        raise ValueError(f"cannot load the TLS certificate: {e}") from None
+    return context
 
 
 def cmd_totals(args: argparse.Namespace) -> int:
@@ -299,6 +325,9 @@ def build_parser() -> argparse.ArgumentParser:
     key.add_argument("--host-key-file", metavar="FILE", help="file holding that hex")
     p.add_argument("--out", default="bank.jsonl", metavar="FILE", help="journal (bank.jsonl)")
     p.add_argument("--control-port", type=int, metavar="PORT", help="control port (none)")
+    p.add_argument("--tls-cert", metavar="PEM", help="TLS on the advice port: this certificate")
+    p.add_argument("--tls-key", metavar="PEM", help="its key (default: in --tls-cert)")
+    p.add_argument("--tls-client-ca", metavar="PEM", help="require client certificates of this CA")
     p.add_argument("--backend", default="asyncio", choices=("asyncio", "trio"))
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     f = p.add_argument_group("faults (also settable through the control port)")

@@ -6,6 +6,7 @@ dispatchers sharing one store."""
 from __future__ import annotations
 
 import dataclasses
+import ssl
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -13,6 +14,7 @@ from typing import Any
 
 import anyio
 import pytest
+import trustme
 
 from acqhost.cli import main as cli
 from acqhost.config import BankConfig
@@ -49,13 +51,13 @@ def host_keys(setup: HostSetup) -> HostKeys:
 
 @asynccontextmanager
 async def bank_system(
-    setup: HostSetup, port: int, faults: Faults | None = None
+    setup: HostSetup, port: int, faults: Faults | None = None, tls: ssl.SSLContext | None = None
 ) -> AsyncIterator[BankServer]:
     """The bank simulator on ``port``, trusting this host's key, its journal in the folder."""
     bank = Bank(
         host_keys(setup).verify_key, Journal(setup.folder / "bank.jsonl"), faults or Faults()
     )
-    server = BankServer(bank)
+    server = BankServer(bank, tls=tls)
     try:
         async with anyio.create_task_group() as tg:
             await tg.start(server.run, "127.0.0.1", port, None)
@@ -190,3 +192,23 @@ def test_backoff_doubles_up_to_its_cap_with_jitter() -> None:
         waits = [backoff(bank, attempts) for _ in range(50)]
         assert all(cap / 2 <= w <= cap for w in waits), (attempts, waits[:3])
         assert len(set(waits)) > 1
+
+
+async def test_a_bank_over_tls_with_a_client_certificate(tmp_path: Path) -> None:
+    ca = trustme.CA()
+    ca_file, cert_file, key_file = tmp_path / "ca.pem", tmp_path / "host.pem", tmp_path / "host.key"
+    ca.cert_pem.write_to_path(str(ca_file))
+    client = ca.issue_cert("acqhost.example")
+    client.cert_chain_pems[0].write_to_path(str(cert_file))
+    client.private_key_pem.write_to_path(str(key_file))
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_tls)
+    ca.configure_trust(server_tls)
+    server_tls.verify_mode = ssl.CERT_REQUIRED  # the bank takes only this CA's clients
+    port = free_port()
+    tls = {"tls_ca_file": str(ca_file), "tls_cert_file": str(cert_file),
+           "tls_key_file": str(key_file)}  # fmt: skip
+    setup = with_bank(make_host(tmp_path), bank_config(port, **tls))
+    async with bank_system(setup, port, tls=server_tls), running(setup):
+        await until(lambda: [s for *_, s in outbox(setup)] == ["delivered"] * 2)
+    assert [r["mti"] for r in journal(setup)] == ["0320", "0320"]
