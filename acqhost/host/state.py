@@ -55,6 +55,9 @@ class HostState:
         # Submits (41, 11, 7) this process refused lately, with the answer they got: a
         # retransmission gets the same answer instead of counting a wrong password twice.
         self.rebind_refusals: OrderedDict[tuple[str, str, str], Decline] = OrderedDict()
+        # Called when a write of this process has queued advices for the banks (the runtime
+        # wakes its bank links with it; they also look by themselves, for other processes').
+        self.advices_queued: Callable[[], None] = lambda: None
 
     def terminal(self, tid: str) -> Terminal | None:
         now = self.clock()

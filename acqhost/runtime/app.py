@@ -36,7 +36,14 @@ def build_server(cfg: Config) -> Server:
     server = Server(cfg, core, ledger)
     server.services.append(activations(state, ledger))
     # Every process runs a link per bank; the bank's lease makes one of them its dispatcher.
-    server.services.extend(BankLink(bank, cfg.db, keys).run for bank in cfg.banks)
+    links = [BankLink(bank, cfg.db, keys) for bank in cfg.banks]
+    server.services.extend(link.run for link in links)
+
+    def advices_queued() -> None:
+        for link in links:
+            link.nudge()
+
+    state.advices_queued = advices_queued
     if cfg.db.startswith(_POSTGRES_PREFIXES):
         from acqhost.store.postgres import PostgresStore
 

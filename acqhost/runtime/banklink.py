@@ -110,9 +110,16 @@ class BankLink:
         self._limiter = anyio.CapacityLimiter(1)  # one store call at a time: one connection
         self._answers: dict[str, str] = {}  # field 37 -> 39, as the bank answers
         self._answered = anyio.Event()
+        self._queued: anyio.Event | None = None  # set by nudge(): this process queued advices
         self._echoes = 0  # 0810s received
         self._stan = 0
         self.delivered = 0  # advices delivered by this link since it started
+
+    def nudge(self) -> None:
+        """This process has queued advices: look now rather than at the next poll (in the
+        event loop's thread)."""
+        if self._queued is not None:
+            self._queued.set()
 
     # -- the service -----------------------------------------------------------------------------
     async def run(
@@ -219,7 +226,9 @@ class BankLink:
                 if self.clock() - last_sent >= bank.echo_interval:
                     await self._echo(stream)
                     last_sent = self.clock()
-                await anyio.sleep(POLL_SECONDS)
+                self._queued = queued = anyio.Event()
+                with anyio.move_on_after(POLL_SECONDS):
+                    await queued.wait()
 
     def _claim(self) -> list[StoredAdvice]:
         assert self._store is not None
@@ -272,28 +281,35 @@ class BankLink:
     def _dead_letter(self, advices_and_reasons: Sequence[tuple[StoredAdvice, str]]) -> None:
         assert self._store is not None
         now = self.clock()
+        with self._store.transaction() as tx:
+            for stored, why in advices_and_reasons:
+                tx.dead_letter(stored.id, why, now)
         for stored, why in advices_and_reasons:
-            self._store.dead_letter(stored.id, why, now)
             log.warning("advice dead-lettered", bank=self.bank.name, advice=stored.id,
                         mti=stored.mti, tid=stored.tid, why=why)  # fmt: skip
 
     def _record(self, outcomes: Sequence[tuple[StoredAdvice, str | None]]) -> None:
+        """The bank's answers to one round, in one transaction."""
         assert self._store is not None
-        store, bank, now = self._store, self.bank, self.clock()
+        bank, now = self.bank, self.clock()
+        with self._store.transaction() as tx:
+            for stored, code in outcomes:
+                if code == "00":
+                    tx.mark_delivered(stored.id, code, now)
+                elif code is not None and code in bank.final_codes:
+                    tx.dead_letter(stored.id, f"refused by the bank with {code}", now)
+                else:
+                    error = "no answer" if code is None else f"answered {code}"
+                    tx.mark_failed(stored.id, error, now + backoff(bank, stored.attempts + 1), now)
         for stored, code in outcomes:
             if code == "00":
-                store.mark_delivered(stored.id, code, now)
                 self.delivered += 1
             elif code is not None and code in bank.final_codes:
-                store.dead_letter(stored.id, f"refused by the bank with {code}", now)
                 log.warning("advice dead-lettered", bank=bank.name, advice=stored.id,
                             mti=stored.mti, tid=stored.tid, rc=code)  # fmt: skip
             else:
-                error = "no answer" if code is None else f"answered {code}"
-                due = now + backoff(bank, stored.attempts + 1)
-                store.mark_failed(stored.id, error, due, now)
                 log.info("advice failed", bank=bank.name, advice=stored.id, mti=stored.mti,
-                         tid=stored.tid, error=error, attempts=stored.attempts + 1)  # fmt: skip
+                         tid=stored.tid, rc=code, attempts=stored.attempts + 1)  # fmt: skip
 
     async def _echo(self, stream: anyio.abc.ByteStream) -> None:
         self._stan = self._stan % 999_999 + 1

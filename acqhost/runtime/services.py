@@ -57,6 +57,8 @@ def activations(state: HostState, ledger: Ledger) -> Service:
             for version in write.result or ():
                 state.accounts.pop(version.tid, None)
                 log.info("account activated", tid=version.tid, version=version.version)
+            if write.result:
+                state.advices_queued()  # each activation queued its 0320
             await anyio.sleep(ACTIVATE_SECONDS)
 
     return run

@@ -386,6 +386,16 @@ class StoreTx(Protocol):
         """Queue ``advice`` (deliverable at once) in this transaction; its id, which orders it
         after every advice of its terminal already committed."""
 
+    def mark_delivered(self, advice_id: int, ack_code: str, now: float) -> bool:
+        """``Store.mark_delivered`` in this transaction (a dispatcher records the answers to
+        one round of advices together)."""
+
+    def mark_failed(self, advice_id: int, error: str, next_attempt_at: float, now: float) -> bool:
+        """``Store.mark_failed`` in this transaction."""
+
+    def dead_letter(self, advice_id: int, reason: str, now: float) -> bool:
+        """``Store.dead_letter`` in this transaction."""
+
 
 class Store(Protocol):
     """Synchronous store. Each method is one transaction. Implementations are safe to call

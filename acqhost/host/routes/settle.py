@@ -70,6 +70,7 @@ def _answer(state: HostState, ctx: Context, outcome: Any) -> None:
     assert isinstance(outcome, settlement.Outcome)
     if outcome.closed:
         state.batches[ctx.req["41"]] = outcome.open_batch
+        state.advices_queued()  # its 0520s: the bank link need not wait for its next look
     if outcome.code != "00":
         raise Decline(outcome.code, outcome.reason, outcome.elements())
     ctx.resp["48"] = encode_tlv(outcome.elements())
