@@ -142,12 +142,27 @@ def test_readme_demo_runs_start_to_finish(tmp_path: Path) -> None:
                  "test sale: 0200 -> 0210 rc=00", "reversal of the sale: 0400 -> 0410 rc=00",
                  "settles to 6222***********3446 (version 1", "PENDING_REVIEW",
                  "settles to 6222***********3453 (version 2", "voucher OK:",
-                 "host stopped (exit 0)"):  # fmt: skip
+                 "settle: 0500 -> 0510 rc=00  batch 000001: count 2 amount 2",
+                 "the bank acknowledged every advice", "host stopped (exit 0)",
+                 "bank simulator stopped (exit 0)"):  # fmt: skip
         assert line in out
+    # The bank got both versions' 0320s and the batch's 0520 per account, and its totals are
+    # the host's.
+    advices = [line.split()[:4] for line in out.splitlines() if line[:4] in ("0320", "0520")]
+    assert [(a[0], a[3]) for a in advices] == [
+        ("0320", "v1"), ("0320", "v2"), ("0520", "v1"), ("0520", "v2")
+    ]  # fmt: skip
+    comparison = next(line for line in out.splitlines() if " vs " in line)
+    assert comparison.startswith("== acqhost settle report --format totals")
+    assert comparison.endswith(": match")
+    assert "1,DEMO0001,DEMOMERCHANT001,2,6222***********3453,张三,102100099996,1,1" in out
     log = (tmp_path / "demo" / "host.log").read_text()
-    assert ACCOUNT not in log and "6222021234567890128" not in log
-    assert "6222020200112233453" not in log + out  # the new account: masked everywhere
-    history = [line.split()[:2] for line in out.splitlines() if line[:2] in ("1 ", "2*")]
+    bank_log = (tmp_path / "demo" / "bank.log").read_text()
+    assert ACCOUNT not in log + bank_log and "6222021234567890128" not in log
+    assert "6222020200112233453" not in log + bank_log + out  # the new account: masked
+    lines = out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("VER  STATE")) + 1
+    history = [line.split()[:2] for line in lines[start : start + 2]]
     assert history == [["1", "SUPERSEDED"], ["2*", "VERIFIED"]]  # version 1 was VERIFIED
     json.loads(log.splitlines()[0])  # JSON lines
 
