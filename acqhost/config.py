@@ -303,6 +303,15 @@ def _banks(value: object, file: str) -> tuple[BankConfig, ...]:
     for name in names:
         if names.count(name) > 1:
             raise ConfigError(f"{file}: [[banks]] name {name!r} is given to two banks")
+    # An advice goes to one bank: a bank code or a terminal taken by two would go to either.
+    for what in ("bank_codes", "terminals"):
+        taken: dict[str, str] = {}
+        for bank in banks:
+            for value in getattr(bank, what):
+                if value in taken:
+                    raise ConfigError(f"{file}: [[banks]] {what} {value!r} is taken by "
+                                      f"{taken[value]!r} and {bank.name!r}")  # fmt: skip
+                taken[value] = bank.name
     return banks
 
 

@@ -17,6 +17,7 @@ import contextlib
 import csv
 import json
 import logging
+import os
 import signal
 import ssl
 import sys
@@ -244,6 +245,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     try:
         run_backend(go, args.backend)
+    except* OSError as group:  # the port taken, an address not this machine's: one line
+        error = group.exceptions[0]
+        why = os.strerror(error.errno) if error.errno else str(error)
+        raise ValueError(f"cannot listen on {args.host}:{args.port}: {why}") from None
     finally:
         bank.journal.close()
     return 0

@@ -356,6 +356,7 @@ def test_banks_are_read_with_their_defaults_and_take_advices_by_bank_code_or_ter
         (BANK + '[banks.tls]\ncert_file = "c.pem"\n', "tls needs ca_file"),
         (BANK + '[banks.tls]\nca_file = "ca.pem"\ncert_file = "c.pem"\n', "go together"),
         (BANK + BANK.replace("9100", "9200"), "name 'icbc' is given to two banks"),
+        (BANK + BANK.replace('"icbc"', '"abc"'), "'102100099996' is taken by 'icbc' and 'abc'"),
         ('[banks]\nname = "x"\n', "banks must be an array of tables"),
     ],
 )
