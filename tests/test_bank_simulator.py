@@ -470,11 +470,10 @@ def test_user_errors_are_one_line_and_exit_2(
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        assert bank_main(["serve", "--host-key", key, "--out", out, "--port", str(port)]) == 2
-    err = capsys.readouterr().err
-    assert (
-        err.lower() == f"acqhost-bank: cannot listen on 127.0.0.1:{port}: address already in use\n"
-    )
+        fresh = str(tmp_path / "fresh.jsonl")
+        assert bank_main(["serve", "--host-key", key, "--out", fresh, "--port", str(port)]) == 2
+    err = capsys.readouterr().err.lower()
+    assert err == f"acqhost-bank: cannot listen on 127.0.0.1:{port}: address already in use\n"
 
 
 def test_the_console_script_with_the_key_acqhost_keys_public_prints(
