@@ -161,11 +161,13 @@ class BankLink:
                 delivered = self.delivered
                 try:
                     await self._session(stream)
-                except (LinkDown, OSError, anyio.BrokenResourceError, anyio.EndOfStream,
-                        FramingError, CodecError, ssl.SSLError) as e:  # fmt: skip
-                    log.warning("bank link down", bank=bank.name, error=str(e) or repr(e))
-                except Exception as e:  # our bug, or the store's: logged; the link goes on
-                    log.error("bank link failed", bank=bank.name, exc_info=e)
+                # The session's task group raises what failed in an exception group.
+                except* (LinkDown, OSError, anyio.BrokenResourceError, anyio.EndOfStream,
+                         FramingError, CodecError, ssl.SSLError) as down:  # fmt: skip
+                    error = "; ".join(str(e) or repr(e) for e in down.exceptions)
+                    log.warning("bank link down", bank=bank.name, error=error)
+                except* Exception as failed:  # our bug, or the store's: logged; the link goes on
+                    log.error("bank link failed", bank=bank.name, exc_info=failed)
                 finally:
                     with anyio.CancelScope(shield=True):
                         await stream.aclose()
