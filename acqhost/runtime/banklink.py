@@ -10,9 +10,9 @@ as it is sent (48 SG), and waits for the bank's answer, matched on field 37:
 
 - 00: delivered;
 - a code the bank's ``final_codes`` name: refused for good, dead-lettered;
-- any other code, or no answer in ``ack_timeout``: failed, due again after an exponential
-  backoff with jitter (``retry_initial`` doubling to ``retry_max``), resent with the repeat MTI
-  (0321 / 0521) and the same field 37;
+- any other code, or no answer in ``ack_timeout`` (or before the link failed): failed, due
+  again after an exponential backoff with jitter (``retry_initial`` doubling to
+  ``retry_max``), resent with the repeat MTI (0321 / 0521) and the same field 37;
 - older than ``max_age`` before it could be delivered: dead-lettered.
 
 Nothing is dropped: a dead letter stays in the outbox until ``acqhost banklink retry`` queues it
@@ -168,11 +168,13 @@ class BankLink:
                 delivered = self.delivered
                 try:
                     await self._session(stream)
-                except (LinkDown, OSError, anyio.BrokenResourceError, anyio.EndOfStream,
-                        FramingError, CodecError, ssl.SSLError) as e:  # fmt: skip
-                    log.warning("bank link down", bank=bank.name, error=str(e) or repr(e))
-                except Exception as e:  # our bug, or the store's: logged; the link goes on
-                    log.error("bank link failed", bank=bank.name, exc_info=e)
+                # The session's task group raises what failed in an exception group.
+                except* (LinkDown, OSError, anyio.BrokenResourceError, anyio.EndOfStream,
+                         FramingError, CodecError, ssl.SSLError) as down:  # fmt: skip
+                    error = "; ".join(str(e) or repr(e) for e in down.exceptions)
+                    log.warning("bank link down", bank=bank.name, error=error)
+                except* Exception as failed:  # our bug, or the store's: logged; the link goes on
+                    log.error("bank link failed", bank=bank.name, exc_info=failed)
                 finally:
                     with anyio.CancelScope(shield=True):
                         await stream.aclose()
@@ -268,13 +270,20 @@ class BankLink:
             return
         for key in sending:
             self._answers.pop(key, None)
-        await stream.send(b"".join(out))
-        with anyio.move_on_after(bank.ack_timeout):
-            while not all(key in self._answers for key in sending):
-                self._answered = anyio.Event()
-                await self._answered.wait()
-        outcomes = [(stored, self._answers.pop(key, None)) for key, stored in sending.items()]
-        await self._call(self._record, outcomes)
+        try:
+            await stream.send(b"".join(out))
+            with anyio.move_on_after(bank.ack_timeout):
+                while not all(key in self._answers for key in sending):
+                    self._answered = anyio.Event()
+                    await self._answered.wait()
+        finally:
+            # Also when the link fails (or the lease is lost) before every answer came: the
+            # answers that did come are recorded, the advices without one failed (resent later
+            # as repeats), else a bank that closes the connection after N answers would be
+            # sent the same advices for ever.
+            outcomes = [(stored, self._answers.pop(key, None)) for key, stored in sending.items()]
+            with anyio.CancelScope(shield=True):
+                await self._call(self._record, outcomes)
         if all(code is None for _, code in outcomes):
             raise LinkDown(f"no answer to {len(outcomes)} advices in {bank.ack_timeout:g} s")
 
