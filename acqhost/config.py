@@ -307,7 +307,8 @@ def _banks(value: object, file: str) -> tuple[BankConfig, ...]:
     for what in ("bank_codes", "terminals"):
         taken: dict[str, str] = {}
         for bank in banks:
-            for value in getattr(bank, what):
+            values: tuple[str, ...] = getattr(bank, what)
+            for value in values:
                 if value in taken:
                     raise ConfigError(f"{file}: [[banks]] {what} {value!r} is taken by "
                                       f"{taken[value]!r} and {bank.name!r}")  # fmt: skip
