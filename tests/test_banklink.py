@@ -6,7 +6,9 @@ dispatchers sharing one store."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import ssl
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -212,3 +214,36 @@ async def test_a_bank_over_tls_with_a_client_certificate(tmp_path: Path) -> None
     async with bank_system(setup, port, tls=server_tls), running(setup):
         await until(lambda: [s for *_, s in outbox(setup)] == ["delivered"] * 2)
     assert [r["mti"] for r in journal(setup)] == ["0320", "0320"]
+
+
+def test_banklink_status_and_retry_on_the_command_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    setup = make_host(tmp_path)  # two registrations: two 0320s queued
+    toml = tmp_path / "banks.toml"
+    toml.write_text(f'[[banks]]\nname = "icbc"\nport = 9\nbank_codes = ["{BANK}"]\n')
+    db = setup.config.db
+    capsys.readouterr()
+    assert cli(["banklink", "status", "--config", str(toml), "--db", db, "--json"]) == 0
+    (status,) = json.loads(capsys.readouterr().out)
+    assert (status["bank"], status["queued"], status["dead"], status["dispatcher"]) == (
+        "icbc", 2, 0, "")  # fmt: skip
+    store = open_store(db)
+    try:
+        first = store.advices()[0].id
+        assert store.dead_letter(first, "refused by the bank with 14", time.time())
+    finally:
+        store.close()
+    assert cli(["banklink", "status", "--config", str(toml), "--db", db]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:5] == ["BANK", "QUEUED", "OLDEST", "RETRYING", "DEAD"]
+    assert lines[1].split()[:2] == ["icbc", "1"] and lines[1].split()[4] == "1"
+    assert "refused by the bank with 14" in lines[1]
+    assert cli(["banklink", "retry", str(first), "--db", db, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"queued_again": 1}
+    assert cli(["banklink", "retry", "999999", "--db", db]) == 2
+    assert "advice 999999 is not waiting or dead" in capsys.readouterr().err
+    assert cli(["banklink", "retry", "--db", db]) == 2
+    assert cli(["banklink", "retry", "--all-dead", "--bank", "nope", "--db", db,
+                "--config", str(toml)]) == 2  # fmt: skip
+    assert "no bank named 'nope'" in capsys.readouterr().err
