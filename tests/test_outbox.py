@@ -98,13 +98,30 @@ def test_a_terminals_next_advice_waits_until_its_first_is_delivered(store: Store
     assert not store.mark_delivered(t1, "00", T0 + 6)  # once only
 
 
-def test_a_terminals_order_holds_across_banks(store: Store) -> None:
-    to_a, to_b = queue(store, bank=BANK), queue(store, bank=BANK_B)
-    assert claim(store, banks=(BANK_B,)) == []  # the terminal's 0320 to bank A goes first
-    assert claim(store, banks=(BANK, BANK_B)) == [to_a]
-    store.mark_delivered(to_a, "00", T0 + 1)
-    assert claim(store, T0 + 1, banks=(BANK_B,)) == [to_b]
+def test_a_terminals_order_holds_within_each_bank_and_no_bank_holds_up_another(
+    store: Store,
+) -> None:
+    to_a, to_b, to_a2 = queue(store, bank=BANK), queue(store, bank=BANK_B), queue(store, bank=BANK)
+    # Bank A down (or taken by no bank): the terminal's update to bank B goes all the same.
+    assert claim(store, banks=(BANK_B,)) == [to_b]
+    assert claim(store, banks=(BANK,)) == [to_a]  # A's second waits for its first
+    store.mark_failed(to_a, "no answer", T0 + 5, T0)
+    assert claim(store, T0 + 1, banks=(BANK,)) == []  # still first in A's lane
+    store.mark_delivered(to_a, "00", T0 + 6)
+    assert claim(store, T0 + 6, banks=(BANK,)) == [to_a2]
     assert claim(store, banks=()) == []
+
+
+def test_a_retried_advice_ages_from_its_retry(store: Store) -> None:
+    first = queue(store)
+    assert store.dead_letter(first, "older than max_age", T0 + 100)
+    assert store.retry_advice(first, T0 + 200)
+    (advice,) = store.advices()
+    assert (advice.state, advice.created_at, advice.attempts) == ("queued", T0 + 200, 0)
+    second = queue(store, OTHER)
+    assert store.dead_letter(second, "refused", T0 + 300)
+    assert store.retry_dead_advices(T0 + 400) == 1
+    assert [a.created_at for a in store.advices(OTHER)] == [T0 + 400]
 
 
 def test_a_claim_takes_the_oldest_first_up_to_its_limit(store: Store) -> None:

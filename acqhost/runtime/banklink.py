@@ -129,10 +129,15 @@ class BankLink:
         task_status.started()
         try:
             while True:
-                if await self._call(self._take_lease):
-                    log.info("bank lease taken", bank=self.bank.name, owner=self.owner)
-                    await self._deliver_while_leased()
-                    log.warning("bank lease lost", bank=self.bank.name, owner=self.owner)
+                # A store that fails (locked, its server gone) ends neither the service nor
+                # the host: the lease is asked for again after the pause.
+                try:
+                    if await self._call(self._take_lease):
+                        log.info("bank lease taken", bank=self.bank.name, owner=self.owner)
+                        await self._deliver_while_leased()
+                        log.warning("bank lease lost", bank=self.bank.name, owner=self.owner)
+                except Exception as e:
+                    log.error("bank link failed", bank=self.bank.name, exc_info=e)
                 await anyio.sleep(LEASE_SECONDS / 3)
         finally:
             with anyio.CancelScope(shield=True):
@@ -184,8 +189,13 @@ class BankLink:
     async def _keep_lease(self, scope: anyio.CancelScope) -> None:
         while True:
             await anyio.sleep(LEASE_SECONDS / 3)
-            if not await self._call(self._renew_lease):
-                scope.cancel()  # another process holds it now: stop delivering at once
+            try:
+                renewed = await self._call(self._renew_lease)
+            except Exception as e:  # not renewed: it may expire, and another take it
+                log.warning("bank lease not renewed", bank=self.bank.name, error=repr(e))
+                renewed = False
+            if not renewed:
+                scope.cancel()  # stop delivering at once
                 return
 
     async def _connect(self) -> anyio.abc.ByteStream:
@@ -260,9 +270,14 @@ class BankLink:
             if stored.attempts:
                 fields["t"] = fields["t"][:3] + "1"  # the repeat MTI: 0321, 0521
             fields["7"] = _utc_field7(now)
-            signed = advices.sign_advice(fields, self.keys.signing_seed)
+            try:
+                signed = advices.sign_advice(fields, self.keys.signing_seed)
+                frame = self.encoder.encode(self.codec.encode(signed))
+            except (ValueError, FramingError) as e:  # its 48 too long for the bank's spec...
+                unreadable.append((stored, f"cannot be sent in this bank's format: {e}"))
+                continue
             sending[signed["37"]] = stored
-            out.append(self.encoder.encode(self.codec.encode(signed)))
+            out.append(frame)
         if old or unreadable:
             why = f"older than max_age ({bank.max_age:g} s)"
             await self._call(self._dead_letter, [*((s, why) for s in old), *unreadable])
@@ -271,7 +286,8 @@ class BankLink:
         for key in sending:
             self._answers.pop(key, None)
         try:
-            await stream.send(b"".join(out))
+            with anyio.fail_after(bank.ack_timeout):  # a bank that takes nothing is down
+                await stream.send(b"".join(out))
             with anyio.move_on_after(bank.ack_timeout):
                 while not all(key in self._answers for key in sending):
                     self._answered = anyio.Event()
@@ -325,7 +341,8 @@ class BankLink:
         now = self.clock()
         fields = {"t": "0800", "7": _utc_field7(now), "11": f"{self._stan:06d}", "70": "301"}
         seen = self._echoes
-        await stream.send(self.encoder.encode(self.codec.encode(fields)))
+        with anyio.fail_after(self.bank.ack_timeout):
+            await stream.send(self.encoder.encode(self.codec.encode(fields)))
         with anyio.move_on_after(self.bank.ack_timeout):
             while self._echoes == seen:
                 self._answered = anyio.Event()

@@ -265,8 +265,10 @@ class Store(Protocol):
         (a bank may take a terminal's advices whatever their BK), oldest first, each held for
         its claimer until ``now + hold`` (its next_attempt_at): no other claim gets it before,
         and if the claimer dies it is deliverable again after. Deliverable: queued, its
-        next_attempt_at passed, and no earlier advice of its terminal still queued (so a
-        terminal has at most one in flight, and its advices go in order)."""
+        next_attempt_at passed, and no earlier advice of its terminal for the same bank code
+        still queued (so a terminal has at most one in flight to a bank, and its advices reach
+        each bank in order; one stuck for a bank that is down, or that no bank takes, holds up
+        none of another bank's)."""
 
     def mark_delivered(self, advice_id: int, ack_code: str, now: float) -> bool:
         """The bank acknowledged the advice; False if it is not queued."""
@@ -281,7 +283,8 @@ class Store(Protocol):
 
     def retry_advice(self, advice_id: int, now: float) -> bool:
         """A dead or waiting advice is queued again, deliverable at once with its attempts
-        counted afresh; False for a delivered or unknown one."""
+        and its age (``created_at``, what a bank's max_age counts from) counted afresh; False
+        for a delivered or unknown one."""
 
     def retry_dead_advices(self, now: float, bank_codes: Sequence[str] | None = None) -> int:
         """Queue again every dead advice (of ``bank_codes``, if given); how many."""

@@ -178,8 +178,8 @@ class OutboxSQL:
             "UPDATE outbox SET next_attempt_at = ? WHERE id IN ("
             "SELECT o.id FROM outbox AS o "
             f"WHERE o.state = 'queued' AND ({' OR '.join(taken)}) AND o.next_attempt_at <= ? "
-            "AND NOT EXISTS (SELECT 1 FROM outbox AS e "
-            "WHERE e.tid = o.tid AND e.state = 'queued' AND e.id < o.id) "
+            "AND NOT EXISTS (SELECT 1 FROM outbox AS e WHERE e.tid = o.tid "
+            "AND e.bank_code = o.bank_code AND e.state = 'queued' AND e.id < o.id) "
             f"ORDER BY o.id LIMIT ?{self.dialect.skip_locked}) "
             f"RETURNING {ADVICE_COLUMNS}",
             (until, *bank_codes, *terminals, now, limit),
@@ -209,18 +209,19 @@ class OutboxSQL:
 
     def retry_advice(self, advice_id: int, now: float) -> bool:
         return self._changed(
-            "UPDATE outbox SET state = 'queued', attempts = 0, next_attempt_at = ? "
-            "WHERE id = ? AND state IN ('queued', 'dead')",
-            (now, advice_id),
+            "UPDATE outbox SET state = 'queued', attempts = 0, next_attempt_at = ?, "
+            "created_at = ? WHERE id = ? AND state IN ('queued', 'dead')",
+            (now, now, advice_id),
         )
 
     def retry_dead_advices(self, now: float, bank_codes: Sequence[str] | None) -> int:
-        sql = "UPDATE outbox SET state = 'queued', attempts = 0, next_attempt_at = ? "
-        sql += "WHERE state = 'dead'"
+        # Queued again from now: a retried advice's age (a bank's max_age) counts afresh.
+        sql = "UPDATE outbox SET state = 'queued', attempts = 0, next_attempt_at = ?, "
+        sql += "created_at = ? WHERE state = 'dead'"
         if bank_codes is None:
-            return self._execute(sql, (now,)).rowcount
+            return self._execute(sql, (now, now)).rowcount
         marks = ", ".join("?" * len(bank_codes))
-        return self._execute(f"{sql} AND bank_code IN ({marks})", (now, *bank_codes)).rowcount
+        return self._execute(f"{sql} AND bank_code IN ({marks})", (now, now, *bank_codes)).rowcount
 
     def outbox_status(self) -> list[BankStatus]:
         """Run in one snapshot: the counts and the latest errors agree."""
