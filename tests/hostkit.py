@@ -95,3 +95,11 @@ async def running(setup: HostSetup) -> AsyncIterator[Server]:
                 server.shutdown()
     finally:
         close_stores(server)
+
+
+async def signed_on(setup: HostSetup, tid: str = "TERM0001") -> TerminalClient:
+    """A terminal of ``setup``, connected and signed on."""
+    client = setup.client(tid)
+    await client.connect()
+    assert (await client.sign_on()).rc == "00"
+    return client

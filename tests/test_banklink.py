@@ -26,8 +26,7 @@ from acqhost.store import open_store
 from simulators.bank import BankServer
 from simulators.bankcore import Bank, Faults, Journal, read_journal, settlement_totals
 from simulators.processes import free_port
-from simulators.terminal import TerminalClient
-from tests.hostkit import BANK, HostSetup, make_host, running
+from tests.hostkit import BANK, HostSetup, make_host, running, signed_on
 
 pytestmark = pytest.mark.anyio
 
@@ -86,13 +85,6 @@ def outbox(setup: HostSetup) -> list[tuple[int, str, str, str]]:
         return [(a.id, a.tid, a.mti, a.state) for a in store.advices()]
     finally:
         store.close()
-
-
-async def signed_on(setup: HostSetup, tid: str = "TERM0001") -> TerminalClient:
-    client = setup.client(tid)
-    await client.connect()
-    assert (await client.sign_on()).rc == "00"
-    return client
 
 
 async def sell_and_settle(setup: HostSetup, amounts: list[int]) -> None:

@@ -20,7 +20,7 @@ from acqhost.domain import cards, crypto
 from acqhost.log import configure_logging
 from acqhost.wire.tlv import decode_tlv, encode_tlv
 from simulators.terminal import TEST_PAN, Exchange, TerminalClient, TerminalError
-from tests.hostkit import ACCOUNT, BANK, HostSetup, make_host, running
+from tests.hostkit import ACCOUNT, BANK, HostSetup, make_host, running, signed_on
 
 pytestmark = pytest.mark.anyio
 
@@ -33,13 +33,6 @@ def anyio_backend(request: pytest.FixtureRequest) -> str:
 @pytest.fixture
 def setup(tmp_path: Path) -> HostSetup:
     return make_host(tmp_path)
-
-
-async def signed_on(setup: HostSetup, tid: str = "TERM0001") -> TerminalClient:
-    client = setup.client(tid)
-    await client.connect()
-    assert (await client.sign_on()).rc == "00"
-    return client
 
 
 async def answers_until_closed(client: TerminalClient, seconds: float = 5) -> list[dict[str, str]]:

@@ -36,6 +36,7 @@ from tests.hostkit import (
     make_host,
     make_postgres_host,
     running,
+    signed_on,
 )
 
 pytestmark = pytest.mark.anyio
@@ -73,13 +74,6 @@ def with_policy(setup: HostSetup, **policy: Any) -> HostSetup:
     values = {"review": "manual", "cooling_off": 3600.0, "min_interval": 0.0, **policy}
     setup.config = dataclasses.replace(setup.config, rebind=RebindPolicy(**values))
     return setup
-
-
-async def signed_on(setup: HostSetup, tid: str = "TERM0001") -> TerminalClient:
-    client = setup.client(tid)
-    await client.connect()
-    assert (await client.sign_on()).rc == "00"
-    return client
 
 
 def submit_fields(client: TerminalClient, **kwargs: Any) -> dict[str, str]:

@@ -27,9 +27,9 @@ from acqhost.log import configure_logging
 from acqhost.wire.framing import FrameDecoder
 from simulators.processes import free_port
 from simulators.terminal import TerminalClient, TerminalError
-from tests.hostkit import HostSetup, make_host, running
+from tests.hostkit import HostSetup, make_host, running, signed_on
 from tests.test_crash import start_host
-from tests.test_host_e2e import answers_until_closed, signed_on
+from tests.test_host_e2e import answers_until_closed
 
 pytestmark = pytest.mark.anyio
 

@@ -23,7 +23,7 @@ from acqhost.config import RebindPolicy
 from acqhost.domain import cards, crypto, rebind, settlement
 from acqhost.store import open_store
 from acqhost.wire.tlv import decode_tlv, encode_tlv
-from simulators.terminal import Exchange, TerminalClient
+from simulators.terminal import Exchange
 from simulators.terminal import main as terminal_main
 from tests.hostkit import (
     ACCOUNT,
@@ -33,6 +33,7 @@ from tests.hostkit import (
     make_host,
     make_postgres_host,
     running,
+    signed_on,
 )
 
 pytestmark = pytest.mark.anyio
@@ -48,13 +49,6 @@ def anyio_backend(request: pytest.FixtureRequest) -> str:
 @pytest.fixture
 def setup(tmp_path: Path) -> HostSetup:
     return make_host(tmp_path)
-
-
-async def signed_on(setup: HostSetup, tid: str = "TERM0001") -> TerminalClient:
-    client = setup.client(tid)
-    await client.connect()
-    assert (await client.sign_on()).rc == "00"
-    return client
 
 
 def expect(ex: Exchange, rc: str, **elements: str) -> None:
