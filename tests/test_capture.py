@@ -24,6 +24,7 @@ from acqhost.domain.traffic import (
     read_traffic,
     scrub,
 )
+from acqhost.runtime.capture import Capture
 from acqhost.wire.tlv import decode_tlv, encode_tlv
 from simulators.terminal import TEST_PAN, Exchange
 from tests.hostkit import ACCOUNT, BANK, HOLDER, make_host, running
@@ -218,3 +219,39 @@ async def test_no_capture_no_file(tmp_path: Path) -> None:
         assert (await client.sale(1000)).rc == "00"
         await client.close()
     assert not list(tmp_path.glob("*.jsonl"))
+
+
+@pytest.mark.anyio
+async def test_the_sample_expectations_hold_on_a_host(tmp_path: Path) -> None:
+    """Replayed as README says (sign on first; fresh 7, 11, 12, 13; a reversal's 90 pointing
+    at the sale as sent), every record of the sample is answered as it expects."""
+    with open(TRAFFIC / "sample.jsonl", encoding="utf-8") as f:
+        records = list(read_traffic(f))
+    setup = make_host(tmp_path)
+    sent: dict[str, dict[str, str]] = {}  # the sample's STAN -> the request as sent
+    async with running(setup):
+        client = setup.client()
+        await client.connect()
+        assert (await client.sign_on()).rc == "00"
+        for record in records:
+            fields = {"t": record.mti, **record.fields, "11": client.stan()}
+            fields.update((k, v) for k, v in client.now_fields().items() if k in fields)
+            if "90" in fields:
+                original = sent[fields["90"][4:10]]
+                fields["90"] = "0200" + original["11"] + original["7"] + "0" * 22
+            sent[record.fields["11"]] = fields
+            answer = await client.request(fields)
+            assert record.expect is not None
+            assert {k: answer.response.get(k) for k in record.expect} == record.expect, record
+        await client.close()
+
+
+def test_a_capture_appends_to_an_existing_file_and_makes_it_0600(tmp_path: Path) -> None:
+    path = tmp_path / "traffic.jsonl"
+    path.write_text('{"t":0,"tid":"TERM0001","mti":"0800","fields":{"70":"301"}}\n')
+    path.chmod(0o644)
+    capture = Capture(str(path))
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    capture.close()
+    capture.close()  # closing twice is harmless (a server's stores are closed after its run)
+    assert len(path.read_text().splitlines()) == 1

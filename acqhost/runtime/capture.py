@@ -42,13 +42,14 @@ class Capture:
         self, ctx: Context, finish: Callable[[bytes | None], None]
     ) -> Callable[[bytes | None], None]:
         """``finish``, queuing the record of ``ctx``'s request once it is answered."""
+        if self._first is None:  # the first request decided, so no record's t is below 0
+            self._first = ctx.started
+        first = self._first
 
         def recorded(out: bytes | None) -> None:
             finish(out)
             if out is not None and ctx.route != "undecodable":
-                if self._first is None:
-                    self._first = ctx.started
-                self._queue.append((ctx.started - self._first, ctx.req, ctx.resp.get("39")))
+                self._queue.append((ctx.started - first, ctx.req, ctx.resp.get("39")))
 
         return recorded
 
