@@ -4,6 +4,7 @@ the sample traffic and scenario files."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import stat
@@ -255,3 +256,15 @@ def test_a_capture_appends_to_an_existing_file_and_makes_it_0600(tmp_path: Path)
     capture.close()
     capture.close()  # closing twice is harmless (a server's stores are closed after its run)
     assert len(path.read_text().splitlines()) == 1
+
+
+def test_a_token_never_reads_as_a_number() -> None:
+    tokens = Tokens(bytes(32))
+    # A number whose keyed digest starts with 12 decimal digits (about one in 280).
+    number = next(
+        n
+        for n in (f"62220212345{i:08d}" for i in range(100_000))
+        if hashlib.blake2b(n.encode(), key=tokens.key, digest_size=16).hexdigest()[:12].isdigit()
+    )
+    token = tokens.token(number)
+    assert TOKEN.fullmatch(token) and not token[4:].isdigit() and tokens.token(number) == token
