@@ -11,6 +11,7 @@ import stat
 import tomllib
 from pathlib import Path
 
+import anyio
 import pytest
 
 from acqhost.cli import build_parser
@@ -176,6 +177,9 @@ async def test_a_host_records_every_answered_request_without_card_data(tmp_path:
         exchanges.append(await client.sign_on())
         sale = await client.sale(1000)
         exchanges += [sale, await client.sale(50, test=True), await client.reverse(sale)]
+        with anyio.fail_after(5):  # written while the host runs, a few times a second
+            while len(capture.read_text().splitlines()) < 4:
+                await anyio.sleep(0.05)
         exchanges.append(await client.sale(2000))  # the same card again
         submit = dict(operator_id="01", password="0000", holder=HOLDER, bank_code=BANK)
         exchanges.append(await client.rebind_submit(**submit, account=NEW_ACCOUNT))

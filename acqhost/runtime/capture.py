@@ -3,7 +3,8 @@
 
 The dispatcher hands each answered request to :meth:`Capture.finishing`; the record is only
 queued there (its time and the request's fields). A service turns the queue into lines and
-appends them to the file a few times a second, and once more when the host stops. The file
+appends them to the file a few times a second in a worker thread, and once more when the host
+stops. The file
 is created readable by its owner alone (0600).
 """
 
@@ -53,9 +54,11 @@ class Capture:
 
         return recorded
 
-    def flush(self) -> None:
-        """Append the queued records to the file, in the order of their arrival."""
+    def _take(self) -> list[tuple[float, dict[str, str], str | None]]:
         queue, self._queue = self._queue, []
+        return queue
+
+    def _write(self, queue: list[tuple[float, dict[str, str], str | None]]) -> None:
         if not queue or self._file.closed:
             return
         queue.sort(key=lambda item: item[0])
@@ -68,6 +71,10 @@ class Capture:
         self._file.flush()
         self.written += len(lines)
 
+    def flush(self) -> None:
+        """Append the queued records to the file, in the order of their arrival."""
+        self._write(self._take())
+
     def close(self) -> None:
         self.flush()
         self._file.close()
@@ -75,11 +82,14 @@ class Capture:
     async def run(
         self, *, task_status: anyio.abc.TaskStatus[Any] = anyio.TASK_STATUS_IGNORED
     ) -> None:
-        """The server's service: flush every FLUSH_SECONDS; flush and close when cancelled."""
+        """The server's service: every FLUSH_SECONDS the queued records are formatted and
+        written in a worker thread, off the event loop; flushed and closed when cancelled."""
         task_status.started()
         try:
             while True:
                 await anyio.sleep(FLUSH_SECONDS)
-                self.flush()
+                queue = self._take()
+                if queue:  # the thread is waited for, cancelled or not: one writer at a time
+                    await anyio.to_thread.run_sync(self._write, queue)
         finally:
             self.close()
