@@ -149,6 +149,7 @@ _HOST_RULES: Mapping[str, _Rule] = {
     "test_limit": _whole(0, MAX_AMOUNT),
     "default_sale_limit": _whole(1, MAX_AMOUNT),
     "write_batch": _whole(1),
+    "capture": _text("a file path (empty: no capture)", empty=True),
 }
 _REBIND_RULES: Mapping[str, _Rule] = {
     "review": _choice(lambda: REVIEW_POLICIES),
@@ -366,6 +367,7 @@ class Config:
     test_limit: int = 100  # minor units; a test sale above it gets 13
     default_sale_limit: int = 100_000_00  # minor units, for terminals added without a limit
     write_batch: int = 512  # most sales committed in one transaction
+    capture: str = ""  # traffic file answered requests are recorded in (README, Traffic files)
     rebind: RebindPolicy = field(default_factory=RebindPolicy)  # the [rebind] table
     banks: tuple[BankConfig, ...] = ()  # the [[banks]] tables
 
@@ -387,6 +389,11 @@ class Config:
         for name, rule in _HOST_RULES.items():
             _apply(rule, getattr(self, name), where.get(name, name))
         self.rebind.validate()
+        if self.capture and self.workers > 1:
+            # One file, one token key and one clock per capture: a process's own.
+            raise ConfigError(
+                f"{where.get('capture', 'capture')} needs workers = 1, not {self.workers}"
+            )
         low, high = FRAME_SIZES[self.framing]
         if not low <= self.max_frame <= high:
             framing = where.get("framing", "the default")

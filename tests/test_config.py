@@ -66,7 +66,8 @@ def test_no_file_and_no_environment_give_the_defaults() -> None:
     assert Config().validate() == Config()
 
 
-# A valid value other than the default for every [host] setting, as the environment gives it.
+# A valid value other than the default for every [host] setting, as the environment gives it
+# (capture, which needs one worker, in tests/test_capture.py).
 OTHER = {
     "host": "0.0.0.0", "port": "9000", "framing": "len4", "spec": "cup-pos", "max_frame": "2048",
     "read_timeout": "2.5", "max_connections": "10", "backend": "trio", "workers": "2",
@@ -76,7 +77,7 @@ OTHER = {
 
 
 def test_every_host_setting_is_taken_from_the_environment() -> None:
-    assert set(OTHER) == {f.name for f in fields(Config)} - {"rebind", "banks"}
+    assert set(OTHER) == {f.name for f in fields(Config)} - {"rebind", "banks", "capture"}
     env = {f"ACQHOST_{name.upper()}": value for name, value in OTHER.items()}
     cfg = load_config(None, {}, environ=env)
     for name, value in OTHER.items():

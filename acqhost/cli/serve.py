@@ -25,6 +25,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         read_timeout=args.read_timeout,
         max_connections=args.max_connections,
         log_level=args.log_level,
+        capture=args.capture,
     )
     host_keys(cfg)  # fail early, in the parent
     if cfg.workers == 1:
@@ -78,4 +79,9 @@ def add_serve_command(sub: Subparsers) -> None:
     )
     p.add_argument("--max-connections", type=int, help="open connections at most (default 1000)")
     p.add_argument("--log-level", help="debug, info (default), warning, error")
+    p.add_argument(
+        "--capture",
+        metavar="FILE",
+        help="append every answered request to FILE as a traffic record, card data as tokens",
+    )
     p.set_defaults(func=cmd_serve)

@@ -9,6 +9,7 @@ from acqhost.host.core import HostCore
 from acqhost.host.state import HostState
 from acqhost.log import configure_logging, get_logger
 from acqhost.runtime.banklink import BankLink
+from acqhost.runtime.capture import Capture
 from acqhost.runtime.ledger import Ledger
 from acqhost.runtime.server import Server, run_backend
 from acqhost.runtime.services import activations, cache_invalidation
@@ -35,6 +36,10 @@ def build_server(cfg: Config) -> Server:
     core = HostCore(codec=compile_spec(specs.load(cfg.spec)), state=state)
     server = Server(cfg, core, ledger)
     server.services.append(activations(state, ledger))
+    if cfg.capture:
+        capture = Capture(cfg.capture)
+        server.dispatcher.capture = capture
+        server.services.append(capture.run)
     # Every process runs a link per bank; the bank's lease makes one of them its dispatcher.
     links = [BankLink(bank, cfg.db, keys) for bank in cfg.banks]
     server.services.extend(link.run for link in links)
@@ -53,9 +58,12 @@ def build_server(cfg: Config) -> Server:
 
 
 def close_stores(server: Server) -> None:
-    """Close the store connections of a server that has stopped (or never ran)."""
+    """Close the store connections (and the capture file) of a server that has stopped (or
+    never ran)."""
     server.core.state.store.close()
     server.ledger.store.close()
+    if server.dispatcher.capture is not None:
+        server.dispatcher.capture.close()
 
 
 def serve(cfg: Config) -> None:

@@ -8,6 +8,7 @@ from collections.abc import Callable
 import anyio
 
 from acqhost.host.core import HostCore
+from acqhost.runtime.capture import Capture
 from acqhost.runtime.ledger import Ledger, Write
 
 __all__ = ("Dispatcher",)
@@ -16,9 +17,10 @@ __all__ = ("Dispatcher",)
 class Dispatcher:
     """Runs one request message through ``core`` and ``ledger``."""
 
-    def __init__(self, core: HostCore, ledger: Ledger) -> None:
+    def __init__(self, core: HostCore, ledger: Ledger, capture: Capture | None = None) -> None:
         self.core = core
         self.ledger = ledger
+        self.capture = capture  # --capture: every answered request recorded
 
     def start(self, message: bytes, finish: Callable[[bytes | None], None]) -> None:
         """Work on ``message``; ``finish(answer)`` is called in the event loop's thread, at
@@ -29,6 +31,8 @@ class Dispatcher:
         if ctx is None:
             finish(None)
             return
+        if self.capture is not None:
+            finish = self.capture.finishing(ctx, finish)
         effect = ctx.effect
         if effect is None:
             finish(core.answer(ctx))
