@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any, Final
 
+from acqhost.cli.settle import TOTALS_COLUMNS  # the host's report's, so a diff holds
 from acqhost.domain import crypto
 from acqhost.domain.cards import mask_account
 from acqhost.errors import TLVError
@@ -63,19 +64,6 @@ _NUMBER = re.compile(r"-?[0-9]{1,18}")
 _DIGITS = re.compile(r"[0-9]{1,18}")
 _ACCOUNT = re.compile(r"[0-9]{12,19}")
 _CODE = re.compile(r"[0-9A-Z]{2}")
-
-TOTALS_COLUMNS: Final = (
-    "batch",
-    "tid",
-    "mid",
-    "account_version",
-    "account",
-    "holder",
-    "bank_code",
-    "count",
-    "amount",
-)
-"""The columns of ``acqhost-bank totals``, as of ``acqhost settle report``."""
 
 
 # -- the signature ----------------------------------------------------------------------------

@@ -233,10 +233,11 @@ def test_an_advice_opens_only_under_the_data_key_and_on_its_own_row(store: Store
 
 
 def test_a_claim_opens_what_it_takes(store: Store) -> None:
+    """What the bank link does with a claim: each advice claimed, opened."""
     register(store)
-    (advice,) = advices.claim(store, KEY, ["102100099996"], T0 + 1, hold=30)
-    assert advice == opened(store)[0]
-    assert advices.claim(store, KEY, ["102100099996"], T0 + 2, hold=30) == []  # held
+    (stored,) = store.claim_advices(["102100099996"], T0 + 1, 30)
+    assert advices.open_advice(KEY, stored) == opened(store)[0]
+    assert store.claim_advices(["102100099996"], T0 + 2, 30) == []  # held
 
 
 # -- 48 SG ----------------------------------------------------------------------------------------

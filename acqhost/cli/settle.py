@@ -33,7 +33,7 @@ from acqhost.cli.common import (
 )
 from acqhost.domain import settlement
 
-__all__ = ("COLUMNS", "add_settle_commands", "cmd_settle_report", "render")
+__all__ = ("COLUMNS", "TOTALS_COLUMNS", "add_settle_commands", "cmd_settle_report", "render")
 
 COLUMNS = (
     "batch",
@@ -47,6 +47,9 @@ COLUMNS = (
     "count",
     "amount",
 )
+# The bank's view (--format totals): what a bank can know of a closed batch, no close time.
+# The bank simulator's totals print these columns, so that one diff compares the two.
+TOTALS_COLUMNS = tuple(c for c in COLUMNS if c != "closed_at")
 
 
 def _utc(at: float) -> str:
@@ -62,9 +65,8 @@ def render(lines: Sequence[settlement.ReportLine], fmt: str) -> str:
         for line in lines
     ]  # fmt: skip
     if fmt == "totals":  # the bank's view: no close time, in the bank simulator's order
-        columns = tuple(c for c in COLUMNS if c != "closed_at")
         totals = sorted((row[:3] + row[4:] for row in rows), key=lambda r: r[:4])
-        return _csv(columns, totals)
+        return _csv(TOTALS_COLUMNS, totals)
     if fmt == "json":
         objects = [dict(zip(COLUMNS, row, strict=True)) for row in rows]
         return json.dumps(objects, ensure_ascii=False, indent=2) + "\n"

@@ -47,7 +47,6 @@ __all__ = (
     "SETTLEMENT_ADVICE",
     "Advice",
     "LinkStatus",
-    "claim",
     "event_id",
     "link_status",
     "open_advice",
@@ -182,19 +181,6 @@ def open_advice(data_key: bytes, stored: StoredAdvice) -> Advice:
     ):
         raise crypto.CryptoError(f"advice {stored.id}: sealed fields do not match its row")
     return Advice(stored.id, stored.tid, stored.mti, stored.bank_code, _numbered(fields, stored.id))
-
-
-def claim(
-    store: Store,
-    data_key: bytes,
-    bank_codes: Sequence[str],
-    now: float,
-    hold: float,
-    limit: int = 100,
-) -> list[Advice]:
-    """The deliverable advices of ``bank_codes`` (``Store.claim_advices``: oldest first, at
-    most one per terminal, held for this claimer until ``now + hold``), opened."""
-    return [open_advice(data_key, s) for s in store.claim_advices(bank_codes, now, hold, limit)]
 
 
 # -- 48 SG ---------------------------------------------------------------------------------------
