@@ -7,11 +7,14 @@ import csv
 import io
 import json
 import random
+from collections import Counter
 
 import pytest
 
 from simulators.load.report import (
+    CSV_COLUMNS,
     ERROR,
+    HIGHEST_US,
     TIMEOUT,
     Recorder,
     Second,
@@ -110,11 +113,16 @@ def test_per_second_series() -> None:
     rec.record(9.0, 9.002, "0200", "00")  # before the start: filed under second 0
     series = rec.summary().series
     assert [s.second for s in series] == [0, 1, 2]
-    assert series[0] == Second(0, 101, 99, 2, 0, series[0].p99_us)
-    assert series[0].p99_us is not None and abs(series[0].p99_us - 1_000) <= 10  # 2 digits
-    assert series[1] == Second(1, 0, 0, 0, 0, None)
+    first = series[0]
+    counts = (first.second, first.sent, first.answered, first.timeouts, first.errors)
+    assert counts == (0, 101, 99, 2, 0)
+    for value in (first.p50_us, first.p90_us, first.p99_us):  # all 1 ms but one 2 ms
+        assert value is not None and abs(value - 1_000) <= 10  # 2 digits
+    assert first.max_us is not None and abs(first.max_us - 2_000) <= 20
+    assert series[1] == Second(1, 0, 0, 0, 0, None, None, None, None)
     assert series[2].sent == 2 and series[2].errors == 1 and series[2].answered == 1
-    assert series[2].p99_us is not None and abs(series[2].p99_us - 20_000) <= 200  # 2 digits
+    for value in (series[2].p50_us, series[2].p99_us, series[2].max_us):
+        assert value is not None and abs(value - 20_000) <= 200  # 2 digits
     assert sum(s.sent for s in series) == rec.sent
     assert rec.summary().duration == 3.0
     assert rec.summary(duration=2.5).duration == 2.5
@@ -148,6 +156,68 @@ def test_recorders_merge_exactly_through_their_export() -> None:
         total.merge(Recorder.from_export(json.loads(json.dumps(part.export()))))
     assert total.summary() == whole.summary()
     assert total.summary().sent == total.answered + total.timeouts + total.errors
+
+
+def test_bulk_recording_equals_one_by_one() -> None:
+    """What a generator tallies per second and adds with record_answers / record_lost gives
+    exactly the export of the same requests recorded one by one."""
+    rnd = random.Random(4)
+    start = 1_000.0
+    one_by_one = Recorder(start)
+    answers: dict[int, tuple[Counter[int], Counter[str], Counter[str]]] = {}
+    lost: dict[tuple[int, str], Counter[str]] = {}
+    for i in range(6_000):
+        planned = start + i / 1_500 + rnd.random() / 100  # seconds 0 .. 4
+        rc = rnd.choice(["00", "00", "00", "05", "91", TIMEOUT, ERROR])
+        mti = rnd.choice(["0200", "0400", "0800"])
+        delay = rnd.lognormvariate(-6, 1.5)
+        if i == 10:
+            delay = 0.0  # recorded as 1 us
+        elif i == 20:
+            delay = 90.0  # recorded as 60 s
+        one_by_one.record(planned, planned + delay, mti, rc)
+        second = int(planned - start)
+        if rc in (TIMEOUT, ERROR):
+            lost.setdefault((second, rc), Counter())[mti] += 1
+            continue
+        # the latency as the recorder computes it; out of range ones left for it to clamp
+        latency = round((planned + delay - planned) * 1_000_000)
+        lat, mtis, rcs = answers.setdefault(second, (Counter(), Counter(), Counter()))
+        lat[latency] += 1
+        mtis[mti] += 1
+        rcs[rc] += 1
+    assert 0 in answers[0][0] and max(answers[0][0]) > HIGHEST_US  # clamping is exercised
+    bulk = Recorder(start)
+    for (second, kind), mtis in sorted(lost.items(), reverse=True):  # order does not matter
+        bulk.record_lost(second, mtis, kind)
+    for second, (lat, mtis, rcs) in answers.items():
+        bulk.record_answers(second, lat, mtis, rcs)
+    bulk.record_answers(7, {}, {}, {})  # nothing: no second 7
+    bulk.record_lost(7, {"0200": 0}, TIMEOUT)
+    assert bulk.export() == one_by_one.export()
+    assert bulk.summary() == one_by_one.summary()
+    assert bulk.summary().sent == 6_000
+
+
+def test_bulk_recording_checks_its_arguments() -> None:
+    rec = Recorder()
+    with pytest.raises(ValueError, match="same requests"):
+        rec.record_answers(0, {1_000: 2}, {"0200": 2}, {"00": 1})
+    with pytest.raises(ValueError, match="same requests"):
+        rec.record_answers(0, {1_000: 2}, {"0200": 1}, {"00": 2})
+    with pytest.raises(ValueError, match="record_lost"):
+        rec.record_answers(0, {1_000: 2}, {"0200": 2}, {"00": 1, TIMEOUT: 1})
+    with pytest.raises(ValueError, match="kind"):
+        rec.record_lost(0, {"0200": 1}, "00")
+    assert rec.export() == Recorder().export()
+    rec.record_lost(2, {"0200": 3, "0400": 1}, ERROR)
+    rec.record_answers(1, {500: 2, 1_500: 2}, {"0200": 4}, {"00": 3, "05": 1})
+    summary = rec.summary()
+    assert (summary.sent, summary.answered, summary.errors) == (8, 4, 4)
+    assert summary.by_rc == {"00": 3, "05": 1, ERROR: 4}
+    assert summary.by_mti == {"0200": 7, "0400": 1}
+    assert [s.sent for s in summary.series] == [0, 4, 4]
+    assert summary.series[1].max_us is not None and abs(summary.series[1].max_us - 1_500) <= 15
 
 
 def test_empty_recorder() -> None:
@@ -201,8 +271,14 @@ def test_json_shape() -> None:
         "answered": 450,
         "timeouts": 25,
         "errors": 25,
+        "p50_us": data["series"][0]["p50_us"],
+        "p90_us": data["series"][0]["p90_us"],
         "p99_us": data["series"][0]["p99_us"],
+        "max_us": data["series"][0]["max_us"],
     }
+    first = data["series"][0]  # second 0: latencies 10 us .. 5 ms, one per 10 us
+    assert first["p50_us"] < first["p90_us"] < first["p99_us"] <= first["max_us"]
+    assert abs(first["max_us"] - 5_000) <= 50  # 2 digits
 
 
 def test_csv_shape() -> None:
@@ -210,10 +286,22 @@ def test_csv_shape() -> None:
     rec.record(0.1, 0.101, "0200", "00")
     rec.record(2.1, None, "0200", TIMEOUT)
     rows = list(csv.reader(io.StringIO(render_csv(rec.summary()))))
-    assert rows[0] == ["second", "sent", "answered", "timeouts", "errors", "p99_us"]
-    assert rows[1][:5] == ["0", "1", "1", "0", "0"] and 995 <= int(rows[1][5]) <= 1005
-    assert rows[2] == ["1", "0", "0", "0", "0", ""]
-    assert rows[3] == ["2", "1", "0", "1", "0", ""]
+    assert rows[0] == list(CSV_COLUMNS)
+    assert rows[0] == [
+        "second",
+        "sent",
+        "answered",
+        "timeouts",
+        "errors",
+        "p50_us",
+        "p90_us",
+        "p99_us",
+        "max_us",
+    ]
+    assert rows[1][:5] == ["0", "1", "1", "0", "0"]
+    assert all(995 <= int(v) <= 1005 for v in rows[1][5:])  # one answer: all its latency
+    assert rows[2] == ["1", "0", "0", "0", "0", "", "", "", ""]
+    assert rows[3] == ["2", "1", "0", "1", "0", "", "", "", ""]
     assert len(rows) == 4
 
 

@@ -1,2 +1,3 @@
-"""The parts of ``acqhost-load`` built so far: the recorder and its reports (``report``) and the
-``--fail-if`` thresholds (``thresholds``). The ``run`` and ``replay`` commands are not built."""
+"""The parts of ``acqhost-load`` built so far: the recorder and its reports (``report``), the
+``--fail-if`` thresholds (``thresholds``), the ``--plot`` picture (``plot``) and the live
+progress line (``progress``). The ``run`` and ``replay`` commands are not built."""

@@ -11,7 +11,13 @@ counted but have no latency.
 Each request counts once in ``sent`` and once in exactly one of ``answered``, ``timeouts`` and
 ``errors``, so ``sent == answered + timeouts + errors`` always holds. The per-second series
 files requests under the second of their planned time (seconds since the recorder's start) and
-gives that second's p99 from a histogram with 2 significant digits (to save memory).
+gives that second's p50, p90, p99 and max from a histogram with 2 significant digits (to save
+memory).
+
+A generator that keeps its own tallies adds them in bulk, one call per second and outcome:
+``Recorder.record_answers`` takes a second's latencies as ``{latency_us: count}`` with the counts
+per MTI and response code, ``Recorder.record_lost`` its timeouts or errors per MTI. The result
+is the same as recording those requests one by one.
 
 Several processes merge exactly: ``Recorder.export`` gives a JSON-able dict whose histograms
 are HdrHistogram's encoded form, ``Recorder.from_export`` and ``Recorder.merge`` add them up;
@@ -29,9 +35,10 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from hdrh.histogram import HdrHistogram
+from hdrh.histogram import HdrHistogram  # type: ignore[import-untyped]  # no types shipped
 
 __all__ = (
+    "CSV_COLUMNS",
     "ERROR",
     "HIGHEST_US",
     "LOWEST_US",
@@ -76,7 +83,11 @@ def merge(encoded_histograms: Iterable[bytes | str]) -> HdrHistogram:
 
 
 def _us(seconds: float) -> int:
-    return min(HIGHEST_US, max(LOWEST_US, round(seconds * 1_000_000)))
+    return _clamp(round(seconds * 1_000_000))
+
+
+def _clamp(us: int) -> int:
+    return min(HIGHEST_US, max(LOWEST_US, us))
 
 
 @dataclass
@@ -97,7 +108,11 @@ class Second:
     answered: int
     timeouts: int
     errors: int
-    p99_us: int | None  # None when nothing was answered
+    # latency of that second's answers, from a 2-digit histogram; None when nothing answered
+    p50_us: int | None
+    p90_us: int | None
+    p99_us: int | None
+    max_us: int | None
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -106,7 +121,10 @@ class Second:
             "answered": self.answered,
             "timeouts": self.timeouts,
             "errors": self.errors,
+            "p50_us": self.p50_us,
+            "p90_us": self.p90_us,
             "p99_us": self.p99_us,
+            "max_us": self.max_us,
         }
 
 
@@ -168,7 +186,10 @@ class Recorder:
         self._seconds: dict[int, _Bucket] = {}
 
     def _bucket(self, planned: float) -> _Bucket:
-        second = max(0, math.floor(planned - self.start))
+        return self._bucket_at(math.floor(planned - self.start))
+
+    def _bucket_at(self, second: int) -> _Bucket:
+        second = max(0, second)
         bucket = self._seconds.get(second)
         if bucket is None:
             bucket = self._seconds[second] = _Bucket()
@@ -197,6 +218,58 @@ class Recorder:
             bucket.histogram.record_value(latency)
             self.answered += 1
             bucket.answered += 1
+
+    def record_answers(
+        self,
+        second: int,
+        latencies_us: Mapping[int, int],
+        by_mti: Mapping[str, int],
+        by_rc: Mapping[str, int],
+    ) -> None:
+        """Answered requests planned in ``second`` (counted from ``start``, as the series):
+        ``latencies_us`` maps a latency in microseconds to how many requests had it (clamped
+        as ``record`` does); ``by_mti`` and ``by_rc`` count the same requests per request MTI
+        and per response code (not ``TIMEOUT`` / ``ERROR``: ``record_lost`` takes those).
+        ``ValueError`` when the three totals differ."""
+        total = sum(latencies_us.values())
+        if sum(by_mti.values()) != total or sum(by_rc.values()) != total:
+            raise ValueError("latencies, MTIs and response codes must count the same requests")
+        if TIMEOUT in by_rc or ERROR in by_rc:
+            raise ValueError("timeouts and errors go to record_lost")
+        if total == 0:
+            return
+        bucket = self._bucket_at(second)
+        for latency, count in latencies_us.items():
+            if count:
+                value = _clamp(latency)
+                self.histogram.record_value(value, count)
+                bucket.histogram.record_value(value, count)
+        self.sent += total
+        self.answered += total
+        bucket.sent += total
+        bucket.answered += total
+        _add(self.by_mti, by_mti)
+        _add(self.by_rc, by_rc)
+
+    def record_lost(self, second: int, mti_counts: Mapping[str, int], kind: str) -> None:
+        """Requests planned in ``second`` that timed out (``kind`` ``TIMEOUT``) or failed
+        (``ERROR``), counted per request MTI."""
+        if kind not in (TIMEOUT, ERROR):
+            raise ValueError(f"kind is {TIMEOUT!r} or {ERROR!r}, not {kind!r}")
+        total = sum(mti_counts.values())
+        if total == 0:
+            return
+        bucket = self._bucket_at(second)
+        self.sent += total
+        bucket.sent += total
+        if kind == TIMEOUT:
+            self.timeouts += total
+            bucket.timeouts += total
+        else:
+            self.errors += total
+            bucket.errors += total
+        _add(self.by_mti, mti_counts)
+        self.by_rc[kind] += total
 
     def encode(self) -> bytes:
         """The latency histogram, HdrHistogram-encoded (base64 of the compressed form)."""
@@ -259,8 +332,12 @@ class Recorder:
         out = []
         for second in range(max(self._seconds) + 1):
             b = self._seconds.get(second) or _Bucket()
-            p99 = int(b.histogram.get_value_at_percentile(99.0)) if b.answered else None
-            out.append(Second(second, b.sent, b.answered, b.timeouts, b.errors, p99))
+            latency: list[int | None] = [None] * 4
+            if b.answered:
+                h = b.histogram
+                latency = [int(h.get_value_at_percentile(p)) for p in (50.0, 90.0, 99.0)]
+                latency.append(int(h.get_max_value()))
+            out.append(Second(second, b.sent, b.answered, b.timeouts, b.errors, *latency))
         return out
 
     def summary(self, duration: float | None = None) -> Summary:
@@ -287,6 +364,13 @@ class Recorder:
             by_rc=dict(sorted(self.by_rc.items())),
             series=series,
         )
+
+
+def _add(counter: Counter[str], counts: Mapping[str, int]) -> None:
+    """``counter.update(counts)`` without the zero counts (``record`` never adds a zero)."""
+    for key, count in counts.items():
+        if count:
+            counter[key] += count
 
 
 def _duration(us: int | float | None) -> str:
@@ -347,11 +431,21 @@ def render_json(summary: Summary) -> str:
     return json.dumps(summary.as_dict(), indent=2) + "\n"
 
 
-CSV_COLUMNS = ("second", "sent", "answered", "timeouts", "errors", "p99_us")
+CSV_COLUMNS = (
+    "second",
+    "sent",
+    "answered",
+    "timeouts",
+    "errors",
+    "p50_us",
+    "p90_us",
+    "p99_us",
+    "max_us",
+)
 
 
 def render_csv(summary: Summary) -> str:
-    """The per-second series as CSV with a header line; an empty p99 when nothing answered."""
+    """The per-second series as CSV with a header line; empty latencies when nothing answered."""
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(CSV_COLUMNS)
