@@ -25,14 +25,14 @@ from typing import Any
 from simulators.load.messages import KINDS
 from simulators.load.progress import Progress, Snapshot
 from simulators.load.register import RegisterError, register_terminals
-from simulators.load.report import render_csv, render_json, render_table
+from simulators.load.report import render_csv, render_table
 from simulators.load.runner import Live, Plan, Result, RunError, run_plan, run_split
 from simulators.load.schedule import ScheduleError, parse_schedule
 from simulators.load.thresholds import EXIT_FAILED, EXIT_USAGE, argparse_type, evaluate
 
 __all__ = ("main",)
 
-_SCENARIO_KEYS = {
+_SCENARIO_KEYS: dict[str, type | tuple[type, ...]] = {
     "host": str, "port": int, "key_files": list, "keys_dir": str, "spec": str, "framing": str,
     "connections": int, "depth": int, "rate": (str, int, float), "arrivals": str,
     "duration": (int, float), "count": int, "warmup": (int, float), "timeout": (int, float),
@@ -72,7 +72,9 @@ def _parser() -> argparse.ArgumentParser:
         t.add_argument("--spec", help="message spec (default: the key file's, else acq87)")
         t.add_argument("--framing", choices=("len2", "len4", "len2-tpdu"))
         t.add_argument("--no-mac", action="store_true", help="send no MAC, check none")
-        t.add_argument("--no-signon", action="store_true", help="do not sign terminals on")
+        t.add_argument("--no-signon", action="store_true", help="do not sign terminals on "
+                       "(with MACs: a fixed key from the key file, answers not checked)",
+                       )  # fmt: skip
         k = p.add_argument_group("terminals")
         k.add_argument("--key-file", action="append", default=[], metavar="FILE")
         k.add_argument("--keys-dir", metavar="DIR", help="every *.json key file in DIR")
@@ -107,17 +109,20 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--prebuilt", type=_positive(int), metavar="N",
                      help="build N sales before the clock starts (speed tests)")  # fmt: skip
     run.add_argument("--repeat", action="store_true",
-                     help="send prebuilt frames again once all were (echo targets only)")  # fmt: skip
+                     help="send prebuilt frames again once all were (echo targets only)",
+                     )  # fmt: skip
     for name in _REBIND_KEYS:
         run.add_argument(f"--rebind-{name.replace('_', '-')}", help="for rebinds in the mix")
     replay.add_argument("--speed", type=_positive(float), default=None,
                         help="the file's timing divided by this (default 1)")  # fmt: skip
     replay.add_argument("--as-fast-as-possible", action="store_true",
-                        help="closed loop, --depth per terminal, ignoring the file's timing")  # fmt: skip
+                        help="closed loop, --depth per terminal, ignoring the file's timing",
+                        )  # fmt: skip
     replay.add_argument("--loops", type=_positive(int), default=1, help="times through the file")
     replay.add_argument("--operator-password", help="put back into rebind submits (48 PW)")
     replay.add_argument("--fail-on-mismatch", action="store_true",
-                        help="exit 3 when an answer differs from the file's expectation")  # fmt: skip
+                        help="exit 3 when an answer differs from the file's expectation",
+                        )  # fmt: skip
     return parser
 
 
@@ -142,14 +147,20 @@ def _mix(text: str) -> dict[str, int]:
     for part in text.split(","):
         name, eq, weight = part.partition("=")
         if not eq or not weight.strip().isdigit():
-            raise UsageError(f"--mix {text!r}: expected KIND=WEIGHT,... (kinds: {', '.join(KINDS)})")
+            raise UsageError(
+                f"--mix {text!r}: expected KIND=WEIGHT,... (kinds: {', '.join(KINDS)})"
+            )
         out[name.strip()] = int(weight)
     return out
 
 
-def _key_files(args: argparse.Namespace, scenario: dict[str, Any], base: Path) -> list[dict[str, Any]]:
+def _key_files(
+    args: argparse.Namespace, scenario: dict[str, Any], base: Path
+) -> list[dict[str, Any]]:
     paths = [Path(p) for p in args.key_file] + [base / p for p in scenario.get("key_files", [])]
-    keys_dir = args.keys_dir or (str(base / scenario["keys_dir"]) if "keys_dir" in scenario else None)
+    keys_dir = args.keys_dir or (
+        str(base / scenario["keys_dir"]) if "keys_dir" in scenario else None
+    )
     if args.register:
         if not args.db:
             raise UsageError("--register needs --db, the host's store")
@@ -179,7 +190,9 @@ def _key_files(args: argparse.Namespace, scenario: dict[str, Any], base: Path) -
 
 
 def _plan(args: argparse.Namespace) -> tuple[Plan, int, list[Any]]:
-    scenario, base = _scenario(args.scenario) if getattr(args, "scenario", None) else ({}, Path.cwd())
+    scenario, base = (
+        _scenario(args.scenario) if getattr(args, "scenario", None) else ({}, Path.cwd())
+    )
 
     def pick(name: str, default: Any = None) -> Any:
         value = getattr(args, name, None)

@@ -72,8 +72,15 @@ class PrebuiltSource(Source):
     """Frames built before the clock starts; sent again from the first once all were sent
     when ``repeat`` (only for a target that does not mind repeats, such as an echo server)."""
 
-    def __init__(self, requests: Sequence[Request], *, repeat: bool = False) -> None:
+    def __init__(
+        self,
+        requests: Sequence[Request],
+        terminals: Sequence[LoadTerminal] = (),
+        *,
+        repeat: bool = False,
+    ) -> None:
         self.requests = requests
+        self.terminals = terminals
         self.repeat = repeat
         self._next = 0
         self.exhausted = False
@@ -101,6 +108,9 @@ class MixSource(Source):
         self.learns = any(k in mix.kinds for k in ("reversal", "batch_close"))
 
     def next(self) -> Request | None:
+        return self.build()
+
+    def build(self) -> Request:
         return self.mix.build(next(self._turn), next(self._kinds))
 
     def learn(self, request: Request, answer: dict[str, str]) -> None:
@@ -144,7 +154,7 @@ class Counts:
 
 
 class _Conn(asyncio.Protocol):
-    __slots__ = ("closed", "decoder", "engine", "in_flight", "index", "order", "source",
+    __slots__ = ("closed", "decoder", "engine", "in_flight", "index", "order", "out", "source",
                  "transport", "waiting")  # fmt: skip
 
     def __init__(self, engine: Engine, source: Source, index: int) -> None:
@@ -157,6 +167,7 @@ class _Conn(asyncio.Protocol):
         self.in_flight: dict[tuple[str, ...], tuple[float, Request]] = {}
         self.order: deque[tuple[str, ...]] = deque()
         self.waiting: deque[float] = deque()  # open loop: planned times waiting for room
+        self.out: list[bytes] = []  # frames to write at the end of this tick
         self.closed = asyncio.get_running_loop().create_future()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -174,9 +185,16 @@ class _Conn(asyncio.Protocol):
             self.engine.lost(self.in_flight.pop(key), ERROR)
         self.in_flight[key] = (planned, request)
         self.order.append(key)
-        assert self.transport is not None
-        self.transport.write(request.frame)
+        self.out.append(request.frame)
         return True
+
+    def flush(self) -> None:
+        """Write what :meth:`send` queued, in one write (one system call for a tick's
+        requests on this connection)."""
+        out = self.out
+        if out and self.transport is not None:
+            self.transport.write(out[0] if len(out) == 1 else b"".join(out))
+        out.clear()
 
     def data_received(self, data: bytes) -> None:
         now = time.perf_counter()
@@ -380,6 +398,7 @@ class Engine:
             while waiting and len(conn.in_flight) < limit and not self.stopping:
                 if not conn.send(waiting.popleft(), time.perf_counter()):
                     self.stopping = True
+        conn.flush()
 
     def _dispatch(self, planned: float, index: int | None) -> None:
         if index is None:
@@ -391,6 +410,7 @@ class Engine:
                 self.stopping = True
                 return
             if not conn.waiting:
+                conn.flush()
                 return
         conn.waiting.append(planned)
         self.refill(conn)
@@ -554,9 +574,7 @@ async def sign_on_all(
     await asyncio.gather(*(one(t) for t in terminals))
 
 
-def mix_sources(
-    terminals: Sequence[LoadTerminal], mix: Mix, connections: int
-) -> list[MixSource]:
+def mix_sources(terminals: Sequence[LoadTerminal], mix: Mix, connections: int) -> list[MixSource]:
     """``connections`` sources sharing ``mix``: connection i takes terminals i, i + n, ...;
     with fewer terminals than connections, terminals have several connections."""
     if connections <= len(terminals):

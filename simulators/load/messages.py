@@ -18,6 +18,7 @@ import datetime
 import hashlib
 import random
 import secrets
+import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -45,6 +46,7 @@ __all__ = (
 KINDS: Final = ("sale", "test_sale", "reversal", "inquiry", "rebind", "batch_close")
 TPDU: Final = bytes.fromhex("6000010000")
 TEST_BIN: Final = "622202"  # test cards: this prefix, then digits, then a Luhn check digit
+_CARDS: Final = 16  # test cards each terminal's sales take in turn
 _REVERSIBLE: Final = 256  # approved sales a terminal remembers for reversals
 _STANS: Final = 999_999  # STANs 000001 to 999999
 
@@ -134,6 +136,8 @@ class LoadTerminal:
         start = secrets.randbelow(_STANS) if stan_start is None else stan_start
         self._seq = start
         self._day0 = clock().date()
+        self._date_cache: tuple[int | None, tuple[str, str, str]] | None = None
+        self.pans = [test_pan(f"{self.tid}/card/{i}") for i in range(_CARDS)]
         # learnt from answers
         self.approved: deque[dict[str, str]] = deque(maxlen=_REVERSIBLE)
         self.batch = 0  # the open batch as the host named it (0: not known yet)
@@ -152,14 +156,20 @@ class LoadTerminal:
         seq = self._seq
         self._seq = seq + 1
         stan, days = seq % _STANS + 1, seq // _STANS
-        now = self.clock()
-        local = now.date() if days == 0 else self._day0 + datetime.timedelta(days=days)
-        return {
-            "7": now.strftime("%m%d%H%M%S"),
-            "11": f"{stan:06d}",
-            "12": now.strftime("%H%M%S"),
-            "13": local.strftime("%m%d"),
-        }
+        f7, f12, f13 = self._dates()
+        if days:
+            f13 = (self._day0 + datetime.timedelta(days=days)).strftime("%m%d")
+        return {"7": f7, "11": f"{stan:06d}", "12": f12, "13": f13}
+
+    def _dates(self) -> tuple[str, str, str]:
+        """Fields 7, 12 and 13 now, made once a second (strftime is dear at load rates)."""
+        second = int(time.time()) if self.clock is _today else None
+        cached = self._date_cache
+        if second is None or cached is None or cached[0] != second:
+            now = self.clock()
+            texts = (now.strftime("%m%d%H%M%S"), now.strftime("%H%M%S"), now.strftime("%m%d"))
+            cached = self._date_cache = (second, texts)
+        return cached[1]
 
     # -- sign-on -----------------------------------------------------------------------------
 
@@ -192,6 +202,14 @@ class LoadTerminal:
             raise ValueError(f"the host's signature on {self.tid}'s sign-on does not verify")
         rx, tx = crypto.terminal_session(pending.kx_public, pending.kx_secret, kx_host)
         self.keys = crypto.SessionKeys.from_kx(rx, tx)
+
+    def static_session(self) -> None:
+        """Session keys derived from the identity key alone, without a sign-on: for targets
+        that echo or do not check MACs (``--no-signon`` with MACs on), never a real host."""
+        if self.seed is None:
+            raise ValueError(f"terminal {self.tid} has no signing key to derive keys from")
+        k = hashlib.blake2b(self.seed, person=b"acqhost-load", digest_size=32).digest()
+        self.keys = crypto.SessionKeys.from_kx(k, k)
 
     # -- encoding ----------------------------------------------------------------------------
 
@@ -228,7 +246,7 @@ class LoadTerminal:
     def sale_fields(self, amount: int, *, test: bool = False, pan: str | None = None,
                     expiry: str = "3012") -> dict[str, str]:  # fmt: skip
         n = self.next_numbers()
-        fields = {"t": "0200", "2": pan or test_pan(self.tid), "3": "000000",
+        fields = {"t": "0200", "2": pan or self.pans[self._seq % _CARDS], "3": "000000",
                   "4": f"{amount:012d}", **n, "14": expiry, "22": "051", "25": "00",
                   "41": self.tid, "42": self.mid, "49": "156"}  # fmt: skip
         if test:
@@ -277,7 +295,8 @@ class LoadTerminal:
         """Update what this terminal knows from an answer to one of its requests."""
         mti, rc = request.get("t"), answer.get("39")
         if mti == "0200" and rc == "00":
-            self.approved.append(dict(request))
+            if "48" not in request:  # test sales (48 TS) are not reversed
+                self.approved.append(dict(request))
             self.batch_count += 1
             self.batch_amount += int(request["4"])
         elif mti == "0400" and rc == "00":

@@ -42,7 +42,8 @@ def register_terminals(
         tid = f"LD{i:06d}"
         path = directory / f"{tid}.json"
         if not path.exists():
-            argv = ["terminal", "add", "--db", db, "--tid", tid, "--mid", f"LOADMERCHANT{i % 1000:03d}",
+            argv = ["terminal", "add", "--db", db, "--tid", tid,
+                    "--mid", f"LOADMERCHANT{i % 1000:03d}",
                     "--merchant-name", "Load Test Merchant", "--holder", HOLDER,
                     "--account", test_pan(f"load/{tid}"), "--bank-code", BANK_CODE,
                     "--operator-id", OPERATOR, "--operator-password", PASSWORD, "--fast-hash",

@@ -10,6 +10,7 @@ connections, rate and count, starts them together, and adds their recorders up e
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import multiprocessing
 import queue
 import time
@@ -21,7 +22,6 @@ from typing import Any
 
 from acqhost.domain.traffic import TrafficError, TrafficRecord, read_traffic
 from simulators.load.engine import (
-    Counts,
     Engine,
     PrebuiltSource,
     Source,
@@ -29,7 +29,7 @@ from simulators.load.engine import (
     sign_on_all,
 )
 from simulators.load.messages import LoadTerminal, Mix, RebindData
-from simulators.load.replay import ReplayError, Replayer, ReplaySource, map_terminals, skipped
+from simulators.load.replay import Replayer, ReplayError, ReplaySource, map_terminals, skipped
 from simulators.load.report import Recorder
 from simulators.load.schedule import arrivals, parse_schedule
 
@@ -135,9 +135,7 @@ def _records(plan: Plan) -> list[TrafficRecord]:
     return records
 
 
-def _replay_setup(
-    plan: Plan, terminals: list[LoadTerminal]
-) -> tuple[list[Source], Any, Replayer]:
+def _replay_setup(plan: Plan, terminals: list[LoadTerminal]) -> tuple[list[Source], Any, Replayer]:
     records = _records(plan)
     try:
         mapping = map_terminals((r.tid for r in records), terminals)
@@ -178,7 +176,7 @@ def _sources(plan: Plan, terminals: list[LoadTerminal]) -> tuple[list[Source], A
         per = -(-plan.prebuilt // connections)
         shares = mix_sources(terminals, mix, connections)
         sources: list[Source] = [
-            PrebuiltSource([s.next() for _ in range(per)], repeat=plan.repeat)  # type: ignore[misc]
+            PrebuiltSource([s.build() for _ in range(per)], s.terminals, repeat=plan.repeat)
             for s in shares
         ]
     else:
@@ -228,6 +226,9 @@ async def _run(
             await sign_on_all(plan.host, plan.port, terminals, timeout=plan.timeout)
         except ValueError as exc:
             raise RunError(str(exc)) from None
+    elif plan.mac:
+        for t in terminals:
+            t.static_session()
     replayer = None
     if plan.replay is not None:
         sources, times, replayer = _replay_setup(plan, terminals)
@@ -255,13 +256,16 @@ async def _run(
         plan.host, plan.port, sources,
         framing=terminals[0].framing, depth=plan.depth, plan=times,
         duration=plan.duration, count=plan.count, warmup=plan.warmup, timeout=plan.timeout,
-        max_in_flight=plan.max_in_flight, verify=plan.verify and plan.mac, start_at=start_at,
+        max_in_flight=plan.max_in_flight, verify=plan.verify and plan.mac and plan.signon,
+        start_at=start_at,
         on_second=second,
     )  # fmt: skip
     try:
         recorder = await engine.run()
     except OSError as exc:
-        raise RunError(f"cannot connect to {plan.host}:{plan.port}: {exc.strerror or exc}")
+        raise RunError(
+            f"cannot connect to {plan.host}:{plan.port}: {exc.strerror or exc}"
+        ) from None
     exhausted = any(isinstance(s, PrebuiltSource) and s.exhausted for s in sources)
     result = Result(recorder, engine.counts.as_dict(), engine.elapsed, engine.cpu_s,
                     prebuilt_exhausted=exhausted)  # fmt: skip
@@ -292,10 +296,8 @@ def _child(index: int, plan: Plan, barrier: Any, out: Any, live: Any) -> None:
         return time.time() + 0.2
 
     def on_live(moment: Live) -> None:
-        try:
+        with contextlib.suppress(queue.Full):
             live.put_nowait((index, moment))
-        except queue.Full:
-            pass
 
     try:
         result = run_plan(plan, ready=ready, on_live=on_live)
@@ -305,9 +307,7 @@ def _child(index: int, plan: Plan, barrier: Any, out: Any, live: Any) -> None:
         out.put(("error", str(exc)))
 
 
-def run_split(
-    plan: Plan, processes: int, on_live: Callable[[Live], None] | None = None
-) -> Result:
+def run_split(plan: Plan, processes: int, on_live: Callable[[Live], None] | None = None) -> Result:
     """``plan`` across ``processes`` local processes, merged (module docstring)."""
     if plan.replay is not None:
         raise RunError("a replay runs in one process: leave out --processes")
@@ -344,14 +344,14 @@ def run_split(
     if errors:
         raise RunError(errors[0])
     total = results[0]
-    counts: Counter[str] = Counter()
+    merged: dict[str, int | float] = {}
     mismatches: Counter[str] = Counter()
     for r in results:
-        counts.update(r.counts)
+        for name, value in r.counts.items():
+            merged[name] = merged.get(name, 0) + value
         mismatches.update(r.mismatches)
     for r in results[1:]:
         total.recorder.merge(r.recorder)
-    merged = dict(counts)
     merged["max_late_s"] = max(float(r.counts.get("max_late_s", 0)) for r in results)
     return Result(total.recorder, merged, max(r.elapsed for r in results),
                   sum(r.cpu_s for r in results), dict(mismatches),
