@@ -5,7 +5,7 @@ what delivering them costs the sales, in one run.
    ``--advices`` more advices (0520s queued as batch closes queue them).
    The backlog is spread over the terminals.
 2. The sales' baseline: a host without a bank, closed-loop sales for ``--duration`` s
-   (simulators/loadtest.py, 16 connections x 8 in flight).
+   (acqhost-load, 16 connections x 8 in flight).
 3. The same host with the bank configured: the same sales while the link delivers the backlog;
    then the backlog's delivery rate (advices acknowledged by the bank per second, from the
    first to the last).
@@ -153,14 +153,14 @@ def main() -> int:
 
         host = start_host(base, plain, host_port)
         procs.append(host)
-        baseline = load(host_port, keys[: args.terminals], args)
+        baseline = load(host_port, keys[: args.terminals], args, "--stan-start", "0")
         stop(host)
         procs.remove(host)
 
         host = start_host(base, linked, host_port)
         procs.append(host)
         started = time.time()
-        during = load(host_port, keys[: args.terminals], args, "--offset", "3000000")
+        during = load(host_port, keys[: args.terminals], args, "--stan-start", "3000000")
         wait_drained(db, 600)
         records = list(read_journal(journal))
         times = sorted(received_at(r) for r in records)

@@ -97,6 +97,10 @@ def _parser() -> argparse.ArgumentParser:
                        help="open loop: per connection; more wait (late)")  # fmt: skip
         s.add_argument("--processes", type=_positive(int), help="split across N processes")
         s.add_argument("--seed", type=int)
+        s.add_argument("--stan-start", type=int, metavar="N",
+                       help="first sequence number (terminal i: N + i x 10,000,000); runs "
+                       "against one store with far apart N never repeat a STAN and date",
+                       )  # fmt: skip
         r = p.add_argument_group("report")
         r.add_argument("--json", action="store_true", help="the report as JSON on stdout")
         r.add_argument("--csv", metavar="FILE", help="the per-second series as CSV")
@@ -218,6 +222,7 @@ def _plan(args: argparse.Namespace) -> tuple[Plan, int, list[Any]]:
         seed=pick("seed"), duration=pick("duration"), count=pick("count"),
         warmup=float(pick("warmup", 0.0)), timeout=float(pick("timeout", 10.0)),
         max_in_flight=args.max_in_flight, verify=not args.no_mac, base=str(base),
+        stan_start=args.stan_start,
     )  # fmt: skip
     if plan.warmup < 0:
         raise UsageError("--warmup must be 0 or more seconds")
@@ -283,6 +288,7 @@ def _report(result: Result, args: argparse.Namespace, thresholds: list[Any]) -> 
         if args.command == "replay":
             data["expectations"] = {"checked": result.checked, "mismatches": result.mismatches}
         data["failed"] = [f.reason for f in failures]
+        data["prebuilt_exhausted"] = result.prebuilt_exhausted
         sys.stdout.write(json.dumps(data, indent=2) + "\n")
     else:
         out = render_table(summary)
