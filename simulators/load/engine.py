@@ -30,7 +30,8 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from acqhost.wire.framing import FrameDecoder
-from simulators.load.messages import LoadTerminal, Mix, Request, SignOn, answer_key
+from simulators.load.messages import LoadTerminal, Mix, Request, SignOn
+from simulators.load.peek import Peek, Peeker
 from simulators.load.report import ERROR, TIMEOUT, Recorder
 
 __all__ = (
@@ -125,8 +126,7 @@ class _Second:
     """What happened to the requests planned in one second (fed to the Recorder at the end)."""
 
     latencies: Counter[int] = field(default_factory=Counter)
-    by_mti: Counter[str] = field(default_factory=Counter)
-    by_rc: Counter[str] = field(default_factory=Counter)
+    outcomes: Counter[tuple[str, str]] = field(default_factory=Counter)  # (MTI, 39)
     timeouts: Counter[str] = field(default_factory=Counter)  # by MTI
     errors: Counter[str] = field(default_factory=Counter)
 
@@ -151,6 +151,13 @@ class Counts:
         d.pop("in_flight")
         d["max_late_s"] = round(self.max_late_s, 6)
         return d
+
+
+def _seen(answer: dict[str, str]) -> Peek:
+    """What :class:`Peeker` gives, from a decoded answer."""
+    get = answer.get
+    return (get("41", ""), get("11", ""), get("39", "none"), get("37", ""),
+            "64" in answer or "128" in answer)  # fmt: skip
 
 
 class _Conn(asyncio.Protocol):
@@ -206,45 +213,58 @@ class _Conn(asyncio.Protocol):
             self.decoder = FrameDecoder(engine.framing, 65535)
             if self.transport is not None:
                 self.transport.close()
-        decode = engine.decode
-        in_flight, order = self.in_flight, self.order
+        peek, decode, verify = engine.peek, engine.decode, engine.verify
+        in_flight, order, counts = self.in_flight, self.order, engine.counts
+        learns = self.source.learns
         for frame in frames:
             message = frame.message
+            answer = None
             try:
-                answer = decode(message)
-            except ValueError:
-                engine.counts.undecodable += 1
+                seen = None if peek is None else peek(message)
+                if seen is None:
+                    answer = decode(message)
+                    seen = _seen(answer)
+            except (ValueError, IndexError):
+                counts.undecodable += 1
                 self._drop_oldest(ERROR)
                 continue
-            key = answer_key(answer, False)
-            if not key[1]:  # no STAN: the oldest request's answer
+            tid, stan, rc, rrn, has_mac = seen
+            if stan:
+                key: tuple[str, ...] = (tid, stan)
+            else:  # no STAN: the oldest request's answer
                 while order and order[0] not in in_flight:
                     order.popleft()
                 if not order:
-                    engine.counts.unmatched += 1
+                    counts.unmatched += 1
                     continue
                 key = order[0]
             entry = in_flight.pop(key, None)
             if entry is None:
-                entry = in_flight.pop((*key, answer.get("37", "")), None)
+                entry = in_flight.pop((tid, stan, rrn), None)
                 if entry is None:
-                    engine.counts.unmatched += 1
+                    counts.unmatched += 1
                     continue
                 key = entry[1].key
-            while order and order[0] not in in_flight and order[0] != key:
-                order.popleft()
-            if order and order[0] == key:
+            if order[0] == key:
                 order.popleft()
             else:
-                engine.counts.out_of_order += 1
+                while order and order[0] not in in_flight and order[0] != key:
+                    order.popleft()
+                if order and order[0] == key:
+                    order.popleft()
+                else:
+                    counts.out_of_order += 1
             planned, request = entry
-            if engine.verify and not engine.answer_ok(request, message, answer):
-                engine.counts.bad_mac += 1
+            if verify and has_mac and not engine.mac_ok(request, message):
+                counts.bad_mac += 1
                 engine.lost(entry, ERROR)
-            else:
-                engine.answered(planned, now, request.mti, answer.get("39", "none"))
-                if self.source.learns:
-                    self.source.learn(request, answer)
+                continue
+            if planned >= engine.measure_from:
+                acc = engine.second_of(planned)
+                acc.latencies[int((now - planned) * 1_000_000)] += 1
+                acc.outcomes[request.mti, rc] += 1
+            if learns:
+                self.source.learn(request, answer if answer is not None else decode(message))
         engine.refill(self)
 
     def _drop_oldest(self, kind: str) -> None:
@@ -339,13 +359,15 @@ class Engine:
         if codec is None:
             raise ValueError("no terminals")
         self.decode: Callable[[bytes], dict[str, str]] = codec.decode
+        first = next(iter(self._terminals.values()))
+        peeker = Peeker(first.spec)
+        self.peek: Callable[[bytes], Peek | None] | None = peeker.peek if peeker.usable else None
         self._rr = 0
 
     # -- bookkeeping (the hot path) ----------------------------------------------------------
 
-    def _second(self, planned: float) -> _Second | None:
-        if planned < self.measure_from:
-            return None
+    def second_of(self, planned: float) -> _Second:
+        """The tallies of the second ``planned`` falls in (after the warm-up)."""
         sec = int(planned - self.measure_from)
         acc = self.seconds.get(sec)
         if acc is None:
@@ -365,21 +387,15 @@ class Engine:
             if late > self.counts.max_late_s:
                 self.counts.max_late_s = late
 
-    def answered(self, planned: float, now: float, mti: str, rc: str) -> None:
-        acc = self._second(planned)
-        if acc is not None:
-            acc.latencies[int((now - planned) * 1_000_000)] += 1
-            acc.by_mti[mti] += 1
-            acc.by_rc[rc] += 1
-
     def lost(self, entry: tuple[float, Request], kind: str) -> None:
-        acc = self._second(entry[0])
-        if acc is not None:
+        if entry[0] >= self.measure_from:
+            acc = self.second_of(entry[0])
             (acc.timeouts if kind == TIMEOUT else acc.errors)[entry[1].mti] += 1
 
-    def answer_ok(self, request: Request, message: bytes, answer: dict[str, str]) -> bool:
+    def mac_ok(self, request: Request, message: bytes) -> bool:
+        """The MAC at the end of ``message`` (an answer to ``request``) verifies."""
         terminal = self._terminals.get(request.key[0])
-        return terminal is None or not terminal.mac or terminal.answer_ok(message, answer)
+        return terminal is None or not terminal.mac or terminal.mac_ok(message)
 
     # -- sending -----------------------------------------------------------------------------
 
@@ -514,7 +530,12 @@ class Engine:
         rec = Recorder(0.0)
         for sec, acc in sorted(self.seconds.items()):
             if acc.latencies:
-                rec.record_answers(sec, acc.latencies, acc.by_mti, acc.by_rc)
+                by_mti: Counter[str] = Counter()
+                by_rc: Counter[str] = Counter()
+                for (mti, rc), n in acc.outcomes.items():
+                    by_mti[mti] += n
+                    by_rc[rc] += n
+                rec.record_answers(sec, acc.latencies, by_mti, by_rc)
             if acc.timeouts:
                 rec.record_lost(sec, acc.timeouts, TIMEOUT)
             if acc.errors:

@@ -246,7 +246,7 @@ async def _run(
         answered, p99 = engine.last_second()
         seen = Counter[str]()
         for acc in engine.seconds.values():
-            seen["a"] += sum(acc.by_rc.values())
+            seen["a"] += sum(acc.outcomes.values())
             seen["e"] += sum(acc.errors.values())
             seen["t"] += sum(acc.timeouts.values())
         on_live(Live(now - engine.start, now >= engine.measure_from, answered, seen["a"], p99,
