@@ -8,7 +8,6 @@ import hashlib
 import json
 import re
 import stat
-import tomllib
 from pathlib import Path
 
 import anyio
@@ -28,6 +27,10 @@ from acqhost.domain.traffic import (
 )
 from acqhost.runtime.capture import Capture
 from acqhost.wire.tlv import decode_tlv, encode_tlv
+from simulators.load.cli import read_scenario
+from simulators.load.messages import KINDS
+from simulators.load.schedule import parse_schedule
+from simulators.load.thresholds import parse
 from simulators.terminal import TEST_PAN, Exchange
 from tests.hostkit import ACCOUNT, BANK, HOLDER, make_host, running
 
@@ -131,12 +134,15 @@ def test_the_sample_traffic_file_reads_and_holds_test_cards_only() -> None:
     assert digit_runs(text) and all(r.startswith("622202123456789") for r in digit_runs(text))
 
 
-def test_the_scenario_file_has_a_mix_a_duration_and_a_rate() -> None:
-    scenario = tomllib.loads((TRAFFIC / "scenario.toml").read_text())
-    assert set(scenario["mix"]) == {"sale", "test_sale", "reversal", "inquiry"}
+def test_the_scenario_file_is_one_the_load_tester_takes() -> None:
+    scenario, base = read_scenario(str(TRAFFIC / "scenario.toml"))
+    assert base == TRAFFIC.resolve()
+    assert set(scenario["mix"]) == set(KINDS)  # every kind, with its weight
     assert all(isinstance(w, int) and w >= 0 for w in scenario["mix"].values())
-    assert scenario["duration"] > 0 and scenario["rate"] > 0
-    assert (TRAFFIC / scenario["traffic"]).is_file()
+    assert scenario["duration"] > 0 and parse_schedule(scenario["rate"]).mean(30) > 0
+    for text in scenario["fail_if"]:
+        parse(text)
+    assert set(scenario["rebind"]) == {"operator", "password", "holder", "bank_code"}
 
 
 # -- the capture setting --------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from simulators.load.runner import Live, Plan, Result, RunError, run_plan, run_s
 from simulators.load.schedule import ScheduleError, parse_schedule
 from simulators.load.thresholds import EXIT_FAILED, EXIT_USAGE, argparse_type, evaluate
 
-__all__ = ("main",)
+__all__ = ("UsageError", "main", "read_scenario")
 
 _SCENARIO_KEYS: dict[str, type | tuple[type, ...]] = {
     "host": str, "port": int, "key_files": list, "keys_dir": str, "spec": str, "framing": str,
@@ -108,6 +108,8 @@ def _parser() -> argparse.ArgumentParser:
         r.add_argument("--fail-if", action="append", default=[], type=argparse_type,
                        metavar="EXPR", help="e.g. 'p99>5ms', 'errors>0.1%%' (exit 3)")  # fmt: skip
         r.add_argument("--quiet", action="store_true", help="no progress line")
+        r.add_argument("--progress", action="store_true",
+                       help="a progress line a second even off a terminal")  # fmt: skip
     run.add_argument("--scenario", help="TOML scenario (simulators/traffic/scenario.toml)")
     run.add_argument("--mix", help="weights, e.g. sale=80,reversal=10,inquiry=10")
     run.add_argument("--prebuilt", type=_positive(int), metavar="N",
@@ -130,7 +132,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _scenario(path: str) -> tuple[dict[str, Any], Path]:
+def read_scenario(path: str) -> tuple[dict[str, Any], Path]:
     try:
         data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
     except OSError as exc:
@@ -195,7 +197,7 @@ def _key_files(
 
 def _plan(args: argparse.Namespace) -> tuple[Plan, int, list[Any]]:
     scenario, base = (
-        _scenario(args.scenario) if getattr(args, "scenario", None) else ({}, Path.cwd())
+        read_scenario(args.scenario) if getattr(args, "scenario", None) else ({}, Path.cwd())
     )
 
     def pick(name: str, default: Any = None) -> Any:
@@ -336,7 +338,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except argparse.ArgumentTypeError as exc:
         print(f"acqhost-load: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    progress = Progress(sys.stderr, enabled=False if args.quiet else None)
+    progress = Progress(sys.stderr, enabled=False if args.quiet else (args.progress or None))
     planned = None if plan.duration is None else plan.warmup + plan.duration
 
     def on_live(m: Live) -> None:

@@ -179,7 +179,8 @@ class _Conn(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        self.engine.refill(self)
+        if self.engine.started:  # a connection opened again; the first ones wait for the start
+            self.engine.refill(self)
 
     def send(self, planned: float, now: float) -> bool:
         """Send the source's next request, planned for ``planned``; False when there is none."""
@@ -351,6 +352,7 @@ class Engine:
         self.start = 0.0  # perf_counter of the run's start
         self.measure_from = 0.0  # perf_counter: planned times before this are warm-up
         self.stopping = False
+        self.started = False  # the connections are open and the clock runs
         self.sent_measured = 0
         self.elapsed = 0.0  # of the measured part, once the run ended
         self.cpu_s = 0.0  # the process's CPU time during the measured part
@@ -474,12 +476,15 @@ class Engine:
 
     async def run(self) -> Recorder:
         """Drive the target; the recorder of the measured part."""
+        self.conns = [await self._connect(i) for i in range(len(self.sources))]
         if self.start_at is not None:
             await asyncio.sleep(max(0.0, self.start_at - time.time()))
         self.start = time.perf_counter()
         self.measure_from = self.start + self.warmup
+        self.started = True
         end = None if self.duration is None else self.measure_from + self.duration
-        self.conns = [await self._connect(i) for i in range(len(self.sources))]
+        for conn in self.conns:
+            self.refill(conn)
         cpu0 = None if self.warmup else time.process_time()
         pacer = None
         if self.plan is not None:
