@@ -155,23 +155,24 @@ class LoadTerminal:
 
     def next_numbers(self) -> dict[str, str]:
         """Fields 7, 11, 12 and 13 of the next request."""
+        f7, f11, f12, f13 = self._numbers()
+        return {"7": f7, "11": f11, "12": f12, "13": f13}
+
+    def _numbers(self) -> tuple[str, str, str, str]:
         seq = self._seq
         self._seq = seq + 1
         stan, days = seq % _STANS + 1, seq // _STANS
-        f7, f12, f13 = self._dates()
-        if days:
-            f13 = (self._day0 + datetime.timedelta(days=days)).strftime("%m%d")
-        return {"7": f7, "11": f"{stan:06d}", "12": f12, "13": f13}
-
-    def _dates(self) -> tuple[str, str, str]:
-        """Fields 7, 12 and 13 now, made once a second (strftime is dear at load rates)."""
+        # fields 7, 12 and 13 are made once a second (strftime is dear at load rates)
         second = int(time.time()) if self.clock is _today else None
         cached = self._date_cache
         if second is None or cached is None or cached[0] != second:
             now = self.clock()
             texts = (now.strftime("%m%d%H%M%S"), now.strftime("%H%M%S"), now.strftime("%m%d"))
             cached = self._date_cache = (second, texts)
-        return cached[1]
+        f7, f12, f13 = cached[1]
+        if days:
+            f13 = (self._day0 + datetime.timedelta(days=days)).strftime("%m%d")
+        return f7, f"{stan:06d}", f12, f13
 
     # -- sign-on -----------------------------------------------------------------------------
 
@@ -254,10 +255,11 @@ class LoadTerminal:
 
     def sale_fields(self, amount: int, *, test: bool = False, pan: str | None = None,
                     expiry: str = "3012") -> dict[str, str]:  # fmt: skip
-        n = self.next_numbers()
+        f7, f11, f12, f13 = self._numbers()
         fields = {"t": "0200", "2": pan or self.pans[self._seq % _CARDS], "3": "000000",
-                  "4": f"{amount:012d}", **n, "14": expiry, "22": "051", "25": "00",
-                  "41": self.tid, "42": self.mid, "49": "156"}  # fmt: skip
+                  "4": f"{amount:012d}", "7": f7, "11": f11, "12": f12, "13": f13,
+                  "14": expiry, "22": "051", "25": "00", "41": self.tid, "42": self.mid,
+                  "49": "156"}  # fmt: skip
         if test:
             fields["48"] = encode_tlv({"TS": "1"})
         return fields
@@ -381,7 +383,8 @@ class Mix:
             original = terminal.approved.popleft()
             return terminal.request(terminal.reversal_fields(original), kind)
         if kind in ("sale", "reversal"):
-            amount = self.random.randint(*self.amounts)
+            low, high = self.amounts
+            amount = low + int(self.random.random() * (high - low + 1))
             return terminal.request(terminal.sale_fields(amount), "sale")
         if kind == "test_sale":
             return terminal.request(terminal.sale_fields(self.test_amount, test=True), kind)
