@@ -161,14 +161,15 @@ def _seen(answer: dict[str, str]) -> Peek:
 
 
 class _Conn(asyncio.Protocol):
-    __slots__ = ("closed", "decoder", "engine", "in_flight", "index", "order", "out", "source",
-                 "transport", "waiting")  # fmt: skip
+    __slots__ = ("closed", "decoder", "engine", "in_flight", "index", "order", "out", "rest",
+                 "source", "transport", "waiting")  # fmt: skip
 
     def __init__(self, engine: Engine, source: Source, index: int) -> None:
         self.engine = engine
         self.source = source
         self.index = index
         self.decoder = FrameDecoder(engine.framing, 65535)
+        self.rest = b""  # len2: the start of a frame not all received yet
         self.transport: asyncio.Transport | None = None
         # key -> (planned, request); order: keys in the order sent
         self.in_flight: dict[tuple[str, ...], tuple[float, Request]] = {}
@@ -207,18 +208,29 @@ class _Conn(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         now = time.perf_counter()
         engine = self.engine
-        try:
-            frames = self.decoder.feed(data)
-        except ValueError:
-            frames = []
-            self.decoder = FrameDecoder(engine.framing, 65535)
-            if self.transport is not None:
-                self.transport.close()
+        messages: list[bytes] = []
+        if engine.framing == "len2":  # FrameDecoder's len2 scan, inlined (the hot path)
+            buf = self.rest + data if self.rest else data
+            pos, size = 0, len(buf)
+            while size - pos >= 2:
+                end = pos + 2 + ((buf[pos] << 8) | buf[pos + 1])
+                if end > size:
+                    break
+                messages.append(buf[pos + 2 : end])
+                pos = end
+            self.rest = buf[pos:] if pos < size else b""
+        else:
+            try:
+                messages = [frame.message for frame in self.decoder.feed(data)]
+            except ValueError:
+                self.decoder = FrameDecoder(engine.framing, 65535)
+                if self.transport is not None:
+                    self.transport.close()
         peek, decode, verify = engine.peek, engine.decode, engine.verify
         in_flight, order, counts = self.in_flight, self.order, engine.counts
         learns = self.source.learns
-        for frame in frames:
-            message = frame.message
+        measure_from, seconds = engine.measure_from, engine.seconds
+        for message in messages:
             answer = None
             try:
                 seen = None if peek is None else peek(message)
@@ -260,8 +272,8 @@ class _Conn(asyncio.Protocol):
                 counts.bad_mac += 1
                 engine.lost(entry, ERROR)
                 continue
-            if planned >= engine.measure_from:
-                acc = engine.second_of(planned)
+            if planned >= measure_from:
+                acc = seconds.get(int(planned - measure_from)) or engine.second_of(planned)
                 acc.latencies[int((now - planned) * 1_000_000)] += 1
                 acc.outcomes[request.mti, rc] += 1
             if learns:
@@ -406,11 +418,32 @@ class Engine:
         if conn.transport is None:
             return
         limit = self.max_in_flight
-        if self.plan is None:
+        if self.plan is None:  # closed loop: Conn.send and sending, inlined (the hot path)
+            in_flight = conn.in_flight
+            if self.stopping or len(in_flight) >= limit:
+                conn.flush()
+                return
             now = time.perf_counter()
-            while not self.stopping and len(conn.in_flight) < limit:
-                if not conn.send(now, now):
+            take, order, out = conn.source.next, conn.order, conn.out
+            measured = now >= self.measure_from
+            while len(in_flight) < limit:
+                request = take()
+                if request is None:
                     self.stopping = True
+                    break
+                key = request.key
+                if key in in_flight:  # the same key twice in flight: the first is lost
+                    self.lost(in_flight.pop(key), ERROR)
+                in_flight[key] = (now, request)
+                order.append(key)
+                out.append(request.frame)
+                if not measured:
+                    self.counts.warmup += 1
+                    continue
+                self.sent_measured += 1
+                if self.count is not None and self.sent_measured >= self.count:
+                    self.stopping = True
+                    break
         else:
             waiting = conn.waiting
             while waiting and len(conn.in_flight) < limit and not self.stopping:
