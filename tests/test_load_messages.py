@@ -199,11 +199,6 @@ def test_a_terminal_learns_its_sales_and_batch_from_answers() -> None:
     assert (t.batch, t.batch_count, t.batch_amount) == (5, 0, 0)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a batch close answered 00 leaves the closed batch's sales among the ones the "
-    "terminal may reverse (the host refuses such reversals with 12)",
-)
 def test_a_closed_batch_s_sales_are_no_longer_reversible() -> None:
     t = terminal()
     t.learn(t.sale_fields(1_000), {"39": "00"})

@@ -19,7 +19,7 @@ from acqhost.domain.traffic import card_runs, read_traffic
 from acqhost.store import open_store
 from simulators.load.register import BANK_CODE, HOLDER, OPERATOR, PASSWORD
 from simulators.load.report import CSV_COLUMNS, TIMEOUT, Recorder
-from simulators.load.runner import Plan, _share
+from simulators.load.runner import Plan, share_plan
 from tests.loadkit import (
     Host,
     check_adds_up,
@@ -102,11 +102,6 @@ def test_every_kind_of_request_reaches_the_host(tmp_path: Path) -> None:
     assert max(open_batches) > 1, "a batch close in the mix closed a batch"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a terminal keeps the sales of a batch it closed as reversible, so a mix with "
-    "batch closes sends reversals the host refuses (12, BATCH_SETTLED)",
-)
 def test_reversals_after_a_batch_close_reverse_sales_of_the_open_batch(tmp_path: Path) -> None:
     with serving(tmp_path, terminals=1) as h:
         status, report = run_load([
@@ -176,7 +171,7 @@ def test_two_processes_add_up_to_the_whole_run(tmp_path: Path) -> None:
 def test_a_plan_splits_into_shares_that_add_up() -> None:
     keys = [{"tid": f"T{i}", "mid": "M"} for i in range(5)]
     plan = Plan("127.0.0.1", 1, keys, connections=7, count=101, seed=4, rate="300")
-    shares = [_share(plan, i, 3) for i in range(3)]
+    shares = [share_plan(plan, i, 3) for i in range(3)]
     assert sum(s.count or 0 for s in shares) == 101
     assert sum(s.connections or 0 for s in shares) == 7
     assert sorted(k["tid"] for s in shares for k in s.key_files) == [k["tid"] for k in keys]
@@ -280,11 +275,6 @@ def test_a_malformed_threshold_exits_2_naming_it(plain_key: str) -> None:
     assert "bad threshold 'p99>>5ms'" in done.stderr
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: errors argparse finds (a malformed --fail-if, --count 0) print the whole usage "
-    "text before the error, not the one line the CLI's docstring promises for exit 2",
-)
 @pytest.mark.parametrize("options", [["--fail-if", "p99>>5ms"], ["--count", "0"]])
 def test_argument_errors_are_one_line_too(plain_key: str, options: list[str]) -> None:
     _one_line_usage_error(["run", "--port", "9", "--key-file", plain_key, "--no-mac", *options])
@@ -368,11 +358,6 @@ def test_a_target_that_never_answers_gives_timeouts(
     assert took < 0.5 + 0.3 + 1.5  # the run, then at most the timeout to drain
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: in a closed loop a timeout does not free its place: the engine expires the "
-    "request but sends nothing until an answer comes, so the connection stalls for good",
-)
 def test_a_timeout_frees_its_place_in_a_closed_loop(silent: SilentTarget, plain_key: str) -> None:
     status, report = run_load(["run", "--port", str(silent.port), "--key-file", plain_key,
                                "--no-mac", "--no-signon", "--timeout", "0.3", "--quiet",

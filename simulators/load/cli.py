@@ -20,7 +20,7 @@ import sys
 import tomllib
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from simulators.load.messages import KINDS
 from simulators.load.progress import Progress, Snapshot
@@ -59,8 +59,16 @@ def _positive(kind: type) -> Any:
     return parse
 
 
+class _Parser(argparse.ArgumentParser):
+    """An option mistake is one line (``acqhost-load run: error: ...``) and exit 2, not the
+    whole usage text: ``--help`` has that."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="acqhost-load", description=__doc__.split("\n\n")[0])
+    parser = _Parser(prog="acqhost-load", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     run = commands.add_parser("run", help="a synthetic mix of requests")
     replay = commands.add_parser("replay", help="replay a traffic file")
@@ -213,9 +221,11 @@ def _plan(args: argparse.Namespace) -> tuple[Plan, int, list[Any]]:
     rate = pick("rate")
     if rate is not None:
         try:
-            parse_schedule(str(rate), base)
+            schedule = parse_schedule(str(rate), base)
         except ScheduleError as exc:
             raise UsageError(str(exc)) from None
+        if not any(schedule.rates) and not (schedule.ramp and any(schedule.ramp)):
+            raise UsageError(f"--rate {rate}: a rate of 0 sends nothing")
     plan = Plan(
         host=pick("host", "127.0.0.1"), port=port, key_files=key_files, spec=pick("spec"),
         framing=pick("framing"), mac=not args.no_mac, signon=not (args.no_signon or args.no_mac),
@@ -288,7 +298,8 @@ def _report(result: Result, args: argparse.Namespace, thresholds: list[Any]) -> 
         data["counts"] = extra
         data["generator_cpu_us_per_request"] = round(cpu_us, 2)
         if args.command == "replay":
-            data["expectations"] = {"checked": result.checked, "mismatches": result.mismatches}
+            data["expectations"] = {"checked": result.checked, "mismatches": result.mismatches,
+                                    "unsendable": result.unsendable}  # fmt: skip
         data["failed"] = [f.reason for f in failures]
         data["prebuilt_exhausted"] = result.prebuilt_exhausted
         sys.stdout.write(json.dumps(data, indent=2) + "\n")
@@ -305,6 +316,8 @@ def _report(result: Result, args: argparse.Namespace, thresholds: list[Any]) -> 
             out += f"{sum(result.mismatches.values())}\n"
             for text, n in sorted(result.mismatches.items()):
                 out += f"  {text}: {n}\n"
+            for text, n in sorted(result.unsendable.items()):
+                out += f"  not sent, {text}: {n}\n"
         for f in failures:
             out += f"FAILED {f.reason}\n"
         sys.stdout.write(out)

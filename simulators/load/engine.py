@@ -161,8 +161,8 @@ def _seen(answer: dict[str, str]) -> Peek:
 
 
 class _Conn(asyncio.Protocol):
-    __slots__ = ("closed", "decoder", "engine", "in_flight", "index", "order", "out", "rest",
-                 "source", "transport", "waiting")  # fmt: skip
+    __slots__ = ("closed", "decoder", "engine", "exhausted", "in_flight", "index", "order", "out",
+                 "rest", "source", "transport", "waiting")  # fmt: skip
 
     def __init__(self, engine: Engine, source: Source, index: int) -> None:
         self.engine = engine
@@ -170,6 +170,7 @@ class _Conn(asyncio.Protocol):
         self.index = index
         self.decoder = FrameDecoder(engine.framing, 65535)
         self.rest = b""  # len2: the start of a frame not all received yet
+        self.exhausted = False  # its source has no more requests
         self.transport: asyncio.Transport | None = None
         # key -> (planned, request); order: keys in the order sent
         self.in_flight: dict[tuple[str, ...], tuple[float, Request]] = {}
@@ -429,7 +430,7 @@ class Engine:
             while len(in_flight) < limit:
                 request = take()
                 if request is None:
-                    self.stopping = True
+                    self.exhausted(conn)
                     break
                 key = request.key
                 if key in in_flight:  # the same key twice in flight: the first is lost
@@ -448,17 +449,28 @@ class Engine:
             waiting = conn.waiting
             while waiting and len(conn.in_flight) < limit and not self.stopping:
                 if not conn.send(waiting.popleft(), time.perf_counter()):
-                    self.stopping = True
+                    self.counts.unsent += 1
+                    self.exhausted(conn)
         conn.flush()
+
+    def exhausted(self, conn: _Conn) -> None:
+        """``conn``'s source has run out: the run ends when every connection's has."""
+        conn.exhausted = True
+        if all(c.exhausted for c in self.conns):
+            self.stopping = True
 
     def _dispatch(self, planned: float, index: int | None) -> None:
         if index is None:
             index = self._rr
             self._rr = (index + 1) % len(self.conns)
         conn = self.conns[index]
+        if conn.exhausted:
+            self.counts.unsent += 1
+            return
         if conn.transport is not None and len(conn.in_flight) < self.max_in_flight:
             if not conn.waiting and not conn.send(planned, time.perf_counter()):
-                self.stopping = True
+                self.counts.unsent += 1
+                self.exhausted(conn)
                 return
             if not conn.waiting:
                 conn.flush()
@@ -502,6 +514,7 @@ class Engine:
                 continue
             old = self.conns[index]
             conn.waiting = old.waiting
+            conn.exhausted = old.exhausted
             self.conns[index] = conn
             self.counts.reconnects += 1
             self.refill(conn)
@@ -532,6 +545,9 @@ class Engine:
                 break
             await asyncio.sleep(_TICK_S)
             self._expire(time.perf_counter() - self.timeout)
+            if self.plan is None:  # timeouts free places in a closed loop
+                for conn in self.conns:
+                    self.refill(conn)
             self._tick()
         self.stopping = True
         stopped = time.perf_counter()

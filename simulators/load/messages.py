@@ -318,6 +318,7 @@ class LoadTerminal:
             if rc == "00":
                 self.batch = int(tlv.get("NB", self.batch + 1))
                 self.batch_count = self.batch_amount = 0
+                self.approved.clear()  # a settled batch's sales are not reversed
             elif rc == "12" and tlv.get("NB", "").isdigit():
                 self.batch = int(tlv["NB"])
             elif rc == "95" and tlv.get("CT", "").lstrip("-").isdigit():

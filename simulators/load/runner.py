@@ -86,6 +86,7 @@ class Result:
     mismatches: dict[str, int] = field(default_factory=dict)
     checked: int = 0
     prebuilt_exhausted: bool = False
+    unsendable: dict[str, int] = field(default_factory=dict)  # replay: records skipped, why
 
     def export(self) -> dict[str, Any]:
         return {"recorder": self.recorder.export(), "counts": self.counts,
@@ -272,10 +273,11 @@ async def _run(
     if replayer is not None:
         result.mismatches = dict(replayer.mismatches)
         result.checked = replayer.checked
+        result.unsendable = dict(replayer.unsendable)
     return result
 
 
-def _share(plan: Plan, i: int, n: int) -> Plan:
+def share_plan(plan: Plan, i: int, n: int) -> Plan:
     def part(total: int | None) -> int | None:
         return None if total is None else total // n + (1 if i < total % n else 0)
 
@@ -318,7 +320,7 @@ def run_split(plan: Plan, processes: int, on_live: Callable[[Live], None] | None
     out = ctx.Queue()
     live = ctx.Queue(maxsize=1000)
     children = [
-        ctx.Process(target=_child, args=(i, _share(plan, i, processes), barrier, out, live))
+        ctx.Process(target=_child, args=(i, share_plan(plan, i, processes), barrier, out, live))
         for i in range(processes)
     ]
     for c in children:
