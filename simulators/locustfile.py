@@ -247,9 +247,6 @@ class PosTerminal(User):
             assert request.fields is not None
             terminal.learn(request.fields, answer)
             rc = answer.get("39")
-            if request.mti == "0500" and rc == "00":
-                # the closed batch's sales are settled: reversing them would be 12
-                terminal.approved.clear()
             error = None if rc == "00" else AnswerError(f"answered {rc}")
         except (OSError, ValueError, AnswerError) as exc:
             self._close()  # a late answer must not be taken for the next request's

@@ -70,6 +70,11 @@ class _Parser(argparse.ArgumentParser):
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="acqhost-load", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    register = commands.add_parser("register", help="register load terminals in a store")
+    register.add_argument("count", type=_positive(int), help="terminals LD000001 ... N")
+    register.add_argument("--db", required=True, help="the host's store")
+    register.add_argument("--config", help="the host's config file")
+    register.add_argument("--keys-dir", metavar="DIR", help="default: DB.load-keys")
     run = commands.add_parser("run", help="a synthetic mix of requests")
     replay = commands.add_parser("replay", help="replay a traffic file")
     replay.add_argument("file", help="traffic file (JSON Lines, README 'Traffic files')")
@@ -343,6 +348,14 @@ def _report(result: Result, args: argparse.Namespace, thresholds: list[Any]) -> 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    if args.command == "register":
+        try:
+            paths = register_terminals(args.db, args.count, args.keys_dir, config=args.config)
+        except RegisterError as exc:
+            print(f"acqhost-load: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        print(f"{len(paths)} load terminals; key files in {paths[0].parent}")
+        return 0
     try:
         plan, processes, thresholds = _plan(args)
     except UsageError as exc:

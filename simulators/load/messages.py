@@ -8,8 +8,10 @@ learnt from the host's answers (approved sales it may reverse, its open batch an
 Every request gets a fresh STAN and today's dates (fields 7, 12, 13, UTC). The n-th request of
 a terminal in a run uses sequence number ``seq = start + n``: STAN ``seq % 999,999 + 1`` and
 field 13 moved on ``seq // 999,999`` days, so that no two requests of a run share the host's
-duplicate key (41, 11, 13) however long it runs. ``start`` is random unless given, so that
-runs against one store rarely meet either (a meeting is a 94, counted like any answer).
+duplicate key (41, 11, 13) however long it runs. Unless given, ``start`` is a thousand numbers
+per second since midnight UTC (:func:`clock_start`), so that runs one after another against
+one store do not meet either while each terminal averages at most 1,000 requests a second
+(a meeting would be a 94, counted like any answer; ``--stan-start`` sets it by hand).
 """
 
 from __future__ import annotations
@@ -50,6 +52,15 @@ _NO_MAC: Final = "0" * 16  # the MAC field's place while the body is encoded
 _CARDS: Final = 16  # test cards each terminal's sales take in turn
 _REVERSIBLE: Final = 256  # approved sales a terminal remembers for reversals
 _STANS: Final = 999_999  # STANs 000001 to 999999
+_PER_SECOND: Final = 1_000  # clock_start's numbers per second
+
+
+def clock_start(now: float | None = None) -> int:
+    """Where a terminal's sequence starts when no ``stan_start`` is given: a thousand numbers
+    per second since midnight UTC, so that runs one after another never meet as long as each
+    sends at most 1,000 requests a second per terminal on average."""
+    seconds = (time.time() if now is None else now) % 86_400
+    return int(seconds * _PER_SECOND)
 
 
 def luhn_digit(body: str) -> str:
@@ -135,7 +146,7 @@ class LoadTerminal:
         self._encoder = FrameEncoder(self.framing)
         self._mac_fields: dict[tuple[str, ...], str] = {}  # field layout -> its MAC field
         self._tpdu = TPDU if self.framing == "len2-tpdu" else b""
-        start = secrets.randbelow(_STANS) if stan_start is None else stan_start
+        start = clock_start() if stan_start is None else stan_start
         self._seq = start
         self._day0 = clock().date()
         self._date_cache: tuple[int | None, tuple[str, str, str]] | None = None
