@@ -59,10 +59,10 @@ PY_SPY = shutil.which("py-spy", path=str(Path(PY).parent)) or shutil.which("py-s
 # A sample is a stack of frames, root first, each "function (file:line)" (Python) or
 # "function (library or C file)" (native). Its phase: walking from the innermost frame out, the
 # first frame that matches a pattern of a phase in PHASES (phases tried in the order listed
-# for each frame); if no frame matches one, the first that matches a pattern of FALLBACK; else
-# "other". A pattern is a substring of the frame's text. Phases whose code runs inside another
-# phase's (encode inside the answer's MAC step, the log flush inside the write) match first
-# because they are further in.
+# for each frame); if no frame matches one, the first that matches a pattern of FALLBACK
+# (modules whose code runs in several phases); else "other". A pattern is a substring of the
+# frame's text. Phases whose code runs inside another phase's (encode inside the answer's MAC
+# step, the log flush inside the write) match first because they are further in.
 PHASES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("garbage collection", ("gc_collect_main", "gc_collect_with_callback", "gc_collect")),
     ("logging", ("acqhost/log/", "structlog/", "logging/__init__.py", "HostCore.flush_log")),
@@ -95,7 +95,6 @@ PHASES: tuple[tuple[str, tuple[str, ...]], ...] = (
         "decisions (stages, context)",
         (
             "acqhost/host/",
-            "acqhost/domain/",
             "acqhost/wire/tlv.py",
             "acqhost/runtime/dispatch.py",
             "acqhost/errors.py",
@@ -158,6 +157,9 @@ PHASES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ),
 )
 FALLBACK: tuple[tuple[str, tuple[str, ...]], ...] = (
+    # Domain helpers run in several phases (a MAC for the check and for the answer): their
+    # caller's phase, found further out, counts first.
+    ("decisions (stages, context)", ("acqhost/domain/",)),
     (
         "event-loop overhead",
         (
@@ -173,7 +175,8 @@ FALLBACK: tuple[tuple[str, tuple[str, ...]], ...] = (
         ),
     ),
 )
-ORDER = (*(name for name, _ in PHASES), *(name for name, _ in FALLBACK), "other")
+ORDER = tuple(dict.fromkeys((*(name for name, _ in PHASES), *(name for name, _ in FALLBACK))))
+ORDER += ("other",)
 
 # Where a thread waits, off the CPU: the innermost named native frame of a sample (unnamed
 # addresses after it are the system call wrappers inside the C library).
@@ -262,16 +265,45 @@ def phase_of(frames: list[str]) -> str:
     return "other"
 
 
-def classify(samples: list[tuple[int, list[str], int]]) -> tuple[dict[int, Counter[str]], int]:
-    """Per thread, the samples on the CPU counted by phase; and the waiting samples dropped."""
+# System calls: a sample whose innermost named frame is one of these is in the kernel. py-spy
+# stops the host to read native stacks, and a thread is caught at a system call far more often
+# than the time it spends in them (measured: ~65% of the event loop's samples against ~25% of
+# its CPU time in the kernel), so samples in the kernel and in user space each split only the
+# CPU time /proc counts for their mode.
+SYSTEM_CALLS = frozenset(
+    (
+        "read", "write", "writev", "readv", "pread64", "pwrite64", "fcntl64", "fcntl",
+        "getpid", "sem_post", "pthread_cond_signal", "pthread_cond_broadcast", "epoll_ctl",
+        "sendmsg", "recvmsg", "send", "recv", "sendto", "recvfrom", "accept4", "close",
+        "openat", "fstat", "lseek", "futex", "syscall", "mmap", "munmap", "madvise", "brk",
+        "clock_gettime",
+    )
+)  # fmt: skip
+
+
+def in_kernel(frames: list[str]) -> bool:
+    i = len(frames) - 1
+    while i > 0 and frames[i].startswith("0x"):
+        i -= 1
+    return frame_name(frames[i]) in SYSTEM_CALLS
+
+
+def classify(
+    samples: list[tuple[int, list[str], int]],
+) -> tuple[dict[int, dict[str, Counter[str]]], int]:
+    """Per thread and mode ("user", "system"), the samples on the CPU counted by phase; and the
+    waiting samples dropped."""
     futex = wait_addresses(samples)
-    by_thread: dict[int, Counter[str]] = defaultdict(Counter)
+    by_thread: dict[int, dict[str, Counter[str]]] = defaultdict(
+        lambda: {"user": Counter(), "system": Counter()}
+    )
     waiting = 0
     for tid, frames, count in samples:
         if is_waiting(frames, futex):
             waiting += count
         else:
-            by_thread[tid][phase_of(frames)] += count
+            mode = "system" if in_kernel(frames) else "user"
+            by_thread[tid][mode][phase_of(frames)] += count
     return by_thread, waiting
 
 
@@ -436,29 +468,35 @@ def by_role(
 
 # -- the report --------------------------------------------------------------------------------
 def phase_table(run: dict[str, Any], rate: int) -> tuple[list[str], dict[str, float]]:
-    """µs per sale by phase: each thread role's CPU per sale in the unprofiled pass, split by
-    the shares of that role's samples on the CPU in the profiled pass."""
+    """µs per sale by phase: each thread role's user and system CPU per sale in the unprofiled
+    pass, split by the shares of that role's samples in user space and in the kernel in the
+    profiled pass."""
     by_thread, waiting = classify(run["samples"])
-    roles: dict[str, Counter[str]] = {"event loop": Counter(), "other threads": Counter()}
-    for tid, counts in by_thread.items():
-        roles["event loop" if tid == run["main"] else "other threads"].update(counts)
+    roles: dict[str, dict[str, Counter[str]]] = {
+        role: {"user": Counter(), "system": Counter()} for role in ("event loop", "other threads")
+    }
+    for tid, modes in by_thread.items():
+        role = roles["event loop" if tid == run["main"] else "other threads"]
+        for mode, counts in modes.items():
+            role[mode].update(counts)
     us: dict[str, float] = defaultdict(float)
     plain_sales = run["plain"]["answered"]
     for role, (user, system) in run["plain_cpu"].items():
-        counts = roles[role]
-        n = sum(counts.values())
-        if not n:
-            us["other"] += (user + system) / plain_sales * 1e6
-            continue
-        for phase, c in counts.items():
-            us[phase] += (user + system) * c / n / plain_sales * 1e6
+        for mode, seconds in (("user", user), ("system", system)):
+            counts = roles[role][mode]
+            n = sum(counts.values())
+            if not n:
+                us["other"] += seconds / plain_sales * 1e6
+                continue
+            for phase, c in counts.items():
+                us[phase] += seconds * c / n / plain_sales * 1e6
     total = sum(us.values())
     lines = [f"{'phase':<48}{'µs/sale':>9}{'share':>8}"]
     for phase in ORDER:
         if us.get(phase):
             lines.append(f"{phase:<48}{us[phase]:>9.1f}{us[phase] / total:>8.1%}")
     lines.append(f"{'total host CPU per sale (unprofiled pass)':<48}{total:>9.1f}")
-    on_cpu = sum(sum(c.values()) for c in roles.values())
+    on_cpu = sum(sum(c.values()) for modes in roles.values() for c in modes.values())
     profiled_sales = run["profiled"]["answered"]
     profiled_total = sum(u + s for u, s in run["profiled_cpu"].values())
     lines.append(
@@ -466,12 +504,13 @@ def phase_table(run: dict[str, Any], rate: int) -> tuple[list[str], dict[str, fl
         f"on CPU {on_cpu:,} ({on_cpu / rate:.2f} s at {rate}/s) against {profiled_total:.2f} s "
         f"measured; waiting samples dropped: {waiting:,}"
     )
-    for role in roles:
-        (u, s), (pu, ps) = run["plain_cpu"][role], run["profiled_cpu"][role]
+    for name, modes in roles.items():
+        (u, s), (pu, ps) = run["plain_cpu"][name], run["profiled_cpu"][name]
         lines.append(
-            f"  {role}: user {u / plain_sales * 1e6:.1f} + system {s / plain_sales * 1e6:.1f}"
+            f"  {name}: user {u / plain_sales * 1e6:.1f} + system {s / plain_sales * 1e6:.1f}"
             f" µs/sale (profiled pass {pu / profiled_sales * 1e6:.1f} + "
-            f"{ps / profiled_sales * 1e6:.1f}), {sum(roles[role].values()):,} samples on CPU"
+            f"{ps / profiled_sales * 1e6:.1f}); samples on CPU: "
+            f"{sum(modes['user'].values()):,} user, {sum(modes['system'].values()):,} system"
         )
     return lines, us
 
@@ -486,18 +525,68 @@ def top_stacks(run: dict[str, Any], phase: str, n: int) -> list[str]:
     return [f"{v:>6}  {k}" for k, v in c.most_common(n)]
 
 
+def shape_report(run: dict[str, Any], echo: dict[str, Any], args: argparse.Namespace) -> list[str]:
+    plain, profiled = run["plain"], run["profiled"]
+    lines, us = phase_table(run, args.rate)
+    cpu_us = sum(us.values())
+    connections, depth = run["shape"]
+    report = [
+        "",
+        f"== {connections} connections x {depth} in flight ({connections} terminals) ==",
+        f"unprofiled: {plain['tps']:,.0f} sales/s, p50 {plain['p50_ms']:.2f} ms, "
+        f"p99 {plain['p99_ms']:.2f} ms, host CPU {cpu_us:.1f} µs/sale",
+        f"profiled:   {profiled['tps']:,.0f} sales/s",
+        f"echo server: {echo['tps']:,.0f} messages/s, {echo['cpu_us']:.1f} µs/message; "
+        f"acqhost / echo = {cpu_us / echo['cpu_us']:.1f}x",
+        *lines,
+    ]
+    if args.explain:
+        for phase in ORDER:
+            report += [f"-- {phase}", *top_stacks(run, phase, 8)]
+    return report
+
+
+def save(out: Path, run: dict[str, Any], echo: dict[str, Any]) -> None:
+    """The run's figures (JSON) and its stacks (gzipped, one line a stack: ``thread (tid);``
+    frames root first, then the count), from which ``--from`` reports again."""
+    name = "{}x{}".format(*run["shape"])
+    figures = {k: v for k, v in run.items() if k != "samples"}
+    (out / f"figures-{name}.json").write_text(json.dumps({"run": figures, "echo": echo}) + "\n")
+    stacks = "".join(
+        f"thread ({tid});{';'.join(frames)} {count}\n" for tid, frames, count in run["samples"]
+    )
+    (out / f"stacks-{name}.txt.gz").write_bytes(gzip.compress(stacks.encode()))
+
+
+def load_saved(out: Path) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    runs = []
+    for figures in sorted(out.glob("figures-*.json")):
+        data = json.loads(figures.read_text())
+        run = data["run"]
+        name = figures.stem.removeprefix("figures-")
+        run["samples"] = parse_raw(
+            gzip.decompress((out / f"stacks-{name}.txt.gz").read_bytes()).decode()
+        )
+        runs.append((run, data["echo"]))
+    return runs
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--shapes", default="64x1,8x4", help="connections x in flight, comma list")
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per load pass")
     parser.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
     parser.add_argument("--log-level", default="info", help="the host's log level")
-    parser.add_argument("--out", help="directory for the raw stacks and this report")
+    parser.add_argument("--out", help="directory for the figures, the raw stacks and the report")
+    parser.add_argument("--from", dest="saved", help="report again from an --out directory")
     parser.add_argument("--explain", action="store_true", help="also print the top stacks")
     args = parser.parse_args()
+    if args.saved:
+        for run, echo in load_saved(Path(args.saved)):
+            print("\n".join(shape_report(run, echo, args)))
+        return 0
     if PY_SPY is None:
         raise SystemExit("py-spy not found: .venv/bin/pip install py-spy")
-    shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
     out = Path(args.out) if args.out else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
@@ -507,46 +596,25 @@ def main() -> int:
         f"{args.rate}/s, --native --threads; CPython {sys.version.split()[0]}, "
         f"{os.cpu_count()} cores; PYTHONUNBUFFERED={os.environ.get('PYTHONUNBUFFERED', '')!r}"
     ]
-    for connections, depth in shapes:
-        shape = (connections, depth)
+    print(report[0], flush=True)
+    for shape_text in args.shapes.split(","):
+        connections, depth = (int(x) for x in shape_text.split("x"))
         base = Path(tempfile.mkdtemp(prefix="acqhost-profile-"))
         try:
             with contextlib.redirect_stdout(io.StringIO()):
                 keys = make_store(base, connections)
-            echo = echo_floor(keys, shape, args)
-            run = profile_host(base, keys, shape, args)
+            echo = echo_floor(keys, (connections, depth), args)
+            run = profile_host(base, keys, (connections, depth), args)
         finally:
             shutil.rmtree(base, ignore_errors=True)
-        plain, profiled = run["plain"], run["profiled"]
-        lines, us = phase_table(run, args.rate)
-        cpu_us = sum(us.values())
-        name = f"{connections}x{depth}"
-        report += [
-            "",
-            f"== {connections} connections x {depth} in flight ({connections} terminals) ==",
-            f"unprofiled: {plain['tps']:,.0f} sales/s, p50 {plain['p50_ms']:.2f} ms, "
-            f"p99 {plain['p99_ms']:.2f} ms, host CPU {cpu_us:.1f} µs/sale",
-            f"profiled:   {profiled['tps']:,.0f} sales/s",
-            f"echo server: {echo['tps']:,.0f} messages/s, {echo['cpu_us']:.1f} µs/message; "
-            f"acqhost / echo = {cpu_us / echo['cpu_us']:.1f}x",
-            *lines,
-        ]
-        if args.explain:
-            for phase in ORDER:
-                report += [f"-- {phase}", *top_stacks(run, phase, 8)]
+        run["shape"] = [connections, depth]
+        lines = shape_report(run, echo, args)
+        print("\n".join(lines), flush=True)
+        report += lines
         if out is not None:
-            (out / f"stacks-{name}.txt.gz").write_bytes(
-                gzip.compress(
-                    "".join(
-                        f"thread ({tid});{';'.join(frames)} {count}\n"
-                        for tid, frames, count in run["samples"]
-                    ).encode()
-                )
-            )
-    text = "\n".join(report)
-    print(text)
+            save(out, run, echo)
     if out is not None:
-        (out / "report.txt").write_text(text + "\n")
+        (out / "report.txt").write_text("\n".join(report) + "\n")
     return 0
 
 
