@@ -9,13 +9,15 @@ free loopback port and drives it with the load generator (``simulators.loadtest`
    same load runs, and the samples are sorted into phases by the rules in ``PHASES``.
 
 CPU, not wall time: a sample whose thread is waiting (epoll, a futex behind a lock, a
-condition or the GIL, fsync's disk wait) is dropped (``is_waiting``); what is left of each
-thread's samples splits that thread's CPU time, read from /proc over the same window, between
-the phases; the sum over threads, divided by the sales answered, is the table's µs per sale.
-So the table adds up to the host's measured CPU, and a thread that waits much does not weigh
-more for it. Sampling pauses the host (py-spy reads native stacks from a stopped process), so
-the profiled pass answers fewer sales per second and costs somewhat more per sale than the
-unprofiled one; both are printed.
+condition or the GIL, fsync's disk wait) is dropped (``is_waiting``). Each thread role (the
+event loop's thread; all the others) has its user and system time measured from /proc in the
+unprofiled pass; its samples in user space split the user time between the phases, its samples
+in a system call (``SYSTEM_CALLS``) the system time (py-spy's stops catch threads at system
+calls far more often than the time they spend in them). The sum, divided by the sales
+answered, is the table's µs per sale: it adds up to the host's measured CPU, and a thread that
+waits much does not weigh more for it. Sampling pauses the host (py-spy reads native stacks
+from a stopped process), so the profiled pass answers fewer sales per second and costs more
+per sale than the unprofiled one; both are printed.
 
 In the same run, the floor: ``benchmarks/echo_server.py`` (a bare uvloop length-prefixed echo
 server) driven by the same generator and shape (``--no-mac --echo``), CPU per message.
@@ -24,7 +26,8 @@ Needs py-spy in the virtual environment (``.venv/bin/pip install py-spy``) and t
 trace the host (root, or ``kernel.yama.ptrace_scope`` 0). Loopback only; a few seconds per
 measurement; every process it starts is stopped before it exits.
 
-Run: ``python benchmarks/profile_sale.py [--shapes 64x1,8x4] [--duration S] [--out DIR]``.
+Run: ``python benchmarks/profile_sale.py [--shapes 64x1,8x4] [--duration S] [--out DIR]``;
+``--from DIR`` reports again from a run's saved figures and stacks.
 """
 
 from __future__ import annotations
