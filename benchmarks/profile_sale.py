@@ -2,7 +2,7 @@
 
 For each load shape (connections x requests in flight per connection) it makes a fresh store
 with one terminal per connection, starts ``python -m acqhost serve`` (one worker, SQLite) on a
-free loopback port and drives it with the load generator (``simulators.loadtest``), twice:
+free loopback port and drives it with the load generator (``acqhost-load run --prebuilt``), twice:
 
 1. unprofiled: host CPU per sale and sales/s, the figures to compare with the echo server;
 2. profiled: ``py-spy record --native --threads`` samples every thread of the host while the
@@ -52,6 +52,11 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from e2e import load as e2e_load  # noqa: E402
+from e2e import make_store  # noqa: E402
 
 from simulators.processes import free_port, wait_listening  # noqa: E402
 
@@ -340,45 +345,17 @@ def process_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / tick
 
 
-def make_store(base: Path, terminals: int) -> list[Path]:
-    """A fresh store with ``terminals`` terminals, as ``acqhost init`` and ``terminal add``
-    make them; their key files, for the load generator."""
-    from acqhost.cli import main as acqhost
-
-    db = str(base / "acqhost.db")
-    if acqhost(["init", "--db", db]) != 0:
-        raise SystemExit("acqhost init failed")
-    keys = []
-    for i in range(terminals):
-        key = base / f"T{i:07d}.json"
-        status = acqhost(
-            ["terminal", "add", "--db", db, "--tid", f"T{i:07d}", "--mid", f"M{i:014d}",
-             "--merchant-name", "Bench", "--holder", "Bench", "--account", "6222020200112233446",
-             "--bank-code", "102100099996", "--sale-limit", "100000000", "--key-out", str(key)]
-        )  # fmt: skip
-        if status != 0:
-            raise SystemExit("acqhost terminal add failed")
-        keys.append(key)
-    return keys
-
-
 def load(
     port: int, keys: list[Path], shape: tuple[int, int], args: argparse.Namespace, *extra: str
 ) -> dict[str, Any]:
+    """One acqhost-load run of prebuilt sales at ``shape`` (connections, depth in flight)."""
     connections, depth = shape
-    cmd = [PY, "-m", "simulators.loadtest", "--port", str(port),
-           "--connections", str(connections), "--depth", str(depth),
-           "--duration", str(args.duration), "--frames", str(int(args.duration * 50_000)),
-           *extra]  # fmt: skip
-    for k in keys:
-        cmd += ["--key-file", str(k)]
-    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    if out.returncode != 0:
-        raise SystemExit(f"load generator failed: {out.stderr[-2000:]}")
-    result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
-    if result.get("exhausted"):
-        raise SystemExit("the load generator ran out of distinct sales: raise --duration's frames")
-    if result.get("sample_failures"):
+    run = argparse.Namespace(connections=connections, depth=depth, duration=args.duration,
+                             frames=int(args.duration * 50_000))  # fmt: skip
+    echo = "--echo" in extra
+    extra = tuple(e for e in extra if e != "--echo") + (("--no-signon", "--repeat") if echo else ())
+    result = e2e_load(port, keys, run, *extra)
+    if result["sample_failures"] and not echo:
         raise SystemExit(f"sales not approved: {result['sample_failures']}")
     return result
 
@@ -419,7 +396,7 @@ def profile_host(
     try:
         wait_listening(port, proc, 20)
         before = thread_cpu(proc.pid)
-        plain = load(port, keys, shape, args)
+        plain = load(port, keys, shape, args, "--stan-start", "0")
         plain_cpu = by_role(proc.pid, before, thread_cpu(proc.pid))
         raw = base / "stacks.txt"
         assert PY_SPY is not None
@@ -435,7 +412,7 @@ def profile_host(
             assert spy.stderr is not None
             raise SystemExit(f"py-spy failed: {spy.stderr.read().decode()[-2000:]}")
         before = thread_cpu(proc.pid)
-        profiled = load(port, keys, shape, args, "--offset", "5000000")
+        profiled = load(port, keys, shape, args, "--stan-start", "5000000")
         profiled_cpu = by_role(proc.pid, before, thread_cpu(proc.pid))
         stop(spy, signal.SIGINT)  # py-spy writes its file on SIGINT
         spy = None
