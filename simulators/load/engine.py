@@ -41,6 +41,7 @@ __all__ = (
     "MixSource",
     "PrebuiltSource",
     "Source",
+    "mix_sources",
     "sign_on_all",
 )
 

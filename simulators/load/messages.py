@@ -150,6 +150,7 @@ class LoadTerminal:
         self._seq = start
         self._day0 = clock().date()
         self._date_cache: tuple[int | None, tuple[str, str, str]] | None = None
+        self._shifted = (0, "")  # (days, field 13 that many days after the run's first day)
         self.pans = [test_pan(f"{self.tid}/card/{i}") for i in range(_CARDS)]
         # learnt from answers
         self.approved: deque[dict[str, str]] = deque(maxlen=_REVERSIBLE)
@@ -182,7 +183,11 @@ class LoadTerminal:
             cached = self._date_cache = (second, texts)
         f7, f12, f13 = cached[1]
         if days:
-            f13 = (self._day0 + datetime.timedelta(days=days)).strftime("%m%d")
+            shifted = self._shifted
+            if shifted[0] != days:
+                day = self._day0 + datetime.timedelta(days=days)
+                shifted = self._shifted = (days, day.strftime("%m%d"))
+            f13 = shifted[1]
         return f7, f"{stan:06d}", f12, f13
 
     # -- sign-on -----------------------------------------------------------------------------
