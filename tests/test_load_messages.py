@@ -21,6 +21,7 @@ from simulators.load.messages import (
     luhn_digit,
 )
 from simulators.load.messages import test_pan as card_for  # not a test
+from simulators.load.template import offsets
 
 KEY_FILE = {"tid": "LD000001", "mid": "LOADMERCHANT001", "terminal_signing_key": "22" * 32}
 NOON = datetime.datetime(2026, 3, 14, 12, 30, 45, tzinfo=datetime.UTC)
@@ -266,3 +267,33 @@ def test_every_kind_builds_a_request() -> None:
             assert luhn_ok(account) and account.startswith(TEST_BIN)
     assert mtis == {"sale": "0200", "test_sale": "0200", "reversal": "0200", "inquiry": "0300",
                     "rebind": "0300", "batch_close": "0500"}  # fmt: skip
+
+
+# -- the sale template ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mac", [True, False])
+def test_a_templated_sale_is_byte_for_byte_the_encoded_one(mac: bool) -> None:
+    spliced = LoadTerminal(KEY_FILE, mac=mac, stan_start=5)
+    encoded = LoadTerminal(KEY_FILE, mac=mac, stan_start=5)
+    if mac:
+        spliced.static_session()
+        encoded.static_session()
+    for amount in (1, 250, 99_999, 123_456_789):
+        fast = spliced.sale_request(amount, keep_fields=True)
+        assert fast.fields is not None
+        slow = encoded.request(dict(fast.fields), "sale")
+        assert fast.frame == slow.frame
+        assert fast.key == slow.key and fast.mti == "0200"
+    assert spliced.sale_request(7, keep_fields=False).fields is None
+
+
+def test_offsets_refuse_a_layout_whose_length_prefix_would_change() -> None:
+    terminal = LoadTerminal(KEY_FILE, mac=False)
+    fields = terminal.sale_fields(100)
+    fields["2"] = "622202123456789012"  # 18 digits: the other value keeps the length ...
+    assert offsets(terminal.codec.encode, fields, ("2", "4")) is not None
+    assert offsets(terminal.codec.encode, fields, ("3",)) is not None
+    # ... but a field whose bytes are not its text (the binary MAC) has no offset
+    fields["64"] = "0" * 16
+    assert offsets(terminal.codec.encode, fields, ("64",)) is None

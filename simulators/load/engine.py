@@ -107,7 +107,7 @@ class MixSource(Source):
         self.mix = mix
         self._kinds = mix.kinds_iter()
         self._turn = itertools.cycle(terminals)
-        self.learns = any(k in mix.kinds for k in ("reversal", "batch_close"))
+        self.learns = mix.learns
 
     def next(self) -> Request | None:
         return self.build()

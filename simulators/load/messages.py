@@ -32,6 +32,7 @@ from acqhost.wire import specs
 from acqhost.wire.codec import Codec, compile_spec
 from acqhost.wire.framing import FrameEncoder
 from acqhost.wire.tlv import decode_tlv, encode_tlv
+from simulators.load.template import offsets
 
 __all__ = (
     "KINDS",
@@ -145,6 +146,9 @@ class LoadTerminal:
         self.clock = clock
         self._encoder = FrameEncoder(self.framing)
         self._mac_fields: dict[tuple[str, ...], str] = {}  # field layout -> its MAC field
+        # the sale's template (template.py), once compiled: None when the layout has none
+        self._sale_template: tuple[str, ...] | None = None
+        self._sale_compiled = False
         self._tpdu = TPDU if self.framing == "len2-tpdu" else b""
         start = clock_start() if stan_start is None else stan_start
         self._seq = start
@@ -249,6 +253,58 @@ class LoadTerminal:
 
     def frame(self, message: bytes) -> bytes:
         return self._encoder.encode(message, self._tpdu)
+
+    def sale_request(self, amount: int, *, keep_fields: bool) -> Request:
+        """A sale, as :meth:`sale_fields` and :meth:`request` make it, spliced into this
+        terminal's sale template (template.py) when its layout allows one: the fields dict
+        is made only when ``keep_fields`` (to learn from the answer)."""
+        if not self._sale_compiled:
+            self._sale_template = self._compile_sale()
+            self._sale_compiled = True
+        template = self._sale_template
+        pan = self.pans[self._seq % _CARDS]
+        f7, f11, f12, f13 = self._numbers()
+        f4 = f"{amount:012d}"
+        fields: dict[str, str] | None = None
+        if keep_fields or template is None:
+            fields = {"t": "0200", "2": pan, "3": "000000", "4": f4, "7": f7, "11": f11,
+                      "12": f12, "13": f13, "14": "3012", "22": "051", "25": "00",
+                      "41": self.tid, "42": self.mid, "49": "156"}  # fmt: skip
+        if template is None:
+            assert fields is not None
+            return self.request(fields, "sale")
+        s0, s1, s2, s3, s4, s5, s6 = template  # the constant text around the six values
+        message = "".join((s0, pan, s1, f4, s2, f7, s3, f11, s4, f12, s5, f13, s6)).encode(
+            "latin-1"
+        )
+        if self.mac:
+            assert self.keys is not None
+            message += hashlib.blake2b(message, key=self.keys.tx_mac, digest_size=8).digest()
+        frame = self._encoder.encode(message, self._tpdu)
+        return Request(frame, (self.tid, f11), "0200", "sale", fields)
+
+    def _compile_sale(self) -> tuple[str, ...] | None:
+        """The constant parts of this terminal's sale (latin-1 text, the MAC left out) between
+        fields 2, 4, 7, 11, 12 and 13, which ISO 8583 puts in that order."""
+        fields = {"t": "0200", "2": self.pans[0], "3": "000000", "4": "000000000001",
+                  "7": "0101000000", "11": "000001", "12": "000000", "13": "0101",
+                  "14": "3012", "22": "051", "25": "00", "41": self.tid, "42": self.mid,
+                  "49": "156"}  # fmt: skip
+        if self.mac:
+            fields["64"] = _NO_MAC
+        varying = ("2", "4", "7", "11", "12", "13")
+        at = offsets(self.codec.encode, fields, varying)
+        if at is None or [at[k] for k in varying] != sorted(at.values()):
+            return None
+        text = self.codec.encode(fields).decode("latin-1")
+        if self.mac:
+            text = text[:-8]
+        parts, pos = [], 0
+        for key in varying:
+            parts.append(text[pos : at[key]])
+            pos = at[key] + len(fields[key])
+        parts.append(text[pos:])
+        return tuple(parts)
 
     def request(self, fields: dict[str, str], kind: str, *, mac: bool | None = None) -> Request:
         frame = self._encoder.encode(self.encode(fields, mac=mac), self._tpdu)
@@ -386,6 +442,8 @@ class Mix:
         self.test_amount = test_amount
         self.rebind = rebind
         self.random = random.Random(seed)
+        # answers teach terminals something (the sales they may reverse, their batch)
+        self.learns = bool(weights.get("reversal") or weights.get("batch_close"))
         self._accounts = 0
 
     def kinds_iter(self) -> Iterator[str]:
@@ -402,7 +460,7 @@ class Mix:
         if kind in ("sale", "reversal"):
             low, high = self.amounts
             amount = low + int(self.random.random() * (high - low + 1))
-            return terminal.request(terminal.sale_fields(amount), "sale")
+            return terminal.sale_request(amount, keep_fields=self.learns)
         if kind == "test_sale":
             return terminal.request(terminal.sale_fields(self.test_amount, test=True), kind)
         if kind == "inquiry":
