@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import json
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
 from acqhost.domain.cards import luhn_ok
+from acqhost.wire import specs
 from acqhost.wire.tlv import decode_tlv, encode_tlv
 from simulators.load.messages import (
     KINDS,
@@ -18,6 +21,7 @@ from simulators.load.messages import (
     Mix,
     RebindData,
     answer_key,
+    load_spec,
     luhn_digit,
 )
 from simulators.load.messages import test_pan as card_for  # not a test
@@ -297,3 +301,15 @@ def test_offsets_refuse_a_layout_whose_length_prefix_would_change() -> None:
     # ... but a field whose bytes are not its text (the binary MAC) has no offset
     fields["64"] = "0" * 16
     assert offsets(terminal.codec.encode, fields, ("64",)) is None
+
+
+def test_a_spec_may_come_from_a_json_file(tmp_path: Path) -> None:
+    path = tmp_path / "dialect.json"
+    path.write_text(json.dumps(specs.load("acq87")))
+    terminal = LoadTerminal(KEY_FILE, mac=False, spec=str(path))
+    assert terminal.spec == specs.load("acq87")
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"t": 1}')
+    for name, says in ((str(bad), "bad.json"), (str(tmp_path / "none.json"), "none.json")):
+        with pytest.raises(ValueError, match=says):
+            load_spec(name)

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from simulators.load.messages import KINDS
+from simulators.load.messages import KINDS, load_spec
 from simulators.load.progress import Progress, Snapshot
 from simulators.load.register import RegisterError, register_terminals
 from simulators.load.report import render_csv, render_table
@@ -82,7 +82,8 @@ def _parser() -> argparse.ArgumentParser:
         t = p.add_argument_group("target")
         t.add_argument("--host", default=None, help="default 127.0.0.1")
         t.add_argument("--port", type=int, help="the host's port")
-        t.add_argument("--spec", help="message spec (default: the key file's, else acq87)")
+        t.add_argument("--spec", help="message spec: acq87, cup-pos or a pyiso8583 spec file "
+                       "(*.json); default: the key file's, else acq87")  # fmt: skip
         t.add_argument("--framing", choices=("len2", "len4", "len2-tpdu"))
         t.add_argument("--no-mac", action="store_true", help="send no MAC, check none")
         t.add_argument("--no-signon", action="store_true", help="do not sign terminals on "
@@ -218,6 +219,11 @@ def _plan(args: argparse.Namespace) -> tuple[Plan, int, list[Any]]:
         return value if value is not None else scenario.get(name, default)
 
     key_files = _key_files(args, scenario, base)
+    if pick("spec") is not None:
+        try:
+            load_spec(str(pick("spec")))
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
     port = pick("port")
     if port is None and key_files:
         port = key_files[0].get("port")

@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import json
 import random
 import secrets
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Final, NamedTuple
 
 from acqhost.domain import crypto
@@ -41,6 +43,7 @@ __all__ = (
     "RebindData",
     "Request",
     "SignOn",
+    "load_spec",
     "luhn_digit",
     "test_pan",
 )
@@ -54,6 +57,27 @@ _CARDS: Final = 16  # test cards each terminal's sales take in turn
 _REVERSIBLE: Final = 256  # approved sales a terminal remembers for reversals
 _STANS: Final = 999_999  # STANs 000001 to 999999
 _PER_SECOND: Final = 1_000  # clock_start's numbers per second
+
+
+def load_spec(name: str) -> dict[str, dict[str, Any]]:
+    """A bundled spec by name (``acq87``, ``cup-pos``), or a pyiso8583 spec in a JSON file
+    (a name ending ``.json``): for hosts that speak another dialect. ValueError when it is
+    neither, or the file is not a spec the codec can compile."""
+    if not name.endswith(".json"):
+        return specs.load(name)
+    try:
+        spec = json.loads(Path(name).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ValueError(f"spec file {name}: {exc.strerror or exc}") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"spec file {name}: not JSON ({exc.msg})") from None
+    if not isinstance(spec, dict):
+        raise ValueError(f"spec file {name}: not a pyiso8583 spec (a JSON object of fields)")
+    try:
+        compile_spec(spec)
+    except (ValueError, TypeError, KeyError) as exc:
+        raise ValueError(f"spec file {name}: {exc}") from None
+    return spec
 
 
 def clock_start(now: float | None = None) -> int:
@@ -139,7 +163,7 @@ class LoadTerminal:
         host_pk = key_file.get("host_public_key")
         self.host_public_key = bytes.fromhex(host_pk) if host_pk else None
         self.framing: str = framing or str(key_file.get("framing", "len2"))
-        self.spec = specs.load(spec or str(key_file.get("spec", "acq87")))
+        self.spec = load_spec(spec or str(key_file.get("spec", "acq87")))
         self.codec: Codec = compile_spec(self.spec)
         self.mac = mac
         self.keys: crypto.SessionKeys | None = None
