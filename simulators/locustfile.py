@@ -149,7 +149,9 @@ class PosTerminal(User):
         self.sock: socket.socket | None = None
         self.decoder: FrameDecoder | None = None
         self.address: tuple[str, int] = ("127.0.0.1", 0)
-        self.mix = Mix({"sale": 1})
+        # the builder of each kind (Locust's @task weights choose the kind): the weights
+        # given so that the builder keeps what reversals and batch closes learn from
+        self.mix = Mix({**{k: w for k, w in MIX.items() if w}, "sale": 1})
 
     # -- connection ---------------------------------------------------------------------------
 
@@ -244,8 +246,8 @@ class PosTerminal(User):
             if (answer.get("41"), answer.get("11")) != request.key[:2]:
                 raise AnswerError(f"answer to {answer.get('41')}/{answer.get('11')}, "
                                   f"not to {'/'.join(request.key[:2])}")  # fmt: skip
-            assert request.fields is not None
-            terminal.learn(request.fields, answer)
+            if request.fields is not None:  # None: a sale of a mix that learns nothing
+                terminal.learn(request.fields, answer)
             rc = answer.get("39")
             error = None if rc == "00" else AnswerError(f"answered {rc}")
         except (OSError, ValueError, AnswerError) as exc:
