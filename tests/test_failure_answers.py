@@ -13,6 +13,8 @@ from typing import Any
 
 import anyio
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from acqhost.domain import crypto
 from acqhost.host.answers import (
@@ -233,6 +235,38 @@ def test_a_write_that_fails_answers_96_with_the_echo_and_nothing_approved(host: 
     answer = CODEC.decode(core.answer(ctx))
     check_failure_answer(fields, answer, "96")
     assert "64" in answer and "37" not in answer and "38" not in answer
+
+
+@settings(
+    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    st.one_of(
+        st.binary(max_size=200),
+        st.builds(lambda mti, rest: mti + rest, st.sampled_from([b"0200", b"0400", b"0500",
+                  b"0800", b"0300", b"02A0", b"ABCD"]), st.binary(max_size=200)),
+        st.builds(lambda cut, flip: _damaged(cut, flip), st.integers(4, 140), st.integers(0, 255)),
+    )
+)  # fmt: skip
+def test_whatever_arrives_is_answered_with_a_failure_answer_or_not_at_all(
+    host: Any, frame: bytes
+) -> None:
+    core, _ = host
+    ctx = core.decide(frame)
+    if ctx is None:
+        assert "t" not in CODEC.decode_partial(frame)
+        return
+    answer = CODEC.decode(core.answer(ctx))
+    assert answer["39"] != "00" and answer["t"] == response_mti(ctx.req["t"])
+    check_failure_answer(ctx.req, answer, answer["39"])
+
+
+def _damaged(cut: int, flip: int) -> bytes:
+    """A whole sale, MAC and all, with one byte changed at ``cut`` (or cut off there)."""
+    whole = CODEC.encode(sale_frame())
+    if flip == 0:
+        return whole[:cut]
+    return whole[:cut] + bytes([whole[cut % len(whole)] ^ flip]) + whole[cut + 1 :]
 
 
 # -- a real host on loopback -----------------------------------------------------------------
