@@ -5,8 +5,9 @@ code) and runs the route's stages: the answer is built, and what must be durable
 may leave is ``ctx.effect``. The runtime makes that durable (group commit in its ledger), then
 :meth:`HostCore.complete` finishes the answer from the write's outcome and
 :meth:`HostCore.answer` MACs, encodes and logs it. Without an effect, ``answer`` follows
-``decide`` at once. The server and the pipeline benchmark run exactly these calls. Only an
-undecodable frame gets no answer.
+``decide`` at once. The server and the pipeline benchmark run exactly these calls. Every
+failure answer is made by :func:`acqhost.host.answers.failure_answer`; only a frame whose MTI
+cannot be read gets no answer.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any, NamedTuple
 
 from acqhost.domain import crypto
 from acqhost.errors import Decline
+from acqhost.host.answers import carries_mac, echo_fields, failure_answer
 from acqhost.host.context import Context
 from acqhost.host.routes import network, rebind, reversal, sale, settle
 from acqhost.host.stages import (
@@ -32,7 +34,6 @@ from acqhost.host.stages import (
 from acqhost.host.state import HostState
 from acqhost.log import get_logger, message_logger
 from acqhost.wire.codec import Codec, CodecError
-from acqhost.wire.tlv import encode_tlv
 
 __all__ = ("HostCore", "Route", "build_routes", "response_mti")
 
@@ -56,7 +57,7 @@ def build_routes() -> dict[tuple[str, str], Route]:
     mac_checked: tuple[Stage, ...] = (known_terminal, signed_on, verify_mac)
     rebind_head: tuple[Stage, ...] = (
         *mac_checked,
-        fields(rebind.REBIND_FIELDS, ("7", "11")),
+        fields(rebind.REBIND_FIELDS, ("3", "7", "11")),
         rebind.file_name,
         parse_tlv,
     )
@@ -101,18 +102,29 @@ def build_routes() -> dict[tuple[str, str], Route]:
         ),
         ("0500", ""): Route(
             "settle",
-            (*mac_checked, fields(settle.SETTLE_FIELDS, ("7", "11")), parse_tlv, settle.settle),
+            (
+                *mac_checked,
+                fields(settle.SETTLE_FIELDS, ("3", "7", "11")),
+                parse_tlv,
+                settle.settle,
+            ),
             settle.SETTLE_ECHO,
         ),
     }
 
 
 def _unknown_route(state: HostState, ctx: Context) -> None:
-    """Anything without a route: 12, after the checks that decide whether we may MAC it."""
+    """Anything without a route: after the checks that decide whether we may MAC the answer,
+    30 when field 3 or the field that routes the MTI is not all digits, else 12."""
     known_terminal(state, ctx)
-    if "64" in ctx.req or "128" in ctx.req:
+    req = ctx.req
+    if "64" in req or "128" in req:
         signed_on(state, ctx)
         verify_mac(state, ctx)
+    for name in ("3", ROUTE_FIELD.get(req["t"], "3")):
+        value = req.get(name)
+        if value is not None and not (value.isdigit() and value.isascii()):
+            raise Decline("30", f"FORMAT_{name}")
     raise Decline("12", "NO_ROUTE")
 
 
@@ -120,12 +132,18 @@ UNKNOWN = Route("unknown", (_unknown_route,), ("3", "4", "7", "11", "41", "42", 
 
 
 def response_mti(mti: str) -> str:
-    """0200 -> 0210, 0800 -> 0810; a response MTI stays as it is."""
-    return mti[:2] + str(int(mti[2]) | 1) + mti[3] if mti[2].isdigit() else mti
+    """0200 -> 0210, 0800 -> 0810; a response MTI stays as it is; an MTI whose third position
+    is not a digit gets 1 there (the answer to a malformed MTI is never that MTI)."""
+    return mti[:2] + (str(int(mti[2]) | 1) if mti[2].isdigit() else "1") + mti[3:]
 
 
 # response_mti of the MTIs seen (~0.6 us each time otherwise).
 _response_mtis: dict[str, str] = {}
+
+# How a format error names the codec's keys that are not field numbers.
+_FIELD_NAMES = {"h": "HEADER", "t": "MTI", "p": "BITMAP", "1": "BITMAP"}
+# The last hex digit of a bitmap whose last bit (64, or 128) is set.
+_ODD_HEX = frozenset("13579BDFbdf")
 
 
 class HostCore:
@@ -135,6 +153,9 @@ class HostCore:
         self.codec = codec
         self.state = state
         self.routes = build_routes()
+        # What the failure answers to each MTI echo (PROTOCOL.md 3): its routes' echo fields.
+        self.failure_echo = {key[0]: echo_fields(r.echo) for key, r in self.routes.items()}
+        self.unknown_echo = echo_fields(UNKNOWN.echo)
         self.log = get_logger("acqhost.message")
         self.message_log = message_logger("acqhost.message")
         # One event per message at level info; checked here so a quieter host pays nothing.
@@ -186,22 +207,20 @@ class HostCore:
         try:
             req = self.codec.decode(frame)
         except CodecError as e:
-            mti = self.codec.peek_mti(frame)
-            self.log.warning("undecodable", error=str(e), mti=mti, size=len(frame))
-            if mti is None:
+            part = self.codec.decode_partial(frame)
+            self.log.warning("undecodable", error=str(e), mti=part.get("t"), size=len(frame))
+            if "t" not in part:
                 return None
-            ctx = Context(raw=frame, req={"t": mti}, resp={"t": response_mti(mti)})
-            ctx.started = started
-            ctx.route, ctx.reason = "undecodable", "FORMAT"
-            ctx.resp["39"] = "30"
-            return ctx
+            return self._format_error(frame, part, _FIELD_NAMES.get(e.field, e.field), started)
         mti = req["t"]
-        route = self.routes.get((mti, req.get(ROUTE_FIELD.get(mti, "3"), "")), UNKNOWN)
-        answer_mti = _response_mtis.get(mti)
+        answer_mti = _response_mtis.get(mti)  # only four-digit MTIs are remembered
         if answer_mti is None:
+            if not (mti.isdigit() and mti.isascii()):
+                return self._format_error(frame, req, "MTI", started)
             answer_mti = response_mti(mti)
             if len(_response_mtis) < 1000:
                 _response_mtis[mti] = answer_mti
+        route = self.routes.get((mti, req.get(ROUTE_FIELD.get(mti, "3"), "")), UNKNOWN)
         state = self.state
         ctx = Context(frame, req, {"t": answer_mti}, state.clock(), started, route.name)
         echo(ctx, route.echo)
@@ -218,17 +237,40 @@ class HostCore:
         ctx.resp["39"] = "00"
         return ctx
 
+    def _format_error(
+        self, frame: bytes, req: dict[str, str], what: str, started: float
+    ) -> Context:
+        """The 30 to a frame that does not decode whole or whose MTI is not four digits:
+        ``req`` is what decoded. It is MAC'd only when the frame still carries a valid MAC
+        of its known, signed-on terminal (the MAC field is the last eight bytes)."""
+        state = self.state
+        mti = req["t"]
+        ctx = Context(frame, req, {"t": response_mti(mti)}, state.clock(), started, "undecodable")
+        secondary = "1" in req
+        bitmap = req.get("1" if secondary else "p", "")
+        if bitmap[-1:] in _ODD_HEX:  # bit 64 (or 128): the frame ends with a MAC
+            ctx.req = {**req, "128" if secondary else "64": frame[-8:].hex().upper()}
+            try:
+                known_terminal(state, ctx)
+                signed_on(state, ctx)
+                verify_mac(state, ctx)
+            except Decline:
+                pass
+            ctx.req = req
+        self._decline(ctx, Decline("30", f"FORMAT_{what}"))
+        return ctx
+
     def _decline(self, ctx: Context, d: Decline) -> None:
-        ctx.resp["39"] = d.code
-        ctx.reason = d.reason
-        ctx.effect = None
+        """Make ``ctx``'s answer the failure answer for ``d`` (PROTOCOL.md 3)."""
+        req = ctx.req
         elements = dict(d.elements) if d.elements else {}
         if d.code == "05" and d.reason:
             elements["RS"] = d.reason
-        if elements:
-            ctx.resp["48"] = encode_tlv(elements)
-        else:
-            ctx.resp.pop("48", None)
+        echo = self.failure_echo.get(req["t"], self.unknown_echo)
+        ctx.resp = failure_answer(req, ctx.resp["t"], d.code, echo, elements)
+        ctx.mac_response = carries_mac(d.code, ctx.mac_response)
+        ctx.reason = d.reason
+        ctx.effect = None
         if d.code == "63":  # a bad or missing MAC or signature: a security event of its own
             req = ctx.req
             self.log.warning("security", kind=d.reason, tid=req.get("41"), mti=req.get("t"),

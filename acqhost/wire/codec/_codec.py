@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import re
 from collections.abc import Callable, Mapping
@@ -220,9 +221,11 @@ class Codec:
                 fields.add(base + bit)
         return i + size
 
-    def _decode_general(self, s: bytes) -> dict[str, str]:
-        """The reference path: pyiso8583's algorithm, compiled per field."""
-        d: dict[str, str] = {}
+    def _decode_general(self, s: bytes, d: dict[str, str] | None = None) -> dict[str, str]:
+        """The reference path: pyiso8583's algorithm, compiled per field. Into ``d`` when
+        given, which then keeps what decoded before an error."""
+        if d is None:
+            d = {}
         field, i = "h", 0
         try:
             if self._header_dec is not None:
@@ -289,6 +292,16 @@ class Codec:
         self._dec_cache[key] = build_decoder(
             header=header, mti=self._mti, bitmaps=bitmaps, fields=fields
         )
+
+    def decode_partial(self, data: bytes | bytearray) -> dict[str, str]:
+        """What of a message decodes, in order, up to the field where decoding fails: the
+        header, MTI, bitmaps and the fields before that one, as ``decode`` gives them (all of
+        them when the whole message decodes; ``{}`` when not even the header does). For the
+        answer to a message that does not decode whole."""
+        d: dict[str, str] = {}
+        with contextlib.suppress(CodecError):
+            self._decode_general(_coerce_bytes(data), d)
+        return d
 
     def peek_mti(self, data: bytes) -> str | None:
         """The MTI of a message that may not decode as a whole, or None when even the
