@@ -68,6 +68,11 @@ class Decline(AcqHostError):
         self.elements = elements
 
 
+class StoreOpenError(AcqHostError, ValueError):
+    """The store named cannot be opened (not a database, unreachable, no such directory);
+    the message is one line naming it, never a password."""
+
+
 class ListenError(AcqHostError, OSError):
     """The host cannot listen where it was told to (the port is taken, the address is not
     this machine's): an operator's mistake, said in one line."""

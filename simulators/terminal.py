@@ -470,7 +470,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "settle" and (args.count is None) != (args.amount is None):
         parser.error("--count and --amount go together")
-    client = TerminalClient.from_file(args.key_file, host=args.host, port=args.port)
+    try:
+        client = TerminalClient.from_file(args.key_file, host=args.host, port=args.port)
+    except OSError as exc:
+        print(f"acqhost-terminal: key file {args.key_file}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    except ValueError as exc:  # not JSON, a bad hex key, an unknown spec
+        print(f"acqhost-terminal: key file {args.key_file}: {exc}", file=sys.stderr)
+        return 2
+    except (KeyError, TypeError) as exc:
+        print(f"acqhost-terminal: key file {args.key_file}: no {exc} in it", file=sys.stderr)
+        return 2
 
     async def signed_on_request() -> tuple[str, Exchange]:
         if args.command == "sale":

@@ -19,7 +19,7 @@ from acqhost.cli import banklink, keys, rebind, serve, settle, terminals
 from acqhost.cli.common import CliError
 from acqhost.config import ConfigError
 from acqhost.domain.crypto import CryptoError
-from acqhost.errors import ListenError
+from acqhost.errors import ListenError, StoreOpenError
 
 __all__ = ("build_parser", "main")
 
@@ -45,7 +45,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         status: int = args.func(args)
-    except (CliError, ConfigError, CryptoError, ListenError) as e:
+    except (CliError, ConfigError, CryptoError, ListenError, StoreOpenError) as e:
         print(f"acqhost: {e}", file=sys.stderr)
         return 2
     return status

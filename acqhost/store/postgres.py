@@ -26,6 +26,7 @@ from typing import Any
 
 import psycopg
 
+from acqhost.errors import StoreOpenError
 from acqhost.store.base import SaleRecord, SaleResult, StoreTx
 from acqhost.store.migrations import postgres as migrations
 from acqhost.store.pg_listen import CHANNEL, CacheListener
@@ -105,7 +106,12 @@ class PostgresStore(SQLStore):
 
     def __init__(self, conninfo: str) -> None:
         self._conninfo = conninfo
-        conn = self._connect()
+        try:
+            conn = self._connect()
+        except psycopg.OperationalError as exc:  # the server unreachable, a bad database name
+            # psycopg's message names the server and the user, never the password
+            reason = " ".join(str(exc).split())
+            raise StoreOpenError(f"cannot open PostgreSQL store: {reason}") from None
         try:
             migrations.migrate(conn)
         except BaseException:

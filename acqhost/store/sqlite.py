@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from acqhost.errors import StoreOpenError
 from acqhost.store.base import SaleRecord
 from acqhost.store.migrations import sqlite as migrations
 from acqhost.store.sql import INSERT_SALE, SQLITE, SQLTx
@@ -104,15 +105,21 @@ class SQLiteStore(SQLStore):
     def __init__(self, path: str | Path) -> None:
         # check_same_thread=False: an instance may be created in one thread and then used
         # (one thread at a time) by a worker thread, such as the group committer.
-        conn = sqlite3.connect(
-            str(path), isolation_level=None, check_same_thread=False, timeout=5.0
-        )
+        try:
+            conn = sqlite3.connect(
+                str(path), isolation_level=None, check_same_thread=False, timeout=5.0
+            )
+        except sqlite3.Error as exc:  # a directory that does not exist, a path not allowed
+            raise StoreOpenError(f"cannot open SQLite store {path}: {exc}") from None
         try:
             conn.execute("PRAGMA busy_timeout = 5000")
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute("PRAGMA synchronous = FULL")
             conn.execute("PRAGMA foreign_keys = ON")
             migrations.migrate(conn)
+        except sqlite3.DatabaseError as exc:  # "file is not a database" and the like
+            conn.close()
+            raise StoreOpenError(f"cannot open SQLite store {path}: {exc}") from None
         except BaseException:
             conn.close()
             raise
