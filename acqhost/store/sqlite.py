@@ -112,14 +112,14 @@ class SQLiteStore(SQLStore):
         except sqlite3.Error as exc:  # a directory that does not exist, a path not allowed
             raise StoreOpenError(f"cannot open SQLite store {path}: {exc}") from None
         try:
-            conn.execute("PRAGMA busy_timeout = 5000")
-            conn.execute("PRAGMA journal_mode = WAL")
+            try:
+                conn.execute("PRAGMA busy_timeout = 5000")
+                conn.execute("PRAGMA journal_mode = WAL")
+            except sqlite3.DatabaseError as exc:  # "file is not a database" and the like
+                raise StoreOpenError(f"cannot open SQLite store {path}: {exc}") from None
             conn.execute("PRAGMA synchronous = FULL")
             conn.execute("PRAGMA foreign_keys = ON")
             migrations.migrate(conn)
-        except sqlite3.DatabaseError as exc:  # "file is not a database" and the like
-            conn.close()
-            raise StoreOpenError(f"cannot open SQLite store {path}: {exc}") from None
         except BaseException:
             conn.close()
             raise
