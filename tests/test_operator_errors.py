@@ -66,3 +66,43 @@ def test_the_terminal_simulator_names_a_bad_key_file(
     line = _one_line(capsys.readouterr().err)
     assert line.startswith(f"acqhost-terminal: key file {key_file}: ")
     assert says in line
+
+
+# -- operator commands complete or change nothing ------------------------------------------------
+
+
+def _add(db: str, tid: str, key_out: Path) -> int:
+    return acqhost(
+        ["terminal", "add", "--db", db, "--tid", tid, "--mid", "MERCHANT0000001",
+         "--merchant-name", "Shop", "--holder", "Holder", "--account", "6222020200112233446",
+         "--bank-code", "102100099996", "--fast-hash", "--key-out", str(key_out)]
+    )  # fmt: skip
+
+
+def _tids(db: str, capsys) -> list[str]:
+    capsys.readouterr()
+    assert acqhost(["terminal", "list", "--db", db]) == 0
+    return [line.split()[0] for line in capsys.readouterr().out.splitlines()[1:] if line.strip()]
+
+
+def test_a_key_file_that_cannot_be_written_registers_nothing(tmp_path: Path, capsys) -> None:
+    db = str(tmp_path / "acqhost.db")
+    assert acqhost(["init", "--db", db]) == 0
+    assert _add(db, "TERM0001", tmp_path / "missing" / "TERM0001.json") == 2
+    line = _one_line(capsys.readouterr().err)
+    assert line.endswith("No such file or directory; nothing registered")
+    assert _tids(db, capsys) == []
+    # the same command with a key file it can write registers the terminal
+    assert _add(db, "TERM0001", tmp_path / "TERM0001.json") == 0
+    assert _tids(db, capsys) == ["TERM0001"]
+    assert (tmp_path / "TERM0001.json").stat().st_mode & 0o777 == 0o600
+
+
+def test_a_terminal_id_taken_leaves_no_key_file(tmp_path: Path, capsys) -> None:
+    db = str(tmp_path / "acqhost.db")
+    assert acqhost(["init", "--db", db]) == 0
+    assert _add(db, "TERM0001", tmp_path / "first.json") == 0
+    assert _add(db, "TERM0001", tmp_path / "second.json") == 2
+    assert "already exists" in _one_line(capsys.readouterr().err)
+    assert not (tmp_path / "second.json").exists()
+    assert _tids(db, capsys) == ["TERM0001"]

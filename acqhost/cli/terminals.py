@@ -75,6 +75,27 @@ def cmd_terminal_add(args: argparse.Namespace) -> int:
         raise CliError(f"--{e.name.replace('_', '-')} {e.problem}") from None
     key_out = Path(args.key_out)
     require(not key_out.exists(), f"{key_out} exists: refusing to overwrite a key file")
+    written: list[Path] = []
+
+    def keep(seed: bytes) -> None:
+        """The key file, written inside the registering transaction: if it cannot be, the
+        terminal is not registered (and its private key is not lost)."""
+        key_file = {  # PROTOCOL.md 4.1
+            "tid": args.tid,
+            "mid": args.mid,
+            "terminal_signing_key": seed.hex(),
+            "host_public_key": keys.verify_key.hex(),
+            "host": cfg.host,
+            "port": cfg.port,
+            "framing": cfg.framing,
+            "spec": cfg.spec,
+        }
+        try:
+            write_new(key_out, json.dumps(key_file, indent=2) + "\n", 0o600)
+        except OSError as e:
+            raise CliError(f"key file {key_out}: {e.strerror or e}; nothing registered") from None
+        written.append(key_out)
+
     with opened(cfg) as store:
         try:
             done = terminals.register(
@@ -84,20 +105,14 @@ def cmd_terminal_add(args: argparse.Namespace) -> int:
                 by="acqhost terminal add",
                 now=time.time(),
                 fast_hash=args.fast_hash,
+                keep=keep,
             )
         except ValueError as e:  # the terminal id is taken
             raise CliError(str(e)) from None
-    key_file = {  # PROTOCOL.md 4.1
-        "tid": args.tid,
-        "mid": args.mid,
-        "terminal_signing_key": done.signing_seed.hex(),
-        "host_public_key": keys.verify_key.hex(),
-        "host": cfg.host,
-        "port": cfg.port,
-        "framing": cfg.framing,
-        "spec": cfg.spec,
-    }
-    write_new(key_out, json.dumps(key_file, indent=2) + "\n", 0o600)
+        except BaseException:
+            for path in written:  # written, but the registration did not commit
+                path.unlink(missing_ok=True)
+            raise
     print(
         f"terminal {args.tid} added (merchant {args.mid}, settles to "
         f"{done.account.account_masked} at {args.bank_code}); key file {key_out}"

@@ -124,12 +124,15 @@ def register(
     by: str,
     now: float,
     fast_hash: bool = False,
+    keep: Callable[[bytes], None] | None = None,
 ) -> Registered:
     """Register a terminal: checked (:func:`check_registration`), then the terminal, its
     account version 1, its operator, the audit log's registration entry and version 1's 0320
     for its bank, all in one transaction. A new identity key pair is made for it. ValueError
     (from the store) when the terminal id is taken. ``fast_hash``: the operator's password
-    hashed at minimal cost (tests and demos only)."""
+    hashed at minimal cost (tests and demos only). ``keep(seed)`` is called last inside that
+    transaction to keep the terminal's private key (its key file): when it raises, nothing is
+    registered, so no terminal is left whose private key is lost."""
     reg = check_registration(reg)
     seed = crypto.new_signing_key()
     terminal = Terminal(
@@ -165,6 +168,8 @@ def register(
         audit_registration(tx, key, reg.tid)
         # Version 1 is ACTIVE from the start: its bank learns of it as of any later version.
         advices.queue_account_advice(tx, key, tx.versions(reg.tid)[0], None, now)
+        if keep is not None:
+            keep(seed)
 
     store.add_terminal(terminal, account, operator, then=registered)
     return Registered(terminal, account, seed)
