@@ -299,6 +299,10 @@ async def test_settle_report_masked_and_unmasked(setup: HostSetup) -> None:
     assert ACCOUNT in out.read_text() and os.stat(out).st_mode & 0o777 == 0o600
     assert cli(["settle", "report", "--db", setup.config.db, "--out", str(out)]) == 2
     assert cli(["settle", "report", "--db", setup.config.db, "--date", "yesterday"]) == 2
+    # an unmasked report whose file cannot be written leaves no audit entry saying it was
+    nowhere = setup.folder / "no" / "such" / "settlement.csv"
+    unwritable = ["--unmasked", "--by", "mallory", "--out", str(nowhere)]
+    assert cli(["settle", "report", "--db", setup.config.db, *unwritable]) == 2
     store = open_store(setup.config.db)
     try:
         with store.transaction(write=False) as tx:

@@ -100,23 +100,36 @@ def cmd_settle_report(args: argparse.Namespace) -> int:
     require(not args.unmasked or bool(by.strip()), "--by must not be empty")
     out = Path(args.out) if args.out else None
     require(out is None or not out.exists(), f"{out} exists: refusing to overwrite it")
-    with opened(cfg) as store, store.transaction(write=args.unmasked) as tx:
-        lines = settlement.report(
-            tx,
-            key,
-            tid=args.tid,
-            batch_no=args.batch,
-            day=day,
-            unmasked=args.unmasked,
-            by=by,
-            now=time.time(),
-        )
-    text = render(lines, args.format)
+    written = False
+    try:
+        with opened(cfg) as store, store.transaction(write=args.unmasked) as tx:
+            lines = settlement.report(
+                tx,
+                key,
+                tid=args.tid,
+                batch_no=args.batch,
+                day=day,
+                unmasked=args.unmasked,
+                by=by,
+                now=time.time(),
+            )
+            text = render(lines, args.format)
+            if out is not None:
+                # Written before the audit entry of an unmasked report commits: a file that
+                # cannot be written leaves no entry saying it was. Full account numbers are
+                # for the file's owner only.
+                try:
+                    write_new(out, text, 0o600 if args.unmasked else 0o644)
+                except OSError as e:
+                    raise CliError(f"--out {out}: {e.strerror or e}; nothing written") from None
+                written = True
+    except BaseException:
+        if written and out is not None:  # the transaction did not commit: no file either
+            out.unlink(missing_ok=True)
+        raise
     if out is None:
         sys.stdout.write(text)
         return 0
-    # Full account numbers are for the file's owner only.
-    write_new(out, text, 0o600 if args.unmasked else 0o644)
     shown = "full account numbers" if args.unmasked else "accounts masked"
     print(f"{len(lines)} settlement line(s) written to {out} ({shown})", file=sys.stderr)
     return 0
