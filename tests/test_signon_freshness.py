@@ -18,6 +18,8 @@ from pathlib import Path
 
 import anyio
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from acqhost.domain import crypto, signon
 from acqhost.runtime.app import build_server, close_stores
@@ -74,8 +76,8 @@ def security_events(logs: io.StringIO) -> list[dict[str, object]]:
 # -- field 7 and the host's clock --------------------------------------------------------------
 
 
-def utc(text: str) -> float:
-    return float(calendar.timegm(time.strptime(text, "%Y-%m-%d %H:%M:%S")))
+def utc(text: str) -> int:
+    return calendar.timegm(time.strptime(text, "%Y-%m-%d %H:%M:%S"))
 
 
 @pytest.mark.parametrize(
@@ -97,6 +99,16 @@ def test_field_7_is_read_in_the_year_nearest_the_host_clock(
     now: str, value: str, seconds: float
 ) -> None:
     assert signon.offset(value, utc(now)) == seconds
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    now=st.integers(utc("2000-01-01 00:00:00"), utc("2099-12-31 23:59:59")),
+    delta=st.integers(-150 * 86400, 150 * 86400),
+)
+def test_field_7_of_a_time_within_months_of_the_clock_names_that_time(now: int, delta: int) -> None:
+    sent = now + delta
+    assert signon.offset(time.strftime("%m%d%H%M%S", time.gmtime(sent)), now) == delta
 
 
 @pytest.mark.parametrize(

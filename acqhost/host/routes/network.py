@@ -82,8 +82,8 @@ def _signed_on(state: HostState, ctx: Context, accepted: object) -> None:
 
 
 def sign_off(state: HostState, ctx: Context) -> None:
-    """Drop the terminal's session keys; its route has verified the request's MAC under them
-    (the answer is MAC'd under them too, as the keys are gone by the time it leaves)."""
+    """Drop the terminal's session keys. Its route has verified the request's MAC under them,
+    and the answer is MAC'd under them too, though they are gone by the time it leaves."""
     assert ctx.terminal is not None
     tid = ctx.terminal.tid
     ctx.effect = Effect(call=lambda store: store.drop_session(tid), then=_signed_off)
