@@ -17,6 +17,7 @@ from functools import partial
 from pathlib import Path
 
 import anyio
+import psycopg
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -24,6 +25,8 @@ from hypothesis import strategies as st
 from acqhost.domain import crypto, signon
 from acqhost.runtime.app import build_server, close_stores
 from acqhost.store import PostgresStore, Session, SQLiteStore, Store
+from acqhost.store.migrations import postgres as pg_migrations
+from acqhost.store.migrations import sqlite as sqlite_migrations
 from acqhost.wire.tlv import decode_tlv
 from simulators.terminal import TerminalClient
 from tests.hostkit import HostSetup, make_host, make_postgres_host, running, signed_on
@@ -414,3 +417,27 @@ def test_of_processes_accepting_one_sign_on_at_once_exactly_one_does(database: s
     finally:
         for store in stores:
             store.close()
+
+
+def test_a_database_of_schema_4_gains_the_sign_ons_and_keeps_its_sessions(
+    database: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    backend = sqlite_migrations if "://" not in database else pg_migrations
+    assert backend.latest_version() == 5
+    # The fixture's database is at the latest schema: start again, from schema 4.
+    if "://" in database:
+        with psycopg.connect(database, autocommit=True) as conn:
+            conn.execute("DROP SCHEMA public CASCADE")
+            conn.execute("CREATE SCHEMA public")
+    else:
+        Path(database).unlink()
+    with monkeypatch.context() as patched:
+        patched.setattr(backend, "MIGRATIONS", backend.MIGRATIONS[:4])
+        with closing(with_terminal(opened(database))) as old:
+            assert old.schema_version() == 4
+            old.save_session(session(1))
+    with closing(opened(database)) as store:
+        assert store.schema_version() == 5
+        assert store.get_session(TID) == session(1)
+        assert store.accept_signon(session(2), "0314101500", "000001", 0)
+        assert not store.accept_signon(session(3), "0314101500", "000001", 0)
