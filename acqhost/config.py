@@ -30,6 +30,7 @@ __all__ = (
     "FRAME_SIZES",
     "LOG_LEVELS",
     "MAX_AMOUNT",
+    "MAX_SIGNON_SKEW",
     "REVIEW_POLICIES",
     "TABLES",
     "BankConfig",
@@ -52,6 +53,9 @@ FRAME_SIZES: Mapping[str, tuple[int, int]] = {
 }
 # The largest amount field 4 carries (12 digits of minor units): no limit is worth more.
 MAX_AMOUNT = 999_999_999_999
+# The largest signon_skew: field 7 names no year, which is inferred as the one nearest the
+# host's clock, and a window of more than a day would keep captured sign-ons usable as long.
+MAX_SIGNON_SKEW = 86_400
 # The tables a configuration file may hold ([[banks]]: an array of tables, one a bank).
 TABLES = ("host", "rebind", "banks")
 
@@ -150,6 +154,7 @@ _HOST_RULES: Mapping[str, _Rule] = {
     "default_sale_limit": _whole(1, MAX_AMOUNT),
     "write_batch": _whole(1),
     "capture": _text("a file path (empty: no capture)", empty=True),
+    "signon_skew": _whole(1, MAX_SIGNON_SKEW),
 }
 _REBIND_RULES: Mapping[str, _Rule] = {
     "review": _choice(lambda: REVIEW_POLICIES),
@@ -368,6 +373,9 @@ class Config:
     default_sale_limit: int = 100_000_00  # minor units, for terminals added without a limit
     write_batch: int = 512  # most sales committed in one transaction
     capture: str = ""  # traffic file answered requests are recorded in (README, Traffic files)
+    # seconds a sign-on's field 7 may be from the host's UTC time (PROTOCOL.md 4.2); accepted
+    # sign-ons are remembered twice as long, to refuse replays
+    signon_skew: int = 300
     rebind: RebindPolicy = field(default_factory=RebindPolicy)  # the [rebind] table
     banks: tuple[BankConfig, ...] = ()  # the [[banks]] tables
 

@@ -66,9 +66,10 @@ def close(dispatcher: Dispatcher) -> None:
 async def sign_on(dispatcher: Dispatcher, seed: bytes) -> crypto.SessionKeys:
     codec = dispatcher.core.codec
     kx_pk, kx_sk = crypto.kx_keypair()
-    transcript = crypto.signon_request_transcript(TID, "000001", "1122101530", kx_pk)
+    field7 = time.strftime("%m%d%H%M%S", time.gmtime())  # a sign-on must be fresh
+    transcript = crypto.signon_request_transcript(TID, "000001", field7, kx_pk)
     tlv = encode_tlv({"KX": kx_pk.hex(), "SG": crypto.sign(seed, transcript).hex()})
-    request = codec.encode({"t": "0800", "7": "1122101530", "11": "000001", "41": TID,
+    request = codec.encode({"t": "0800", "7": field7, "11": "000001", "41": TID,
                             "42": MID, "48": tlv, "70": "001"})  # fmt: skip
     raw = await dispatcher.handle(request)
     assert raw is not None

@@ -77,6 +77,7 @@ class TerminalClient:
         self._decoder = FrameDecoder(self.framing)
         self._encoder = FrameEncoder(self.framing)
         self._pending: list[bytes] = []
+        self.last_message = b""  # the last request's message, as sent
 
     @classmethod
     def from_file(cls, path: str | Path, **kwargs: Any) -> TerminalClient:
@@ -154,8 +155,10 @@ class TerminalClient:
         return body + crypto.mac(self.keys.tx_mac, body)
 
     async def request(self, fields: dict[str, str], *, mac: bool = True) -> Exchange:
-        """Send one request and return the decoded response (its MAC checked when it has one)."""
-        raw = await self.exchange_raw(self.encode(fields, mac=mac))
+        """Send one request and return the decoded response (its MAC checked when it has one).
+        The request's bytes stay in :attr:`last_message` (what a wiretap would capture)."""
+        message = self.last_message = self.encode(fields, mac=mac)
+        raw = await self.exchange_raw(message)
         response = self.codec.decode(raw)
         mac_field = "128" if "1" in response else "64"
         if mac_field in response and (
@@ -164,54 +167,50 @@ class TerminalClient:
             raise TerminalError("response MAC does not verify")
         return Exchange(fields, response)
 
-    async def sign_on(self) -> Exchange:
+    def signon_fields(self, *, field7: str | None = None) -> tuple[dict[str, str], bytes, bytes]:
+        """A sign-on request (PROTOCOL.md 4.2), with the ephemeral key pair (public, secret)
+        it offers: field 7 is the time now (UTC) unless given."""
         kx_pk, kx_sk = crypto.kx_keypair()
-        stan, t = self.stan(), self.now_fields()
-        transcript = crypto.signon_request_transcript(self.tid, stan, t["7"], kx_pk)
+        stan = self.stan()
+        f7 = self.now_fields()["7"] if field7 is None else field7
+        transcript = crypto.signon_request_transcript(self.tid, stan, f7, kx_pk)
         tlv = encode_tlv({"KX": kx_pk.hex(), "SG": crypto.sign(self.seed, transcript).hex()})
-        ex = await self.request(
-            {
-                "t": "0800",
-                "7": t["7"],
-                "11": stan,
-                "41": self.tid,
-                "42": self.mid,
-                "48": tlv,
-                "70": "001",
-            },
-            mac=False,
-        )
+        fields = {"t": "0800", "7": f7, "11": stan, "41": self.tid, "42": self.mid, "48": tlv,
+                  "70": "001"}  # fmt: skip
+        return fields, kx_pk, kx_sk
+
+    async def sign_on(self, *, field7: str | None = None) -> Exchange:
+        """Sign on: the session keys are taken once the host's answer verifies."""
+        fields, kx_pk, kx_sk = self.signon_fields(field7=field7)
+        ex = await self.request(fields, mac=False)
         if ex.rc != "00":
             return ex
         reply = ex.tlv
         kx_host = bytes.fromhex(reply["KX"])
-        signed = crypto.signon_response_transcript(self.tid, stan, kx_host, kx_pk)
+        signed = crypto.signon_response_transcript(self.tid, fields["11"], kx_host, kx_pk)
         if not crypto.verify(self.host_public_key, signed, bytes.fromhex(reply["SG"])):
             raise TerminalError("host signature on the sign-on response does not verify")
         rx, tx = crypto.terminal_session(kx_pk, kx_sk, kx_host)
         self.keys = crypto.SessionKeys.from_kx(rx, tx)
         return ex
 
-    async def network(self, code: str) -> Exchange:
-        t = self.now_fields()
-        return await self.request(
-            {
-                "t": "0800",
-                "7": t["7"],
-                "11": self.stan(),
-                "41": self.tid,
-                "42": self.mid,
-                "70": code,
-            },
-            mac=False,
-        )
+    def network_fields(self, code: str) -> dict[str, str]:
+        """An 0800 with network management code ``code`` (field 70)."""
+        return {"t": "0800", "7": self.now_fields()["7"], "11": self.stan(), "41": self.tid,
+                "42": self.mid, "70": code}  # fmt: skip
+
+    async def network(self, code: str, *, mac: bool = False) -> Exchange:
+        return await self.request(self.network_fields(code), mac=mac)
 
     async def echo(self) -> Exchange:
         return await self.network("301")
 
     async def sign_off(self) -> Exchange:
-        ex = await self.network("002")
-        self.keys = None
+        """Sign off, MAC'd under the session it ends (PROTOCOL.md 4.2). 00: the keys are
+        dropped on both sides; any other answer leaves them as they were."""
+        ex = await self.network("002", mac=True)
+        if ex.rc == "00":
+            self.keys = None
         return ex
 
     def sale_fields(

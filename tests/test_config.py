@@ -72,7 +72,7 @@ OTHER = {
     "host": "0.0.0.0", "port": "9000", "framing": "len4", "spec": "cup-pos", "max_frame": "2048",
     "read_timeout": "2.5", "max_connections": "10", "backend": "trio", "workers": "2",
     "db": "other.db", "keys": "other.keys", "log_level": "WARNING", "test_limit": "0",
-    "default_sale_limit": "5000", "write_batch": "64",
+    "default_sale_limit": "5000", "write_batch": "64", "signon_skew": "60",
 }  # fmt: skip
 
 
@@ -132,6 +132,10 @@ HOST_CASES = [
     ("default_sale_limit", "0", "a whole number from 1 to 999999999999"),
     ("write_batch", "0", "a whole number of at least 1"),
     ("write_batch", "[1]", "a whole number of at least 1"),
+    ("signon_skew", "0", "a whole number from 1 to 86400"),
+    ("signon_skew", "86401", "a whole number from 1 to 86400"),
+    ("signon_skew", "2.5", "a whole number from 1 to 86400"),
+    ("signon_skew", "'soon'", "a whole number from 1 to 86400"),
 ]
 
 
@@ -215,6 +219,7 @@ def test_a_missing_or_unreadable_file_is_refused(tmp_path: Path) -> None:
         ("ACQHOST_READ_TIMEOUT", "0", SECONDS),
         ("ACQHOST_WORKERS", "two", "a whole number of at least 1"),
         ("ACQHOST_DB", " ", "a non-empty SQLite path or database URL"),
+        ("ACQHOST_SIGNON_SKEW", "-5", "a whole number from 1 to 86400"),
     ],
 )
 def test_a_bad_environment_variable_is_named(variable: str, value: str, allowed: str) -> None:
@@ -238,6 +243,7 @@ def test_the_environment_is_checked_even_when_a_flag_overrides_it() -> None:
         ({"backend": "curio"}, "option --backend must be one of asyncio or trio, not 'curio'"),
         ({"log_level": "LOUD"}, "option --log-level must be one of debug, "),
         ({"db": ""}, "option --db must be a non-empty SQLite path or database URL, not ''"),
+        ({"signon_skew": 0}, "option --signon-skew must be a whole number from 1 to 86400, not 0"),
     ],
 )
 def test_a_bad_flag_is_named_as_typed(overrides: dict[str, Any], message: str) -> None:

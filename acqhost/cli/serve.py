@@ -26,6 +26,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_connections=args.max_connections,
         log_level=args.log_level,
         capture=args.capture,
+        signon_skew=args.signon_skew,
     )
     host_keys(cfg)  # fail early, in the parent
     if cfg.workers == 1:
@@ -79,6 +80,11 @@ def add_serve_command(sub: Subparsers) -> None:
     )
     p.add_argument("--max-connections", type=int, help="open connections at most (default 1000)")
     p.add_argument("--log-level", help="debug, info (default), warning, error")
+    p.add_argument(
+        "--signon-skew",
+        type=int,
+        help="seconds a sign-on's field 7 may be from the host's UTC time (default 300)",
+    )
     p.add_argument(
         "--capture",
         metavar="FILE",

@@ -71,7 +71,13 @@ def build_routes() -> dict[tuple[str, str], Route]:
         ("0800", "001"): Route(
             "sign_on", (*network_head, require("48"), network.sign_on), network.NETWORK_ECHO
         ),
-        ("0800", "002"): Route("sign_off", (*network_head, network.sign_off), network.NETWORK_ECHO),
+        # Sign-off is MAC'd under the session it ends (PROTOCOL.md 4.2): 58 without one, 63
+        # without a valid MAC, and the keys kept.
+        ("0800", "002"): Route(
+            "sign_off",
+            (*mac_checked, require(*network.NETWORK_FIELDS), network.sign_off),
+            network.NETWORK_ECHO,
+        ),
         ("0800", "301"): Route("echo", (*network_head, network.echo_test), network.NETWORK_ECHO),
         ("0200", "000000"): Route(
             "sale",

@@ -207,6 +207,15 @@ class Store(Protocol):
 
     def drop_session(self, tid: str) -> None: ...
 
+    def accept_signon(
+        self, session: Session, transmission: str, stan: str, forget_before: float
+    ) -> bool:
+        """A sign-on (PROTOCOL.md 4.2): store ``session`` and remember the sign-on (the
+        terminal, field 7 ``transmission`` and STAN ``stan``) in one transaction. False, and
+        nothing changed, if that sign-on was accepted before (a replay), by any process sharing
+        the store; of several accepting the same one at once, exactly one gets True. The
+        terminal's sign-ons accepted before ``forget_before`` are forgotten."""
+
     # -- settlement accounts ---------------------------------------------------------------
     def current_account(self, tid: str, now: float) -> AccountVersion | None:
         """The version in force at ``now``: :func:`in_force` of the terminal's versions (the

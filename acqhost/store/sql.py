@@ -245,6 +245,24 @@ class SQLTx(BatchStatements, OutboxSQL):
         if self._execute("DELETE FROM sessions WHERE tid = ?", (tid,)).rowcount:
             self._note("session", tid)
 
+    def insert_signon(self, tid: str, transmission: str, stan: str, at: float) -> bool:
+        """Remember the terminal's sign-on with this field 7 and STAN, accepted at ``at``;
+        False if it is remembered already (a replay). A concurrent transaction inserting the
+        same one is waited for: of the two, one inserts it."""
+        cursor = self._execute(
+            "INSERT INTO signons (tid, transmission, stan, accepted_at) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (tid, transmission, stan) DO NOTHING",
+            (tid, transmission, stan, at),
+        )
+        return cursor.rowcount == 1
+
+    def forget_signons(self, tid: str, before: float) -> int:
+        """Forget the terminal's sign-ons accepted before ``before``; how many."""
+        cursor = self._execute(
+            "DELETE FROM signons WHERE tid = ? AND accepted_at < ?", (tid, before)
+        )
+        return cursor.rowcount
+
     # -- settlement accounts ---------------------------------------------------------------
     def versions(self, tid: str) -> list[AccountVersion]:
         rows = self._all(

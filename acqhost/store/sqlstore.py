@@ -120,6 +120,20 @@ class SQLStore(ABC):
         with self._write() as tx:
             tx.drop_session(tid)
 
+    def accept_signon(
+        self, session: Session, transmission: str, stan: str, forget_before: float
+    ) -> bool:
+        """Store the session of the terminal's sign-on with field 7 ``transmission`` and STAN
+        ``stan``, remembering that sign-on, in one transaction; False, and nothing changed, if
+        it was accepted before (a replay). The terminal's sign-ons accepted before
+        ``forget_before`` are forgotten."""
+        with self._write() as tx:
+            if not tx.insert_signon(session.tid, transmission, stan, session.signed_on_at):
+                return False
+            tx.save_session(session)
+            tx.forget_signons(session.tid, forget_before)
+            return True
+
     # -- settlement accounts ---------------------------------------------------------------
     def current_account(self, tid: str, now: float) -> AccountVersion | None:
         """The version in force at ``now`` (``acqhost.store.base.in_force`` of its versions)."""

@@ -28,6 +28,7 @@ __all__ = (
     "TABLES_V2",
     "V3",
     "V4",
+    "V5",
     "Migration",
     "Refusal",
     "due",
@@ -283,6 +284,23 @@ CREATE TABLE bank_leases (
 );
 """
 
+# The sign-ons accepted, to refuse replays (PROTOCOL.md 4.2; acqhost.domain.signon). Words:
+# {real}.
+V5 = """
+-- A terminal's accepted sign-ons: one with a field 7 (transmission) and STAN already here is a
+-- replay, refused after a restart and by every process sharing the store; of two processes
+-- accepting the same one at once, only one inserts it. Written in the transaction that stores
+-- the sign-on's session keys; a terminal's rows too old for a replay of them to be fresh are
+-- deleted when it signs on again.
+CREATE TABLE signons (
+    tid          TEXT NOT NULL REFERENCES terminals (tid),
+    transmission TEXT NOT NULL,
+    stan         TEXT NOT NULL,
+    accepted_at  {real} NOT NULL,
+    PRIMARY KEY (tid, transmission, stan)
+);
+"""
+
 
 def in_dialect(
     words: Mapping[str, str], triggers: Callable[[str, Sequence[Refusal]], str]
@@ -296,6 +314,7 @@ def in_dialect(
         (2, TABLES_V2.format_map(filled)),
         (3, V3),
         (4, V4.format_map(filled)),
+        (5, V5.format_map(filled)),
     ]
 
 
