@@ -19,6 +19,7 @@ import psycopg
 import pytest
 from psycopg import pq, sql
 
+from acqhost.errors import StoreOpenError
 from acqhost.store import (
     Operator,
     SaleResult,
@@ -67,8 +68,9 @@ def test_postgres_store_never_shows_the_password_of_its_url(pg_url: str) -> None
     finally:
         opened.close()
     unreachable = urlunsplit(urlsplit(pg_url)._replace(query="host=/nonexistent"))
-    with pytest.raises(psycopg.OperationalError) as info:
+    with pytest.raises(StoreOpenError) as info:
         PostgresStore(unreachable)
+    assert str(info.value).startswith("cannot open PostgreSQL store: ")
     assert secret not in str(info.value)
 
 
