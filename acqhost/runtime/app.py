@@ -14,6 +14,7 @@ from acqhost.log import configure_logging, get_logger
 from acqhost.runtime.banklink import BankLink
 from acqhost.runtime.capture import Capture
 from acqhost.runtime.ledger import Ledger
+from acqhost.runtime.ops_http import OpsEndpoint
 from acqhost.runtime.server import Server, run_backend
 from acqhost.runtime.services import activations, cache_invalidation
 from acqhost.store import open_store
@@ -26,9 +27,10 @@ __all__ = ("buffer_stdout", "build_server", "close_stores", "serve")
 _POSTGRES_PREFIXES = ("postgresql://", "postgres://")
 
 
-def build_server(cfg: Config) -> Server:
+def build_server(cfg: Config, *, worker: int = 0) -> Server:
     """A server ready to run: the host core reads through one store connection, the ledger
-    writes through another (its worker thread's)."""
+    writes through another (its worker thread's). ``worker``: this process's index among
+    ``--workers`` (its metrics port is ``[metrics] port`` + ``worker``)."""
     keys = HostKeys.load(cfg.key_path)
     reader = open_store(cfg.db)
     writer = open_store(cfg.db)
@@ -57,6 +59,10 @@ def build_server(cfg: Config) -> Server:
 
         assert isinstance(reader, PostgresStore)
         server.services.append(cache_invalidation(reader, state))
+    if cfg.metrics is not None:  # [metrics]: /metrics, /healthz, /readyz
+        ops = OpsEndpoint(server, cfg.metrics.for_worker(worker), worker=worker)
+        server.ops = ops
+        server.services.append(ops.run)
     return server
 
 
@@ -81,11 +87,12 @@ def buffer_stdout() -> None:
         sys.stdout.reconfigure(line_buffering=False, write_through=False)
 
 
-def serve(cfg: Config) -> None:
-    """Run a host until SIGTERM or SIGINT (the ``acqhost serve`` command)."""
+def serve(cfg: Config, worker: int = 0) -> None:
+    """Run a host until SIGTERM or SIGINT (the ``acqhost serve`` command; ``worker``: this
+    process's index among ``--workers``)."""
     buffer_stdout()
     configure_logging(cfg.log_level)
-    server = build_server(cfg)
+    server = build_server(cfg, worker=worker)
     try:
         run_backend(server.run, cfg.backend)
     finally:
