@@ -8,6 +8,7 @@ import sys
 
 from acqhost.config import Config
 from acqhost.domain.crypto import HostKeys
+from acqhost.errors import ListenError
 from acqhost.host.core import HostCore
 from acqhost.host.state import HostState
 from acqhost.log import configure_logging, get_logger
@@ -75,6 +76,11 @@ def close_stores(server: Server) -> None:
         server.dispatcher.capture.close()
 
 
+def _first(group: BaseExceptionGroup[ListenError]) -> ListenError:
+    inner = group.exceptions[0]
+    return inner if isinstance(inner, ListenError) else _first(inner)
+
+
 def buffer_stdout() -> None:
     """Let stdout buffer what is written to it, whatever PYTHONUNBUFFERED or a terminal asked.
 
@@ -95,6 +101,13 @@ def serve(cfg: Config, worker: int = 0) -> None:
     server = build_server(cfg, worker=worker)
     try:
         run_backend(server.run, cfg.backend)
+    except BaseExceptionGroup as group:
+        # A service that cannot listen (a [metrics] port taken) fails inside the server's task
+        # group: its one-line error, as the terminals' listener gives it.
+        taken, rest = group.split(ListenError)
+        if taken is None or rest is not None:
+            raise
+        raise _first(taken) from None
     finally:
         close_stores(server)
     get_logger("acqhost").info("exit", code=0)
