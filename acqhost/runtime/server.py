@@ -22,7 +22,7 @@ import anyio
 import anyio.abc
 from anyio.streams.tls import TLSStream
 
-from acqhost.config import Config
+from acqhost.config import Config, ConfigError
 from acqhost.errors import ListenError
 from acqhost.host.core import HostCore
 from acqhost.log import get_logger
@@ -57,9 +57,14 @@ class Server:
         self._accepting: anyio.CancelScope | None = None  # made inside the event loop
         self.services: list[Service] = []
         self.accepting = False  # listening, and not yet stopped: /readyz
-        self.ops: Any = None  # the operations endpoint ([metrics]), when there is one
+        self.ops: object | None = None  # the operations endpoint ([metrics]), when there is one
         # [tls]: terminals connect over TLS (handshake within read_timeout)
-        self.tls: ssl.SSLContext | None = config.tls.server_context() if config.tls else None
+        self.tls: ssl.SSLContext | None = None
+        if config.tls is not None:
+            try:
+                self.tls = config.tls.server_context()
+            except ValueError as e:  # the files changed since the configuration was loaded
+                raise ConfigError(str(e)) from None
 
     def shutdown(self) -> None:
         """Stop accepting and reading; answer what was read; then :meth:`run` returns."""
