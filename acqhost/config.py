@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from acqhost.config_ops import OPS_TABLES, MetricsConfig, TlsConfig, check_metrics, ops_tables
 from acqhost.wire import specs
 from acqhost.wire.framing import FRAMINGS
 
@@ -57,7 +58,7 @@ MAX_AMOUNT = 999_999_999_999
 # host's clock, and a window of more than a day would keep captured sign-ons usable as long.
 MAX_SIGNON_SKEW = 86_400
 # The tables a configuration file may hold ([[banks]]: an array of tables, one a bank).
-TABLES = ("host", "rebind", "banks")
+TABLES = ("host", "rebind", "banks", *OPS_TABLES)
 
 
 class ConfigError(ValueError):
@@ -378,6 +379,8 @@ class Config:
     signon_skew: int = 300
     rebind: RebindPolicy = field(default_factory=RebindPolicy)  # the [rebind] table
     banks: tuple[BankConfig, ...] = ()  # the [[banks]] tables
+    metrics: MetricsConfig | None = None  # the [metrics] table (acqhost.config_ops); None: off
+    tls: TlsConfig | None = None  # the [tls] table: the terminals' listener speaks TLS
 
     @property
     def key_path(self) -> Path:
@@ -409,6 +412,10 @@ class Config:
                 f"{where.get('max_frame', 'max_frame')} must be a whole number from {low} to "
                 f"{high} with framing {self.framing} ({framing}), not {self.max_frame!r}"
             )
+        try:
+            check_metrics(self.metrics, self.host, self.port, self.workers)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         return self
 
 
@@ -438,12 +445,13 @@ def load_config(
     origin: dict[str, str] = {}
     rebind = RebindPolicy()
     banks: tuple[BankConfig, ...] = ()
+    ops: dict[str, Any] = {}
     if path is not None:
         data = _read(path)
         for name, value in data.items():
             if name not in TABLES:
                 what = f"table [{name}]" if isinstance(value, dict) else f"setting {name}"
-                known = "[host], [rebind] and [[banks]]"
+                known = "[host], [rebind], [[banks]], [metrics] and [tls]"
                 raise ConfigError(f"{path}: unknown {what} (settings go in {known})")
         host = data.get("host", {})
         if not isinstance(host, dict):
@@ -456,6 +464,10 @@ def load_config(
             values[name] = _apply(rule, value, origin[name])
         rebind = RebindPolicy.from_table(data.get("rebind", {}), str(path))
         banks = _banks(data.get("banks", []), str(path))
+        try:
+            ops = ops_tables(data, str(path))
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     env = os.environ if environ is None else environ
     for name, rule in _HOST_RULES.items():
         variable = f"ACQHOST_{name.upper()}"
@@ -471,5 +483,5 @@ def load_config(
             raise _unknown("", name, list(_HOST_RULES))
         origin[name] = f"option --{name.replace('_', '-')}"
         values[name] = _apply(rule, value, origin[name])
-    config = Config(**values, rebind=rebind, banks=banks)
+    config = Config(**values, rebind=rebind, banks=banks, **ops)
     return config.validate(origin)

@@ -9,7 +9,9 @@ writer thread), then ``complete`` and ``answer`` (response, MAC, encode, log lin
 ``--in-flight`` sales are outstanding at once, as pipelined connections keep them. Printed
 beside it, in the same run: the floor of the same work without the host (codec decode + MAC
 check + codec encode + MAC), so the ratio shows what the host costs. CPU is the process's
-(every thread). Run: ``python benchmarks/pipeline.py [--sales N] [--in-flight N]``.
+(every thread). ``--metrics``: with the counting a host with ``[metrics]`` does per message
+(acqhost.runtime.metrics). Run: ``python benchmarks/pipeline.py [--sales N] [--in-flight N]
+[--metrics]``.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from acqhost.host.state import HostState
 from acqhost.log import configure_logging
 from acqhost.runtime.dispatch import Dispatcher
 from acqhost.runtime.ledger import Ledger
+from acqhost.runtime.metrics import Metrics
 from acqhost.store import open_store
 from acqhost.store.base import NewAccount, Terminal
 from acqhost.wire import specs
@@ -147,6 +150,7 @@ def main() -> int:
     parser.add_argument("--sales", type=int, default=30_000)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--in-flight", type=int, default=256)
+    parser.add_argument("--metrics", action="store_true", help="count as [metrics] does")
     args = parser.parse_args()
 
     results: dict[str, list[tuple[float, float]]] = {"floor": [], "logged": [], "quiet": []}
@@ -156,6 +160,10 @@ def main() -> int:
             configure_logging("info" if mode == "logged" else "warning", sink)
             with tempfile.TemporaryDirectory() as tmp:
                 dispatcher, _, seed = build(Path(tmp) / "bench.db")
+                if args.metrics:
+                    metrics = Metrics(mti for mti, _ in dispatcher.core.routes)
+                    dispatcher.observe = metrics.observe
+                    dispatcher.ledger.on_flush = metrics.ledger_flushed
 
                 async def run(
                     dispatcher: Dispatcher = dispatcher, seed: bytes = seed, mode: str = mode
@@ -181,7 +189,8 @@ def main() -> int:
                     close(dispatcher)
     best = {k: max(v) for k, v in results.items()}
     print(f"sales through the host core and a SQLite ledger, one process, {args.sales} per "
-          f"round, {args.in_flight} in flight, best of {args.rounds}")  # fmt: skip
+          f"round, {args.in_flight} in flight, best of {args.rounds}"
+          f"{', metrics counted' if args.metrics else ''}")  # fmt: skip
     print(f"{'what':<44}{'sales/s':>10}{'CPU µs/sale':>13}")
     rows = (("codec + MAC only (floor)", best["floor"]),
             ("host, one JSON log line per sale", best["logged"]),

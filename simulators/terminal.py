@@ -13,6 +13,7 @@ import datetime
 import itertools
 import json
 import secrets
+import ssl
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -28,10 +29,25 @@ from acqhost.wire.codec import compile_spec
 from acqhost.wire.framing import FrameDecoder, FrameEncoder
 from acqhost.wire.tlv import decode_tlv, encode_tlv
 
-__all__ = ("Exchange", "TerminalClient", "TerminalError", "main")
+__all__ = ("Exchange", "TerminalClient", "TerminalError", "main", "tls_client_context")
 
 TEST_PAN = "6222021234567890128"  # Luhn-valid, for the simulator's sales
 TPDU = bytes.fromhex("6000010000")
+
+
+def tls_client_context(
+    ca: str | None, cert: str | None = None, key: str | None = None
+) -> ssl.SSLContext | None:
+    """The TLS context of a client of a host with ``[tls]``: trusting the CA certificates in
+    ``ca`` (PEM), presenting ``cert`` (and ``key``) when the host asks for a client
+    certificate; None (plain TCP) without ``ca``. OSError or ssl.SSLError for a file that
+    cannot be used."""
+    if ca is None:
+        return None
+    context = ssl.create_default_context(cafile=ca)
+    if cert is not None:
+        context.load_cert_chain(cert, key)
+    return context
 
 
 class TerminalError(Exception):
@@ -62,6 +78,7 @@ class TerminalClient:
         host: str | None = None,
         port: int | None = None,
         timeout: float = 10.0,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.tid: str = key_file["tid"]
         self.mid: str = key_file["mid"]
@@ -71,9 +88,10 @@ class TerminalClient:
         self.framing: str = key_file.get("framing", "len2")
         self.codec = compile_spec(specs.load(key_file.get("spec", "acq87")))
         self.timeout = timeout
+        self.tls = tls  # a host with [tls]: tls_client_context
         self.keys: crypto.SessionKeys | None = None
         self._stan = itertools.count(secrets.randbelow(900_000) + 1)
-        self._stream: anyio.abc.SocketStream | None = None
+        self._stream: anyio.abc.ByteStream | None = None
         self._decoder = FrameDecoder(self.framing)
         self._encoder = FrameEncoder(self.framing)
         self._pending: list[bytes] = []
@@ -86,7 +104,13 @@ class TerminalClient:
     # -- connection ------------------------------------------------------------------------
 
     async def connect(self) -> None:
-        self._stream = await anyio.connect_tcp(*self.address)
+        host, port = self.address
+        if self.tls is None:
+            self._stream = await anyio.connect_tcp(host, port)
+        else:
+            self._stream = await anyio.connect_tcp(
+                host, port, ssl_context=self.tls, tls_standard_compatible=False
+            )
         self._decoder = FrameDecoder(self.framing)
         self._pending = []
 
@@ -430,6 +454,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--host", help="host address (default: from the key file)")
     parser.add_argument("--port", type=int, help="host port (default: from the key file)")
     parser.add_argument("--backend", default="asyncio", choices=("asyncio", "trio"))
+    parser.add_argument(
+        "--tls-ca",
+        metavar="FILE",
+        help="connect with TLS, trusting the CA certificates in FILE (PEM)",
+    )
+    parser.add_argument(
+        "--tls-cert", metavar="FILE", help="with --tls-ca: the client certificate to present (PEM)"
+    )
+    parser.add_argument("--tls-key", metavar="FILE", help="with --tls-cert: its key (PEM)")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("demo", help="sign on, echo, sale, test sale, reversal")
     p.add_argument("--amount", type=int, default=1234, help="sale amount in minor units")
@@ -469,8 +502,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "settle" and (args.count is None) != (args.amount is None):
         parser.error("--count and --amount go together")
+    if (args.tls_cert or args.tls_key) and not args.tls_ca:
+        parser.error("--tls-cert and --tls-key go with --tls-ca")
     try:
-        client = TerminalClient.from_file(args.key_file, host=args.host, port=args.port)
+        tls = tls_client_context(args.tls_ca, args.tls_cert, args.tls_key)
+    except (OSError, ssl.SSLError) as e:
+        print(f"acqhost-terminal: TLS files: {e.strerror or e}", file=sys.stderr)
+        return 2
+    try:
+        client = TerminalClient.from_file(args.key_file, host=args.host, port=args.port, tls=tls)
     except OSError as exc:
         print(f"acqhost-terminal: key file {args.key_file}: {exc.strerror or exc}", file=sys.stderr)
         return 2

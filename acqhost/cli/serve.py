@@ -45,18 +45,19 @@ def serve_workers(cfg: Config) -> int:
 
     ctx = multiprocessing.get_context("spawn")
     children = [
-        ctx.Process(target=serve, args=(cfg,), name=f"acqhost-{i}") for i in range(cfg.workers)
+        ctx.Process(target=serve, args=(cfg, i), name=f"acqhost-{i}") for i in range(cfg.workers)
     ]
-    for child in children:
-        child.start()
 
     def forward(signum: int, _frame: object) -> None:
         for child in children:
             if child.pid is not None and child.exitcode is None:
                 os.kill(child.pid, signal.SIGTERM)
 
+    # Before the children start: a signal meanwhile must reach them, not end this process.
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
+    for child in children:
+        child.start()
     for child in children:
         child.join()
     return 0 if all(child.exitcode == 0 for child in children) else 1

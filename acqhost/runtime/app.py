@@ -8,12 +8,14 @@ import sys
 
 from acqhost.config import Config
 from acqhost.domain.crypto import HostKeys
+from acqhost.errors import ListenError
 from acqhost.host.core import HostCore
 from acqhost.host.state import HostState
 from acqhost.log import configure_logging, get_logger
 from acqhost.runtime.banklink import BankLink
 from acqhost.runtime.capture import Capture
 from acqhost.runtime.ledger import Ledger
+from acqhost.runtime.ops_http import OpsEndpoint
 from acqhost.runtime.server import Server, run_backend
 from acqhost.runtime.services import activations, cache_invalidation
 from acqhost.store import open_store
@@ -26,9 +28,10 @@ __all__ = ("buffer_stdout", "build_server", "close_stores", "serve")
 _POSTGRES_PREFIXES = ("postgresql://", "postgres://")
 
 
-def build_server(cfg: Config) -> Server:
+def build_server(cfg: Config, *, worker: int = 0) -> Server:
     """A server ready to run: the host core reads through one store connection, the ledger
-    writes through another (its worker thread's)."""
+    writes through another (its worker thread's). ``worker``: this process's index among
+    ``--workers`` (its metrics port is ``[metrics] port`` + ``worker``)."""
     keys = HostKeys.load(cfg.key_path)
     reader = open_store(cfg.db)
     writer = open_store(cfg.db)
@@ -57,6 +60,10 @@ def build_server(cfg: Config) -> Server:
 
         assert isinstance(reader, PostgresStore)
         server.services.append(cache_invalidation(reader, state))
+    if cfg.metrics is not None:  # [metrics]: /metrics, /healthz, /readyz
+        ops = OpsEndpoint(server, cfg.metrics.for_worker(worker), worker=worker)
+        server.ops = ops
+        server.services.append(ops.run)
     return server
 
 
@@ -67,6 +74,11 @@ def close_stores(server: Server) -> None:
     server.ledger.store.close()
     if server.dispatcher.capture is not None:
         server.dispatcher.capture.close()
+
+
+def _first(group: BaseExceptionGroup[ListenError]) -> ListenError:
+    inner = group.exceptions[0]
+    return inner if isinstance(inner, ListenError) else _first(inner)
 
 
 def buffer_stdout() -> None:
@@ -81,13 +93,21 @@ def buffer_stdout() -> None:
         sys.stdout.reconfigure(line_buffering=False, write_through=False)
 
 
-def serve(cfg: Config) -> None:
-    """Run a host until SIGTERM or SIGINT (the ``acqhost serve`` command)."""
+def serve(cfg: Config, worker: int = 0) -> None:
+    """Run a host until SIGTERM or SIGINT (the ``acqhost serve`` command; ``worker``: this
+    process's index among ``--workers``)."""
     buffer_stdout()
     configure_logging(cfg.log_level)
-    server = build_server(cfg)
+    server = build_server(cfg, worker=worker)
     try:
         run_backend(server.run, cfg.backend)
+    except BaseExceptionGroup as group:
+        # A service that cannot listen (a [metrics] port taken) fails inside the server's task
+        # group: its one-line error, as the terminals' listener gives it.
+        taken, rest = group.split(ListenError)
+        if taken is None or rest is not None:
+            raise
+        raise _first(taken) from None
     finally:
         close_stores(server)
     get_logger("acqhost").info("exit", code=0)

@@ -183,9 +183,17 @@ class Connections:
         self._flush_log = flush_log
         self.open: set[Any] = set()  # the drivers of the open connections
         self.stopping = False  # the host is shutting down: no new connections
+        self.refused: dict[str, int] = {}  # connections refused, by reason (the metrics')
 
     def refusal(self) -> str | None:
-        """Why a new connection is refused now; None when it is taken."""
+        """Why a new connection is refused now (counted in ``refused``); None when it is
+        taken."""
+        reason = self._refusal()
+        if reason is not None:
+            self.refused[reason] = self.refused.get(reason, 0) + 1
+        return reason
+
+    def _refusal(self) -> str | None:
         if self.stopping:
             return "host shutting down"
         if len(self.open) >= self.config.max_connections:

@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 import anyio
 
+from acqhost.host.context import Context
 from acqhost.host.core import HostCore
 from acqhost.runtime.capture import Capture
 from acqhost.runtime.ledger import Ledger, Write
@@ -21,21 +22,29 @@ class Dispatcher:
         self.core = core
         self.ledger = ledger
         self.capture = capture  # --capture: every answered request recorded
+        # Called with each request's context once its answer is built (None: no answer); the
+        # metrics' counting (acqhost.runtime.metrics), kept to a few dict updates.
+        self.observe: Callable[[Context | None], None] | None = None
 
     def start(self, message: bytes, finish: Callable[[bytes | None], None]) -> None:
         """Work on ``message``; ``finish(answer)`` is called in the event loop's thread, at
         once when nothing must be made durable first, else once the ledger has written it
         (None: the message could not be decoded far enough for an answer)."""
-        core = self.core
+        core, observe = self.core, self.observe
         ctx = core.decide(message)
         if ctx is None:
+            if observe is not None:
+                observe(None)
             finish(None)
             return
         if self.capture is not None:
             finish = self.capture.finishing(ctx, finish)
         effect = ctx.effect
         if effect is None:
-            finish(core.answer(ctx))
+            out = core.answer(ctx)
+            if observe is not None:
+                observe(ctx)
+            finish(out)
             return
         # A sale with a call of its own is recorded by that call, not grouped.
         write = Write(effect.sale if effect.call is None else None, effect.call, effect.pre)
@@ -45,6 +54,8 @@ class Dispatcher:
             try:
                 core.complete(ctx, write.result, write.error)
                 out = core.answer(ctx)
+                if observe is not None:
+                    observe(ctx)
             finally:
                 finish(out)
 

@@ -9,6 +9,7 @@ queue, in order, each in its own transaction.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -93,6 +94,13 @@ class Ledger:
         self._pre_limiter: anyio.CapacityLimiter | None = None
         self.flushes = 0  # worker-thread calls (each one fsync per group of sales)
         self.written = 0
+        # Called after each flush with (writes, seconds it took): the metrics' commit time.
+        self.on_flush: Callable[[int, float], None] | None = None
+
+    @property
+    def backlog(self) -> int:
+        """Writes queued and not yet being written (those still being prepared included)."""
+        return len(self._queue) + self._pre_pending
 
     async def submit(self, w: Write) -> None:
         """Queue ``w`` and wait until it is durable (or has failed: see ``w.error``)."""
@@ -133,12 +141,15 @@ class Ledger:
                 continue
             writes, self._queue = self._queue, []
             # Shielded: a cancelled host still finishes (and reports) what it started writing.
+            started = time.perf_counter()
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(
                     apply_writes, self.store, writes, self._batch, limiter=self._write_limiter
                 )
             self.flushes += 1
             self.written += len(writes)
+            if self.on_flush is not None:
+                self.on_flush(len(writes), time.perf_counter() - started)
             for w in writes:
                 if w.on_done is not None:
                     try:

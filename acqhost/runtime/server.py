@@ -14,13 +14,15 @@ import asyncio
 import importlib.util
 import os
 import signal
+import ssl
 from collections.abc import Callable, Coroutine
 from typing import Any
 
 import anyio
 import anyio.abc
+from anyio.streams.tls import TLSStream
 
-from acqhost.config import Config
+from acqhost.config import Config, ConfigError
 from acqhost.errors import ListenError
 from acqhost.host.core import HostCore
 from acqhost.log import get_logger
@@ -54,6 +56,15 @@ class Server:
         self.port: int | None = None
         self._accepting: anyio.CancelScope | None = None  # made inside the event loop
         self.services: list[Service] = []
+        self.accepting = False  # listening, and not yet stopped: /readyz
+        self.ops: object | None = None  # the operations endpoint ([metrics]), when there is one
+        # [tls]: terminals connect over TLS (handshake within read_timeout)
+        self.tls: ssl.SSLContext | None = None
+        if config.tls is not None:
+            try:
+                self.tls = config.tls.server_context()
+            except ValueError as e:  # the files changed since the configuration was loaded
+                raise ConfigError(str(e)) from None
 
     def shutdown(self) -> None:
         """Stop accepting and reading; answer what was read; then :meth:`run` returns."""
@@ -73,6 +84,24 @@ class Server:
         handle_signals: bool = True,
         task_status: anyio.abc.TaskStatus[int] = anyio.TASK_STATUS_IGNORED,
     ) -> None:
+        """Serve until :meth:`shutdown` (SIGTERM or SIGINT with ``handle_signals``), then
+        drain, flush the ledger and return."""
+        if not handle_signals:
+            await self._run(listener, task_status)
+            return
+        # The signals are watched until the ledger is flushed, not only until the drain: a
+        # second SIGTERM (a process manager signalling every process of the group after the
+        # parent of --workers passed one on) must not kill a host that is finishing its writes.
+        async with anyio.create_task_group() as signals:
+            signals.start_soon(self._watch_signals)
+            await self._run(listener, task_status)
+            signals.cancel_scope.cancel()
+
+    async def _run(
+        self,
+        listener: anyio.abc.Listener[anyio.abc.SocketStream] | None,
+        task_status: anyio.abc.TaskStatus[int],
+    ) -> None:
         cfg = self.config
         connections = self.connections
         native: asyncio.Server | None = None
@@ -85,6 +114,8 @@ class Server:
                     reuse_port=cfg.workers > 1,
                     backlog=65535,
                     start_serving=False,
+                    ssl=self.tls,
+                    ssl_handshake_timeout=cfg.read_timeout if self.tls else None,
                 )
             elif listener is None:
                 listener = await anyio.create_tcp_listener(
@@ -104,11 +135,10 @@ class Server:
             await writer_group.start(self.ledger.run)
             try:
                 async with anyio.create_task_group() as tg:
-                    if handle_signals:
-                        tg.start_soon(self._watch_signals)
                     for service in self.services:
                         await tg.start(service)
-                    log.info("listening", host=cfg.host, port=self.port, framing=cfg.framing)
+                    log.info("listening", host=cfg.host, port=self.port, framing=cfg.framing,
+                             tls=self.tls is not None)  # fmt: skip
                     task_status.started(self.port)
                     self._accepting = anyio.CancelScope()
                     if connections.stopping:
@@ -117,15 +147,19 @@ class Server:
                         try:
                             with self._accepting:
                                 await native.start_serving()
+                                self.accepting = not connections.stopping
                                 await anyio.sleep_forever()
                         finally:
+                            self.accepting = False
                             native.close()
                     else:
                         assert listener is not None
                         try:
                             with self._accepting:
+                                self.accepting = not connections.stopping
                                 await self._accept_loop(listener, tg)
                         finally:
+                            self.accepting = False
                             with anyio.CancelScope(shield=True):
                                 await listener.aclose()
                     log.info("draining", connections=len(connections.open))
@@ -151,7 +185,6 @@ class Server:
             async for signum in signals:
                 log.info("signal", signal=signal.Signals(signum).name)
                 self.shutdown()
-                return
 
     async def _accept_loop(
         self, listener: anyio.abc.Listener[anyio.abc.SocketStream], tg: anyio.abc.TaskGroup
@@ -176,9 +209,39 @@ class Server:
                 log.warning("connection refused", reason=refusal)
                 await stream.aclose()
                 continue
+            if self.tls is not None:
+                tg.start_soon(self._serve_tls, stream)
+                continue
             conn = StreamConnection(connections, stream)
             connections.open.add(conn)
             tg.start_soon(self._serve, conn)
+
+    async def _serve_tls(self, stream: anyio.abc.SocketStream) -> None:
+        """The TLS handshake, in the connection's own task within ``read_timeout``; then the
+        connection is served as any other (a handshake in progress holds no slot, as on
+        asyncio's native path)."""
+        assert self.tls is not None
+        try:
+            with anyio.fail_after(self.config.read_timeout):
+                wrapped = await TLSStream.wrap(
+                    stream, server_side=True, ssl_context=self.tls, standard_compatible=False
+                )
+        except (TimeoutError, ssl.SSLError, OSError, anyio.BrokenResourceError,
+                anyio.EndOfStream) as e:  # fmt: skip
+            address = stream.extra(anyio.abc.SocketAttribute.remote_address, None)
+            log.warning("tls handshake failed", peer=str(address), error=str(e) or repr(e))
+            with anyio.CancelScope(shield=True):
+                await stream.aclose()
+            return
+        refusal = self.connections.refusal()
+        if refusal is not None:
+            log.warning("connection refused", reason=refusal)
+            with anyio.CancelScope(shield=True):
+                await wrapped.aclose()
+            return
+        conn = StreamConnection(self.connections, wrapped)
+        self.connections.open.add(conn)
+        await self._serve(conn)
 
     async def _serve(self, conn: StreamConnection) -> None:
         try:

@@ -36,7 +36,7 @@ class _WriteTimeout(Exception):
 class StreamConnection:
     """One connection on ``stream``; :meth:`serve` returns once it is closed."""
 
-    def __init__(self, connections: Connections, stream: anyio.abc.SocketStream) -> None:
+    def __init__(self, connections: Connections, stream: anyio.abc.ByteStream) -> None:
         self.stream = stream
         self.timeout = connections.config.read_timeout
         self.reading = anyio.CancelScope()  # cancelled by stop()
@@ -148,7 +148,7 @@ class StreamConnection:
                 raise _WriteTimeout  # ends the connection (the reader with it)
 
 
-def _peer(stream: anyio.abc.SocketStream) -> str:
+def _peer(stream: anyio.abc.ByteStream) -> str:
     try:
         address = stream.extra(anyio.abc.SocketAttribute.remote_address)
     except Exception:

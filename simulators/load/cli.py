@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import ssl
 import sys
 import tomllib
 from collections.abc import Sequence
@@ -29,6 +30,7 @@ from simulators.load.report import render_csv, render_table
 from simulators.load.runner import Live, Plan, Result, RunError, run_plan, run_split
 from simulators.load.schedule import ScheduleError, parse_schedule
 from simulators.load.thresholds import EXIT_FAILED, EXIT_USAGE, argparse_type, evaluate
+from simulators.terminal import tls_client_context
 
 __all__ = ("UsageError", "main", "read_scenario")
 
@@ -37,7 +39,7 @@ _SCENARIO_KEYS: dict[str, type | tuple[type, ...]] = {
     "connections": int, "depth": int, "rate": (str, int, float), "arrivals": str,
     "duration": (int, float), "count": int, "warmup": (int, float), "timeout": (int, float),
     "mix": dict, "amounts": list, "test_amount": int, "rebind": dict, "seed": int,
-    "processes": int, "fail_if": list,
+    "processes": int, "fail_if": list, "tls_ca": str,
 }  # fmt: skip
 _REBIND_KEYS = ("operator", "password", "holder", "bank_code")
 
@@ -86,6 +88,8 @@ def _parser() -> argparse.ArgumentParser:
                        "(*.json); default: the key file's, else acq87")  # fmt: skip
         t.add_argument("--framing", choices=("len2", "len4", "len2-tpdu"))
         t.add_argument("--no-mac", action="store_true", help="send no MAC, check none")
+        t.add_argument("--tls-ca", metavar="FILE", help="connect with TLS, trusting the CA "
+                       "certificates in FILE (PEM): a host with [tls]")  # fmt: skip
         t.add_argument("--no-signon", action="store_true", help="do not sign terminals on "
                        "(with MACs: a fixed key from the key file, answers not checked)",
                        )  # fmt: skip
@@ -245,10 +249,14 @@ def _plan(args: argparse.Namespace) -> tuple[Plan, int, list[Any]]:
         seed=pick("seed"), duration=pick("duration"), count=pick("count"),
         warmup=float(pick("warmup", 0.0)), timeout=float(pick("timeout", 10.0)),
         max_in_flight=args.max_in_flight, verify=not args.no_mac, base=str(base),
-        stan_start=args.stan_start,
+        stan_start=args.stan_start, tls_ca=pick("tls_ca"),
     )  # fmt: skip
     if plan.warmup < 0:
         raise UsageError("--warmup must be 0 or more seconds")
+    try:
+        tls_client_context(plan.tls_ca)  # read now: a bad file is a usage error, not a crash
+    except (OSError, ssl.SSLError) as exc:
+        raise UsageError(f"--tls-ca {plan.tls_ca}: {exc.strerror or exc}") from None
     if args.command == "run":
         _run_options(args, scenario, plan)
     else:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import ssl
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -338,13 +339,15 @@ class Engine:
         verify: bool = True,
         start_at: float | None = None,
         on_second: Callable[[Engine], None] | None = None,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         """``sources``: one per connection. ``plan``: open loop, (seconds from the start,
         connection index or None for the next in turn) in time order; None: closed loop.
         The run ends after ``warmup`` + ``duration`` seconds, or when ``count`` requests
         after the warm-up were sent, or when the plan or the sources run out; then what is
         in flight gets up to ``timeout`` to be answered. ``start_at``: the wall-clock time
-        (``time.time()``) the run starts at (processes of one run share it)."""
+        (``time.time()``) the run starts at (processes of one run share it). ``tls``: connect
+        with TLS (a host with ``[tls]``)."""
         if plan is None and depth < 1:
             raise ValueError("depth must be 1 or more")
         self.host, self.port = host, port
@@ -360,6 +363,7 @@ class Engine:
         self.verify = verify
         self.start_at = start_at
         self.on_second = on_second
+        self.tls = tls
         self.counts = Counts()
         self.conns: list[_Conn] = []
         self.seconds: dict[int, _Second] = {}
@@ -498,7 +502,7 @@ class Engine:
         loop = asyncio.get_running_loop()
         source = self.sources[index]
         _, conn = await loop.create_connection(
-            lambda: _Conn(self, source, index), self.host, self.port
+            lambda: _Conn(self, source, index), self.host, self.port, ssl=self.tls
         )
         return conn
 
@@ -614,8 +618,10 @@ class Engine:
         return total, None
 
 
-async def _exchange(host: str, port: int, terminal: LoadTerminal, frame: bytes) -> bytes:
-    reader, writer = await asyncio.open_connection(host, port)
+async def _exchange(
+    host: str, port: int, terminal: LoadTerminal, frame: bytes, tls: ssl.SSLContext | None
+) -> bytes:
+    reader, writer = await asyncio.open_connection(host, port, ssl=tls)
     try:
         writer.write(frame)
         decoder = FrameDecoder(terminal.framing, 65535)
@@ -632,7 +638,7 @@ async def _exchange(host: str, port: int, terminal: LoadTerminal, frame: bytes) 
 
 async def sign_on_all(
     host: str, port: int, terminals: Iterable[LoadTerminal], *, parallel: int = 16,
-    timeout: float = 10.0,
+    timeout: float = 10.0, tls: ssl.SSLContext | None = None,
 ) -> None:  # fmt: skip
     """Sign every terminal on (ValueError naming the first that could not)."""
     gate = asyncio.Semaphore(parallel)
@@ -642,7 +648,9 @@ async def sign_on_all(
             pending: SignOn = terminal.signon()
             frame = terminal.frame(terminal.encode(pending.fields, mac=False))
             try:
-                message = await asyncio.wait_for(_exchange(host, port, terminal, frame), timeout)
+                message = await asyncio.wait_for(
+                    _exchange(host, port, terminal, frame, tls), timeout
+                )
             except (OSError, TimeoutError) as exc:
                 raise ValueError(f"sign-on of {terminal.tid}: {exc or 'no answer'}") from None
             terminal.signed_on(pending, terminal.codec.decode(message))

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import multiprocessing
 import queue
+import ssl
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -32,6 +33,7 @@ from simulators.load.messages import LoadTerminal, Mix, RebindData
 from simulators.load.replay import Replayer, ReplayError, ReplaySource, map_terminals, skipped
 from simulators.load.report import Recorder
 from simulators.load.schedule import arrivals, parse_schedule
+from simulators.terminal import tls_client_context
 
 __all__ = ("Live", "Plan", "Result", "RunError", "run_plan", "run_split")
 
@@ -75,6 +77,7 @@ class Plan:
     password: str | None = None
     stan_start: int | None = None
     base: str | None = None  # where relative paths (rate files) are
+    tls_ca: str | None = None  # connect with TLS, trusting these CA certificates (PEM)
 
 
 @dataclass
@@ -222,9 +225,13 @@ async def _run(
     terminals = _terminals(plan)
     if not terminals:
         raise RunError("no terminals: give --key-file, --keys-dir or --register")
+    try:
+        tls = tls_client_context(plan.tls_ca)
+    except (OSError, ssl.SSLError) as exc:
+        raise RunError(f"--tls-ca {plan.tls_ca}: {exc.strerror or exc}") from None
     if plan.mac and plan.signon:
         try:
-            await sign_on_all(plan.host, plan.port, terminals, timeout=plan.timeout)
+            await sign_on_all(plan.host, plan.port, terminals, timeout=plan.timeout, tls=tls)
         except ValueError as exc:
             raise RunError(str(exc)) from None
     elif plan.mac:
@@ -259,7 +266,7 @@ async def _run(
         duration=plan.duration, count=plan.count, warmup=plan.warmup, timeout=plan.timeout,
         max_in_flight=plan.max_in_flight, verify=plan.verify and plan.mac and plan.signon,
         start_at=start_at,
-        on_second=second,
+        on_second=second, tls=tls,
     )  # fmt: skip
     try:
         recorder = await engine.run()
