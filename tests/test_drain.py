@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import signal
+import socket
 import sqlite3
 import subprocess
 import time
@@ -153,9 +154,7 @@ async def test_sigterm_to_two_workers_drains_both_and_exits_0(tmp_path: Path, ba
 
 
 async def test_each_worker_exports_its_own_metrics_on_its_own_port(tmp_path: Path) -> None:
-    metrics_port = free_port()
-    while metrics_port >= 65535:  # pragma: no cover - port + 1 must exist
-        metrics_port = free_port()
+    metrics_port = two_free_ports()
     config = tmp_path / "acqhost.toml"
     config.write_text(f"[metrics]\nport = {metrics_port}\n")
     setup = make_host(tmp_path, port=free_port())
@@ -171,6 +170,21 @@ async def test_each_worker_exports_its_own_metrics_on_its_own_port(tmp_path: Pat
     workers = sorted(line.split('worker="')[1][0] for t in texts for line in t.splitlines()
                      if line.startswith("acqhost_info{"))  # fmt: skip
     assert workers == ["0", "1"]
+
+
+def two_free_ports() -> int:
+    """A loopback port that is free, with the next one free too (worker 1's)."""
+    for _ in range(100):
+        port = free_port()
+        if port >= 65535:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no two free loopback ports in a row")
 
 
 def fetch_when_up(url: str, seconds: float = 15) -> str:
