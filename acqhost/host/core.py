@@ -12,6 +12,7 @@ undecodable frame gets no answer.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from acqhost.domain import crypto
@@ -31,10 +32,14 @@ from acqhost.host.stages import (
 )
 from acqhost.host.state import HostState
 from acqhost.log import get_logger, message_logger
+from acqhost.log.ratelimit import SourceLimiter
 from acqhost.wire.codec import Codec, CodecError
 from acqhost.wire.tlv import encode_tlv
 
-__all__ = ("HostCore", "Route", "build_routes", "response_mti")
+__all__ = ("UNDECODABLE", "HostCore", "Route", "build_routes", "response_mti")
+
+# The route of a frame the codec could not decode in full (answered 30 when its MTI is known).
+UNDECODABLE = "undecodable"
 
 # Keys of a message without a secondary bitmap.
 _PRIMARY_KEYS = frozenset(("h", "t", "p", *(str(n) for n in range(2, 65))))
@@ -139,6 +144,13 @@ class HostCore:
         self.message_log = message_logger("acqhost.message")
         # One event per message at level info; checked here so a quieter host pays nothing.
         self.log_messages = state.config.log_level.lower() in ("debug", "info")
+        # The warnings a peer can cause, limited per source (the connection sets the source).
+        self.log_limiter = SourceLimiter(state.config.log_rate)
+        # Message lines of routes anyone can send cheaply: echoes (no MAC, a terminal's
+        # keep-alive) at debug only, undecodable frames within the peer's log rate.
+        self._quiet: dict[str, Callable[[], bool]] = {UNDECODABLE: self._undecodable_line}
+        if state.config.log_level.lower() != "debug":
+            self._quiet["echo"] = lambda: False
 
     def flush_log(self) -> None:
         """Write out the per-message log lines of answers about to be sent."""
@@ -165,6 +177,9 @@ class HostCore:
         out = self.finish(ctx)
         if not self.log_messages:
             return out
+        quiet = self._quiet.get(ctx.route)
+        if quiet is not None and not quiet():
+            return out
         req = ctx.req
         # What self.log.info("message", route=..., ..., **ctx.log) writes, without the chain.
         self.message_log.message(
@@ -187,12 +202,13 @@ class HostCore:
             req = self.codec.decode(frame)
         except CodecError as e:
             mti = self.codec.peek_mti(frame)
-            self.log.warning("undecodable", error=str(e), mti=mti, size=len(frame))
+            if self.log_limiter.allow("undecodable"):
+                self.log.warning("undecodable", error=str(e), mti=mti, size=len(frame))
             if mti is None:
                 return None
             ctx = Context(raw=frame, req={"t": mti}, resp={"t": response_mti(mti)})
             ctx.started = started
-            ctx.route, ctx.reason = "undecodable", "FORMAT"
+            ctx.route, ctx.reason = UNDECODABLE, "FORMAT"
             ctx.resp["39"] = "30"
             return ctx
         mti = req["t"]
@@ -229,10 +245,14 @@ class HostCore:
             ctx.resp["48"] = encode_tlv(elements)
         else:
             ctx.resp.pop("48", None)
-        if d.code == "63":  # a bad or missing MAC or signature: a security event of its own
+        # A bad or missing MAC or signature: a security event of its own.
+        if d.code == "63" and self.log_limiter.allow("security"):
             req = ctx.req
             self.log.warning("security", kind=d.reason, tid=req.get("41"), mti=req.get("t"),
                              stan=req.get("11"), route=ctx.route)  # fmt: skip
+
+    def _undecodable_line(self) -> bool:
+        return self.log_limiter.allow("message (undecodable)")
 
     def finish(self, ctx: Context) -> bytes:
         """Encode the response; MAC it when the request's MAC was verified."""

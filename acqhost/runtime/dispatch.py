@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import anyio
 
-from acqhost.host.core import HostCore
+from acqhost.host.core import UNDECODABLE, HostCore
 from acqhost.runtime.capture import Capture
 from acqhost.runtime.ledger import Ledger, Write
 
@@ -22,21 +22,22 @@ class Dispatcher:
         self.ledger = ledger
         self.capture = capture  # --capture: every answered request recorded
 
-    def start(self, message: bytes, finish: Callable[[bytes | None], None]) -> None:
+    def start(self, message: bytes, finish: Callable[[bytes | None], None]) -> bool:
         """Work on ``message``; ``finish(answer)`` is called in the event loop's thread, at
         once when nothing must be made durable first, else once the ledger has written it
-        (None: the message could not be decoded far enough for an answer)."""
+        (None: the message could not be decoded far enough for an answer). Returns whether
+        the message was a valid frame: decoded in full into a request."""
         core = self.core
         ctx = core.decide(message)
         if ctx is None:
             finish(None)
-            return
+            return False
         if self.capture is not None:
             finish = self.capture.finishing(ctx, finish)
         effect = ctx.effect
         if effect is None:
             finish(core.answer(ctx))
-            return
+            return ctx.route != UNDECODABLE
         # A sale with a call of its own is recorded by that call, not grouped.
         write = Write(effect.sale if effect.call is None else None, effect.call, effect.pre)
 
@@ -50,6 +51,7 @@ class Dispatcher:
 
         write.on_done = done
         self.ledger.enqueue(write)
+        return True
 
     async def handle(self, message: bytes) -> bytes | None:
         """The answer to ``message``, its log line written (for callers without a connection:

@@ -23,7 +23,7 @@ import anyio.abc
 from acqhost.config import Config
 from acqhost.errors import ListenError
 from acqhost.host.core import HostCore
-from acqhost.log import get_logger
+from acqhost.log import get_logger, ratelimit
 from acqhost.runtime.asyncio_driver import AsyncioConnection
 from acqhost.runtime.connection import Connections
 from acqhost.runtime.dispatch import Dispatcher
@@ -50,7 +50,9 @@ class Server:
         self.core = core
         self.ledger = ledger
         self.dispatcher = Dispatcher(core, ledger)
-        self.connections = Connections(config, self.dispatcher.start, core.flush_log)
+        self.connections = Connections(
+            config, self.dispatcher.start, core.flush_log, core.log_limiter
+        )
         self.port: int | None = None
         self._accepting: anyio.CancelScope | None = None  # made inside the event loop
         self.services: list[Service] = []
@@ -106,6 +108,7 @@ class Server:
                 async with anyio.create_task_group() as tg:
                     if handle_signals:
                         tg.start_soon(self._watch_signals)
+                    tg.start_soon(self._summarise_logs)
                     for service in self.services:
                         await tg.start(service)
                     log.info("listening", host=cfg.host, port=self.port, framing=cfg.framing)
@@ -144,7 +147,15 @@ class Server:
                     if isinstance(conn, AsyncioConnection):
                         conn.abort()
                 self.ledger.close()
-        log.info("stopped", written=self.ledger.written, flushes=self.ledger.flushes)
+                connections.limiter.summarise()
+        log.info("stopped", written=self.ledger.written, flushes=self.ledger.flushes,
+                 connections=dict(connections.closed))  # fmt: skip
+
+    async def _summarise_logs(self) -> None:
+        """What the log rate limit held back, summarised every SUMMARY_SECONDS."""
+        while True:
+            await anyio.sleep(ratelimit.SUMMARY_SECONDS)
+            self.connections.limiter.summarise()
 
     async def _watch_signals(self) -> None:
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
@@ -171,20 +182,9 @@ class Server:
                 log.error("accept failed", error=str(e))
                 await anyio.sleep(0.1)
                 continue
-            refusal = connections.refusal()
-            if refusal is not None:
-                log.warning("connection refused", reason=refusal)
-                await stream.aclose()
-                continue
             conn = StreamConnection(connections, stream)
-            connections.open.add(conn)
-            tg.start_soon(self._serve, conn)
-
-    async def _serve(self, conn: StreamConnection) -> None:
-        try:
-            await conn.serve()
-        finally:
-            self.connections.open.discard(conn)
+            if await conn.admit():
+                tg.start_soon(conn.serve)
 
 
 def _on_asyncio() -> bool:
