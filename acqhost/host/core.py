@@ -203,7 +203,8 @@ class HostCore:
         except CodecError as e:
             mti = self.codec.peek_mti(frame)
             if self.log_limiter.allow("undecodable"):
-                self.log.warning("undecodable", error=str(e), mti=mti, size=len(frame))
+                self.log.warning("undecodable", error=str(e), mti=mti, size=len(frame),
+                                 source=self.log_limiter.source)  # fmt: skip
             if mti is None:
                 return None
             ctx = Context(raw=frame, req={"t": mti}, resp={"t": response_mti(mti)})
