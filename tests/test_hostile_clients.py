@@ -297,3 +297,43 @@ def test_the_limiter_keeps_a_bounded_table_of_sources() -> None:
         limiter.allow("x", f"10.0.{n // 256}.{n % 256}", now=0.0)
     assert len(limiter._buckets) == MAX_SOURCES + 1
     assert limiter.suppressed(OTHER_SOURCES) == 49  # the sources beyond share one bucket
+
+
+# -- the connection core's deadlines, without sockets ---------------------------------------------
+
+
+def _core(valid: bool) -> Any:
+    from acqhost.config import Config
+    from acqhost.runtime.connection import ConnectionCore
+    from acqhost.wire.framing import FrameEncoder
+
+    config = Config(read_timeout=30, frame_timeout=10, first_frame_timeout=5)
+
+    def start(message: bytes, finish: Any) -> bool:
+        finish(None)
+        return valid
+
+    return ConnectionCore(config, FrameEncoder("len2", 4096), start, lambda: None, lambda: None,
+                          peer="10.0.0.1:4000", now=0.0)  # fmt: skip
+
+
+def test_a_frame_s_deadline_counts_from_its_first_byte_and_restarts_with_the_next_frame() -> None:
+    core = _core(valid=True)
+    assert core.deadline() == 5.0  # no valid frame yet
+    core.received(b"\x00\x03abc\x00", now=1.0)  # a whole frame, and the next one begins
+    assert (core.valid, core.frame_started, core.deadline()) == (True, 1.0, 11.0)
+    for t in range(2, 11):  # a byte a second: the deadline stays
+        core.received(b"\x40" if t == 2 else b"x", now=float(t))
+        assert core.deadline() == 11.0
+    assert not core.timed_out(10.9)
+    assert core.timed_out(11.0) and core.reason == "frame timeout"
+    idle = _core(valid=True)
+    idle.received(b"\x00\x01a", now=1.0)
+    assert (idle.frame_started, idle.deadline()) == (None, 31.0)  # read_timeout from here
+
+
+def test_a_connection_without_a_valid_frame_ends_at_first_frame_timeout() -> None:
+    core = _core(valid=False)
+    core.received(b"\x00\x01a", now=1.0)  # a whole frame, but not a request the codec took
+    assert not core.valid and core.deadline() == 5.0
+    assert core.timed_out(5.0) and core.reason == "first frame timeout"
