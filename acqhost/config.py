@@ -145,7 +145,15 @@ _HOST_RULES: Mapping[str, _Rule] = {
     "spec": _choice(specs.available),
     "max_frame": _whole(1, 0xFFFF),  # and within what the framing's header can express
     "read_timeout": _seconds(zero=False),
+    "frame_timeout": _seconds(zero=False),
+    "first_frame_timeout": _seconds(zero=False),
     "max_connections": _whole(1),
+    "max_connections_per_source": _whole(1),
+    "log_rate": _Rule(
+        float,
+        "a number of records a second, 0 (no limit) or at least 1",
+        lambda v: math.isfinite(v) and (v == 0 or v >= 1),
+    ),
     "backend": _choice(lambda: BACKENDS),
     "workers": _whole(1),
     "db": _text("a non-empty SQLite path or database URL"),
@@ -364,7 +372,11 @@ class Config:
     max_frame: int = 4096
     # seconds a connection may stay idle, stall inside a frame, or leave its answers untaken
     read_timeout: float = 30.0
+    frame_timeout: float = 10.0  # from a frame's first byte to its last
+    first_frame_timeout: float = 5.0  # from connecting to the first valid frame
     max_connections: int = 1000
+    max_connections_per_source: int = 64  # open connections from one address
+    log_rate: float = 20.0  # log records a peer may cause, per source address per second
     backend: str = "asyncio"
     workers: int = 1
     db: str = "acqhost.db"

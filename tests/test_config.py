@@ -73,6 +73,8 @@ OTHER = {
     "read_timeout": "2.5", "max_connections": "10", "backend": "trio", "workers": "2",
     "db": "other.db", "keys": "other.keys", "log_level": "WARNING", "test_limit": "0",
     "default_sale_limit": "5000", "write_batch": "64", "signon_skew": "60",
+    "frame_timeout": "4", "first_frame_timeout": "1.5", "max_connections_per_source": "3",
+    "log_rate": "5",
 }  # fmt: skip
 
 
@@ -122,6 +124,11 @@ HOST_CASES = [
     ("read_timeout", "inf", SECONDS),
     ("read_timeout", "'soon'", SECONDS),
     ("max_connections", "0", "a whole number of at least 1"),
+    ("frame_timeout", "0", SECONDS),
+    ("first_frame_timeout", "inf", SECONDS),
+    ("max_connections_per_source", "0", "a whole number of at least 1"),
+    ("log_rate", "0.5", "a number of records a second, 0 (no limit) or at least 1"),
+    ("log_rate", "-1", "a number of records a second, 0 (no limit) or at least 1"),
     ("backend", "'gevent'", "one of asyncio or trio"),
     ("workers", "0", "a whole number of at least 1"),
     ("workers", "1.0", "a whole number of at least 1"),

@@ -539,7 +539,9 @@ async def test_no_read_timer_outlives_its_connection(tmp_path: Path) -> None:
         await wait_no_connections(server)
         assert live_timers() == 0
         held = [await anyio.connect_tcp("127.0.0.1", setup.config.port) for _ in range(4)]
-        await anyio.sleep(0.05)
+        for stream in held:  # a valid frame each: none of them may be evicted
+            await stream.send(echo_frame(client))
+            await read_answers(client, stream, 1)
         refused = await anyio.connect_tcp("127.0.0.1", setup.config.port)
         await until_closed(refused)
         await refused.aclose()

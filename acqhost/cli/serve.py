@@ -24,6 +24,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_frame=args.max_frame,
         read_timeout=args.read_timeout,
         max_connections=args.max_connections,
+        frame_timeout=args.frame_timeout,
+        first_frame_timeout=args.first_frame_timeout,
+        max_connections_per_source=args.max_connections_per_source,
+        log_rate=args.log_rate,
         log_level=args.log_level,
         capture=args.capture,
         signon_skew=args.signon_skew,
@@ -80,6 +84,16 @@ def add_serve_command(sub: Subparsers) -> None:
         "--read-timeout", type=float, help="seconds idle, stalled or not reading (default 30)"
     )
     p.add_argument("--max-connections", type=int, help="open connections at most (default 1000)")
+    p.add_argument("--frame-timeout", type=float, help="seconds for a whole frame (default 10)")
+    p.add_argument(
+        "--first-frame-timeout", type=float, help="seconds to the first valid frame (default 5)"
+    )
+    p.add_argument(
+        "--max-connections-per-source", type=int, help="open connections per address (default 64)"
+    )
+    p.add_argument(
+        "--log-rate", type=float, help="log records per source address a second (default 20)"
+    )
     p.add_argument("--log-level", help="debug, info (default), warning, error")
     p.add_argument(
         "--signon-skew",

@@ -13,6 +13,7 @@ cannot be read gets no answer.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from acqhost.domain import crypto
@@ -33,9 +34,13 @@ from acqhost.host.stages import (
 )
 from acqhost.host.state import HostState
 from acqhost.log import get_logger, message_logger
+from acqhost.log.ratelimit import SourceLimiter
 from acqhost.wire.codec import Codec, CodecError
 
-__all__ = ("HostCore", "Route", "build_routes", "response_mti")
+__all__ = ("UNDECODABLE", "HostCore", "Route", "build_routes", "response_mti")
+
+# The route of a frame the codec could not decode in full (answered 30 when its MTI is known).
+UNDECODABLE = "undecodable"
 
 # Keys of a message without a secondary bitmap.
 _PRIMARY_KEYS = frozenset(("h", "t", "p", *(str(n) for n in range(2, 65))))
@@ -166,6 +171,13 @@ class HostCore:
         self.message_log = message_logger("acqhost.message")
         # One event per message at level info; checked here so a quieter host pays nothing.
         self.log_messages = state.config.log_level.lower() in ("debug", "info")
+        # The warnings a peer can cause, limited per source (the connection sets the source).
+        self.log_limiter = SourceLimiter(state.config.log_rate)
+        # Message lines of routes anyone can send cheaply: echoes (no MAC, a terminal's
+        # keep-alive) at debug only, undecodable frames within the peer's log rate.
+        self._quiet: dict[str, Callable[[], bool]] = {UNDECODABLE: self._undecodable_line}
+        if state.config.log_level.lower() != "debug":
+            self._quiet["echo"] = lambda: False
 
     def flush_log(self) -> None:
         """Write out the per-message log lines of answers about to be sent."""
@@ -192,6 +204,9 @@ class HostCore:
         out = self.finish(ctx)
         if not self.log_messages:
             return out
+        quiet = self._quiet.get(ctx.route)
+        if quiet is not None and not quiet():
+            return out
         req = ctx.req
         # What self.log.info("message", route=..., ..., **ctx.log) writes, without the chain.
         self.message_log.message(
@@ -214,7 +229,9 @@ class HostCore:
             req = self.codec.decode(frame)
         except CodecError as e:
             part = self.codec.decode_partial(frame)
-            self.log.warning("undecodable", error=str(e), mti=part.get("t"), size=len(frame))
+            if self.log_limiter.allow("undecodable"):
+                self.log.warning("undecodable", error=str(e), mti=part.get("t"), size=len(frame),
+                                 source=self.log_limiter.source)  # fmt: skip
             if "t" not in part:
                 return None
             return self._format_error(frame, part, _FIELD_NAMES.get(e.field, e.field), started)
@@ -251,7 +268,7 @@ class HostCore:
         of its known, signed-on terminal (the MAC field is the last eight bytes)."""
         state = self.state
         mti = req["t"]
-        ctx = Context(frame, req, {"t": response_mti(mti)}, state.clock(), started, "undecodable")
+        ctx = Context(frame, req, {"t": response_mti(mti)}, state.clock(), started, UNDECODABLE)
         secondary = "1" in req
         bitmap = req.get("1" if secondary else "p", "")
         if bitmap[-1:] in _ODD_HEX:  # bit 64 (or 128): the frame ends with a MAC
@@ -277,10 +294,14 @@ class HostCore:
         ctx.mac_response = carries_mac(d.code, ctx.mac_response)
         ctx.reason = d.reason
         ctx.effect = None
-        if d.code == "63":  # a bad or missing MAC or signature: a security event of its own
+        # A bad or missing MAC or signature: a security event of its own.
+        if d.code == "63" and self.log_limiter.allow("security"):
             req = ctx.req
             self.log.warning("security", kind=d.reason, tid=req.get("41"), mti=req.get("t"),
                              stan=req.get("11"), route=ctx.route)  # fmt: skip
+
+    def _undecodable_line(self) -> bool:
+        return self.log_limiter.allow("message (undecodable)")
 
     def finish(self, ctx: Context) -> bytes:
         """Encode the response; MAC it when the request's MAC was verified."""

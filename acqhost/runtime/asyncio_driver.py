@@ -12,6 +12,7 @@ import asyncio
 from typing import cast
 
 from acqhost.log import get_logger
+from acqhost.log.ratelimit import source_of
 from acqhost.runtime.connection import WRITE_TIMEOUT, ConnectionCore, Connections
 
 __all__ = ("AsyncioConnection",)
@@ -21,7 +22,7 @@ log = get_logger("acqhost.server")
 
 class AsyncioConnection(asyncio.Protocol):
     """One connection, driven by the loop's callbacks. Reading pauses while the core owes too
-    many answers or the peer does not take what is written; one timer keeps the read timeout
+    many answers or the peer does not take what is written; one timer keeps the read deadlines
     and the write timeout."""
 
     def __init__(self, connections: Connections) -> None:
@@ -35,25 +36,24 @@ class AsyncioConnection(asyncio.Protocol):
         self.taken = 0  # of which the transport had passed on at the last check
         self.stalled_since: float | None = None  # answers waiting, none taken since
         self.timer: asyncio.TimerHandle | None = None
+        self.due = 0.0  # when the timer fires
         self.send_due = False  # _send is scheduled: answers ready together go in one write
 
     # -- the loop's callbacks ------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         connections = self.connections
-        refusal = connections.refusal()
-        if refusal is not None:
-            log.warning("connection refused", reason=refusal)
+        address = transport.get_extra_info("peername")
+        peer = f"{address[0]}:{address[1]}" if isinstance(address, tuple) else "?"
+        if connections.admit(self, source_of(peer)) is not None:
             cast(asyncio.Transport, transport).abort()
             return
         self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
-        address = transport.get_extra_info("peername")
-        peer = f"{address[0]}:{address[1]}" if isinstance(address, tuple) else "?"
         loop = asyncio.get_running_loop()
         now = loop.time()
-        self.core = connections.new_core(self._wake, peer, now)
-        connections.open.add(self)
-        log.info("connected", peer=peer)
-        self.timer = loop.call_at(now + self.timeout, self._check_timeout)
+        self.core = core = connections.new_core(self, self._wake, peer, now)
+        if connections.limiter.allow("connected", core.source):
+            log.info("connected", peer=peer)
+        self._arm(core.deadline())
 
     def data_received(self, data: bytes) -> None:
         core = self.core
@@ -61,6 +61,8 @@ class AsyncioConnection(asyncio.Protocol):
             return
         try:
             core.received(data, asyncio.get_running_loop().time())
+            if core.frame_started is not None and not core.stopped:
+                self._deadline_moved()
             if not core.reading:
                 self._reading()
             self._send()
@@ -90,10 +92,12 @@ class AsyncioConnection(asyncio.Protocol):
         core.stop(core.reason)
         if self.timer is not None:
             self.timer.cancel()
-        if exc is not None and not core.reason.startswith("internal error"):
+        if exc is not None and not core.reason.startswith(("internal error", "evicted")):
             core.reason = f"connection lost: {type(exc).__name__}"
-        self.connections.open.discard(self)
-        log.info("disconnected", peer=core.peer, reason=core.reason)
+        connections = self.connections
+        connections.release(self, core.reason)
+        if connections.limiter.allow("disconnected", core.source):
+            log.info("disconnected", peer=core.peer, reason=core.reason)
 
     # -- ours ----------------------------------------------------------------------------------
     def stop(self, reason: str = "host shutting down") -> None:
@@ -102,6 +106,13 @@ class AsyncioConnection(asyncio.Protocol):
             self.core.stop(reason)
             self._reading()
             self._send()
+
+    def evict(self, reason: str) -> None:
+        """Close now, unanswered, to make room (see Connections.admit)."""
+        if self.core is not None:
+            self.core.stop(reason)
+            self.core.reason = reason
+        self.abort()
 
     def abort(self) -> None:
         """Close now, whatever is unsent."""
@@ -151,23 +162,35 @@ class AsyncioConnection(asyncio.Protocol):
         if want == self.paused:
             if want:
                 transport.resume_reading()
-                # The read timeout counts from here: a paused connection is not idle.
-                core.last_read = asyncio.get_running_loop().time()
+                # The read deadlines count from here: a paused connection is not idle.
+                core.resumed(asyncio.get_running_loop().time())
+                self._deadline_moved()
             else:
                 transport.pause_reading()
             self.paused = not want
 
+    def _arm(self, due: float) -> None:
+        self.due = due
+        self.timer = asyncio.get_running_loop().call_at(due, self._check_timeout)
+
+    def _deadline_moved(self) -> None:
+        """A read deadline may now come before the timer (a partial frame began): re-arm."""
+        assert self.core is not None
+        due = self.core.deadline()
+        if due < self.due and self.timer is not None:
+            self.timer.cancel()
+            self._arm(due)
+
     def _check_timeout(self) -> None:
-        """The read timeout (idle, or stalled inside a frame) and the write timeout (answers
-        waiting in the transport and none of them taken for that long, however little is
-        waiting): one timer, re-armed until the connection is lost; every quarter of the
-        timeout while answers wait, so a write timeout comes 1-2.25 timeouts after the
-        last byte the peer took."""
+        """The read deadlines (ConnectionCore.deadline: idle, a frame too slow, no valid frame
+        yet) and the write timeout (answers waiting in the transport and none of them taken
+        for ``read_timeout``, however little is waiting): one timer, re-armed until the
+        connection is lost; every quarter of the timeout while answers wait, so a write
+        timeout comes 1-2.25 timeouts after the last byte the peer took."""
         transport, core = self.transport, self.core
         if transport is None or core is None:
             return
-        loop = asyncio.get_running_loop()
-        now = loop.time()
+        now = asyncio.get_running_loop().time()
         unsent = transport.get_write_buffer_size()
         if unsent:
             taken = self.written - unsent
@@ -175,14 +198,14 @@ class AsyncioConnection(asyncio.Protocol):
                 self.stalled_since = now  # answers are leaving (or have just started to wait)
                 self.taken = taken
             elif now - self.stalled_since >= self.timeout:
-                log.warning("write timeout", peer=core.peer)
+                if self.connections.limiter.allow("write timeout", core.source):
+                    log.warning("write timeout", peer=core.peer)
                 core.reason = WRITE_TIMEOUT
                 self.abort()
                 return
         else:
             self.stalled_since = None
-        if not (core.stopped or self.paused) and now - core.last_read >= self.timeout:
-            core.read_timed_out()
+        if not (core.stopped or self.paused) and core.timed_out(now):
             self._reading()
             self._send()
         if unsent:
@@ -190,5 +213,5 @@ class AsyncioConnection(asyncio.Protocol):
         elif core.stopped or self.paused:
             due = now + self.timeout
         else:
-            due = core.last_read + self.timeout
-        self.timer = loop.call_at(due, self._check_timeout)
+            due = core.deadline()
+        self._arm(due)

@@ -8,7 +8,7 @@ from collections.abc import Callable
 import anyio
 
 from acqhost.host.context import Context
-from acqhost.host.core import HostCore
+from acqhost.host.core import UNDECODABLE, HostCore
 from acqhost.runtime.capture import Capture
 from acqhost.runtime.ledger import Ledger, Write
 
@@ -26,17 +26,18 @@ class Dispatcher:
         # metrics' counting (acqhost.runtime.metrics), kept to a few dict updates.
         self.observe: Callable[[Context | None], None] | None = None
 
-    def start(self, message: bytes, finish: Callable[[bytes | None], None]) -> None:
+    def start(self, message: bytes, finish: Callable[[bytes | None], None]) -> bool:
         """Work on ``message``; ``finish(answer)`` is called in the event loop's thread, at
         once when nothing must be made durable first, else once the ledger has written it
-        (None: the message could not be decoded far enough for an answer)."""
+        (None: the message could not be decoded far enough for an answer). Returns whether
+        the message was a valid frame: decoded in full into a request."""
         core, observe = self.core, self.observe
         ctx = core.decide(message)
         if ctx is None:
             if observe is not None:
                 observe(None)
             finish(None)
-            return
+            return False
         if self.capture is not None:
             finish = self.capture.finishing(ctx, finish)
         effect = ctx.effect
@@ -45,7 +46,7 @@ class Dispatcher:
             if observe is not None:
                 observe(ctx)
             finish(out)
-            return
+            return ctx.route != UNDECODABLE
         # A sale with a call of its own is recorded by that call, not grouped.
         write = Write(effect.sale if effect.call is None else None, effect.call, effect.pre)
 
@@ -61,6 +62,7 @@ class Dispatcher:
 
         write.on_done = done
         self.ledger.enqueue(write)
+        return True
 
     async def handle(self, message: bytes) -> bytes | None:
         """The answer to ``message``, its log line written (for callers without a connection:

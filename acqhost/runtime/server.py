@@ -25,7 +25,7 @@ from anyio.streams.tls import TLSStream
 from acqhost.config import Config, ConfigError
 from acqhost.errors import ListenError
 from acqhost.host.core import HostCore
-from acqhost.log import get_logger
+from acqhost.log import get_logger, ratelimit
 from acqhost.runtime.asyncio_driver import AsyncioConnection
 from acqhost.runtime.connection import Connections
 from acqhost.runtime.dispatch import Dispatcher
@@ -52,7 +52,9 @@ class Server:
         self.core = core
         self.ledger = ledger
         self.dispatcher = Dispatcher(core, ledger)
-        self.connections = Connections(config, self.dispatcher.start, core.flush_log)
+        self.connections = Connections(
+            config, self.dispatcher.start, core.flush_log, core.log_limiter
+        )
         self.port: int | None = None
         self._accepting: anyio.CancelScope | None = None  # made inside the event loop
         self.services: list[Service] = []
@@ -135,6 +137,7 @@ class Server:
             await writer_group.start(self.ledger.run)
             try:
                 async with anyio.create_task_group() as tg:
+                    tg.start_soon(self._summarise_logs)
                     for service in self.services:
                         await tg.start(service)
                     log.info("listening", host=cfg.host, port=self.port, framing=cfg.framing,
@@ -178,7 +181,15 @@ class Server:
                     if isinstance(conn, AsyncioConnection):
                         conn.abort()
                 self.ledger.close()
-        log.info("stopped", written=self.ledger.written, flushes=self.ledger.flushes)
+                connections.limiter.summarise()
+        log.info("stopped", written=self.ledger.written, flushes=self.ledger.flushes,
+                 connections=dict(connections.closed))  # fmt: skip
+
+    async def _summarise_logs(self) -> None:
+        """What the log rate limit held back, summarised every SUMMARY_SECONDS."""
+        while True:
+            await anyio.sleep(ratelimit.SUMMARY_SECONDS)
+            self.connections.limiter.summarise()
 
     async def _watch_signals(self) -> None:
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
@@ -204,22 +215,17 @@ class Server:
                 log.error("accept failed", error=str(e))
                 await anyio.sleep(0.1)
                 continue
-            refusal = connections.refusal()
-            if refusal is not None:
-                log.warning("connection refused", reason=refusal)
-                await stream.aclose()
-                continue
             if self.tls is not None:
                 tg.start_soon(self._serve_tls, stream)
                 continue
             conn = StreamConnection(connections, stream)
-            connections.open.add(conn)
-            tg.start_soon(self._serve, conn)
+            if await conn.admit():
+                tg.start_soon(conn.serve)
 
     async def _serve_tls(self, stream: anyio.abc.SocketStream) -> None:
         """The TLS handshake, in the connection's own task within ``read_timeout``; then the
-        connection is served as any other (a handshake in progress holds no slot, as on
-        asyncio's native path)."""
+        connection is admitted and served as any other (a handshake in progress holds no
+        slot, as on asyncio's native path)."""
         assert self.tls is not None
         try:
             with anyio.fail_after(self.config.read_timeout):
@@ -233,21 +239,9 @@ class Server:
             with anyio.CancelScope(shield=True):
                 await stream.aclose()
             return
-        refusal = self.connections.refusal()
-        if refusal is not None:
-            log.warning("connection refused", reason=refusal)
-            with anyio.CancelScope(shield=True):
-                await wrapped.aclose()
-            return
         conn = StreamConnection(self.connections, wrapped)
-        self.connections.open.add(conn)
-        await self._serve(conn)
-
-    async def _serve(self, conn: StreamConnection) -> None:
-        try:
+        if await conn.admit():
             await conn.serve()
-        finally:
-            self.connections.open.discard(conn)
 
 
 def _on_asyncio() -> bool:

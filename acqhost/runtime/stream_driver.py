@@ -37,14 +37,30 @@ class StreamConnection:
     """One connection on ``stream``; :meth:`serve` returns once it is closed."""
 
     def __init__(self, connections: Connections, stream: anyio.abc.ByteStream) -> None:
+        self.connections = connections
         self.stream = stream
         self.timeout = connections.config.read_timeout
         self.reading = anyio.CancelScope()  # cancelled by stop()
+        self.scope = anyio.CancelScope()  # cancelled by evict()
         self.core: ConnectionCore = connections.new_core(
-            self._wake, _peer(stream), anyio.current_time()
+            self, self._wake, _peer(stream), anyio.current_time()
         )
         self._answer_ready: anyio.Event | None = None  # the sender waits on it
         self._room: anyio.Event | None = None  # the reader waits on it, too much in flight
+
+    async def admit(self) -> bool:
+        """Whether the connection is taken (Connections.admit); if not, it is closed."""
+        if self.connections.admit(self, self.core.source) is None:
+            return True
+        with anyio.CancelScope(shield=True):
+            await self.stream.aclose()
+        return False
+
+    def evict(self, reason: str) -> None:
+        """Close now, unanswered, to make room (see Connections.admit)."""
+        self.core.stop(reason)
+        self.core.reason = reason
+        self.scope.cancel()
 
     def stop(self) -> None:
         """Stop reading; the connection answers what it read, then closes."""
@@ -56,21 +72,15 @@ class StreamConnection:
             self._answer_ready = None
 
     async def serve(self) -> None:
-        core, stream = self.core, self.stream
-        log.info("connected", peer=core.peer)
+        core, stream, limiter = self.core, self.stream, self.connections.limiter
+        if limiter.allow("connected", core.source):
+            log.info("connected", peer=core.peer)
         try:
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(self._send_answers)
-                try:
-                    with self.reading:
-                        await self._read_requests()
-                    if self.reading.cancelled_caught:
-                        core.stop("host shutting down")
-                finally:
-                    core.stop(core.reason)  # the sender sends what is owed, then ends
-                    self._wake()
+            with self.scope:
+                await self._serve()
         except* _WriteTimeout:
-            log.warning("write timeout", peer=core.peer)
+            if limiter.allow("write timeout", core.source):
+                log.warning("write timeout", peer=core.peer)
             core.reason = WRITE_TIMEOUT
         except* (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as group:
             core.reason = f"connection lost: {type(group.exceptions[0]).__name__}"
@@ -78,21 +88,37 @@ class StreamConnection:
             log.error("connection failed", peer=core.peer, exc_info=group.exceptions[0])
             core.reason = f"internal error: {type(group.exceptions[0]).__name__}"
         finally:
+            self.connections.release(self, core.reason)
             with anyio.CancelScope(shield=True):
                 await stream.aclose()
-            log.info("disconnected", peer=core.peer, reason=core.reason)
+            if limiter.allow("disconnected", core.source):
+                log.info("disconnected", peer=core.peer, reason=core.reason)
+
+    async def _serve(self) -> None:
+        core = self.core
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._send_answers)
+            try:
+                with self.reading:
+                    await self._read_requests()
+                if self.reading.cancelled_caught:
+                    core.stop("host shutting down")
+            finally:
+                core.stop(core.reason)  # the sender sends what is owed, then ends
+                self._wake()
 
     async def _read_requests(self) -> None:
-        core, stream, timeout = self.core, self.stream, self.timeout
+        core, stream = self.core, self.stream
         now = anyio.current_time
-        # The read timeout: a scope whose deadline is ``timeout`` after the last read as of
-        # its making. A read only notes its time (a scope per read, or a deadline moved per
-        # read, cost more than the rest of the read on trio); when the deadline passes, the
-        # connection was idle that long -- or it read meanwhile, and a new scope takes over.
-        # Waiting for the peer to take its answers is not idle time.
+        # The read deadlines (ConnectionCore.deadline): a scope whose deadline is the first of
+        # them as of its making. A read only notes its time (a scope per read, or a deadline
+        # moved per read, cost more than the rest of the read on trio); when the deadline
+        # passes, a deadline has passed -- or the connection read meanwhile, and a new scope
+        # takes over. Only a partial frame's start moves the deadline closer. Waiting for the
+        # peer to take its answers is not idle time.
         while True:
             waiting_for_peer = False
-            with anyio.CancelScope(deadline=core.last_read + timeout):
+            with anyio.CancelScope(deadline=core.deadline()) as scope:
                 while True:
                     if core.stopped:
                         return
@@ -101,7 +127,8 @@ class StreamConnection:
                         self._room = room = anyio.Event()
                         await room.wait()
                         waiting_for_peer = False
-                        core.last_read = now()
+                        core.resumed(now())
+                        scope.deadline = min(scope.deadline, core.deadline())
                         continue
                     try:
                         data = await stream.receive(READ_SIZE)
@@ -111,12 +138,15 @@ class StreamConnection:
                     # No await between reading and starting its frames: a frame read is a
                     # frame answered, even when shutdown comes meanwhile.
                     core.received(data, now())
-            # The deadline passed (shutdown's cancellation does not end up here).
+                    if core.frame_started is not None:
+                        due = core.deadline()
+                        if due < scope.deadline:
+                            scope.deadline = due
+            # The deadline passed (shutdown's and eviction's cancellations do not end up here).
             if waiting_for_peer:
-                core.last_read = now()
-            elif now() - core.last_read >= timeout:
-                break
-        core.read_timed_out()
+                core.resumed(now())
+            elif core.timed_out(now()):
+                return
 
     async def _send_answers(self) -> None:
         """Send answers in arrival order; every answer ready at once goes in one write."""
