@@ -74,12 +74,17 @@ def load(port: int, keys: list[Path], args: argparse.Namespace, *extra: str) -> 
     }
 
 
-def make_store(base: Path, terminals: int) -> list[Path]:
+def make_store(base: Path, terminals: int, db: str | None = None) -> list[Path]:
+    """``acqhost init`` and ``terminals`` terminals T0000000... (their key files in ``base``)
+    on ``db``: by default the SQLite file ``base/acqhost.db`` with its host key file beside
+    it; a database URL keeps its host key file in ``base/acqhost.keys``."""
     sys.path.insert(0, str(ROOT))
     from acqhost.cli import main as acqhost
 
-    db = str(base / "acqhost.db")
-    assert acqhost(["init", "--db", db]) == 0
+    where = ["--db", str(base / "acqhost.db")]
+    if db is not None:
+        where = ["--db", db, "--keys", str(base / "acqhost.keys")]
+    assert acqhost(["init", *where]) == 0
     keys = []
     for i in range(terminals):
         key = base / f"T{i:07d}.json"
@@ -88,8 +93,7 @@ def make_store(base: Path, terminals: int) -> list[Path]:
                 [
                     "terminal",
                     "add",
-                    "--db",
-                    db,
+                    *where,
                     "--tid",
                     f"T{i:07d}",
                     "--mid",
