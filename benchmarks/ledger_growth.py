@@ -42,6 +42,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import functools
 import io
 import math
 import os
@@ -53,7 +54,7 @@ import sys
 import tempfile
 import time
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -337,9 +338,7 @@ def check(db: str, key: bytes, history: History) -> None:
 
 def db_bytes(db: str) -> int:
     if "://" not in db:
-        return sum(
-            os.path.getsize(p) for p in (db, db + "-wal", db + "-shm") if os.path.exists(p)
-        )
+        return sum(os.path.getsize(p) for p in (db, db + "-wal", db + "-shm") if os.path.exists(p))
     import psycopg
 
     with psycopg.connect(db, autocommit=True) as conn:
@@ -372,11 +371,21 @@ def measure(n: int, args: argparse.Namespace, pg_admin: Any) -> dict[str, Any]:
             fill_postgres(db, history)
         else:
             fill_sqlite(Path(db), history)
+        rows_s = time.perf_counter() - began
         close_batches(db, key, history)
         fill_s = time.perf_counter() - began
+        print(
+            f"  filled: sales and batches {rows_s:.1f} s, audit and advices of "
+            f"{len(history.closed):,} closes {fill_s - rows_s:.1f} s",
+            file=sys.stderr,
+            flush=True,
+        )
         check(db, key, history)
         size = db_bytes(db)
-        runs = serve_and_load(db, key_file, keys, base, args)
+        server = None
+        if args.pg:
+            server = functools.partial(backend_cpu, pg_admin, dbname)
+        runs = serve_and_load(db, key_file, keys, base, args, server)
         return {"n": n, "fill_s": fill_s, "db_bytes": size, "runs": runs}
     finally:
         if args.keep:
@@ -387,9 +396,30 @@ def measure(n: int, args: argparse.Namespace, pg_admin: Any) -> dict[str, Any]:
                 pg_admin.execute(f"DROP DATABASE IF EXISTS {dbname} WITH (FORCE)")
 
 
+def backend_cpu(pg_admin: Any, dbname: str) -> dict[int, float]:
+    """CPU seconds so far of each PostgreSQL process connected to database ``dbname`` (the
+    host's connections, an autovacuum worker), from /proc: the server's share of a sale."""
+    rows = pg_admin.execute(
+        "SELECT pid FROM pg_stat_activity WHERE datname = %s", (dbname,)
+    ).fetchall()
+    found = {}
+    for (pid,) in rows:
+        seconds = cpu_seconds(pid)
+        if seconds is not None:
+            found[pid] = seconds
+    return found
+
+
 def serve_and_load(
-    db: str, key_file: Path, keys: list[Path], base: Path, args: argparse.Namespace
+    db: str,
+    key_file: Path,
+    keys: list[Path],
+    base: Path,
+    args: argparse.Namespace,
+    server: Callable[[], dict[int, float]] | None,
 ) -> list[dict[str, Any]]:
+    """Start a host on ``db``, load it twice: each run's figures, with the host's CPU per
+    sale and, given ``server`` (the database server's processes' CPU), the server's."""
     port = free_port()
     log = (base / "host.log").open("wb")
     proc = subprocess.Popen(
@@ -401,11 +431,16 @@ def serve_and_load(
     try:
         wait_listening(port, proc, 120)
         for stan in RUN_STANS:
+            db_before = server() if server is not None else {}
             before = cpu_seconds(proc.pid)
             result = load(port, keys, args, "--stan-start", str(stan))
             after = cpu_seconds(proc.pid)
             if before is not None and after is not None:
                 result["host_cpu_us"] = (after - before) / result["answered"] * 1e6
+            if server is not None:
+                # A process gone before the end of the run is not counted (none was seen to).
+                spent = sum(t - db_before.get(pid, 0.0) for pid, t in server().items())
+                result["db_cpu_us"] = spent / result["answered"] * 1e6
             runs.append(result)
     finally:
         stop(proc)
@@ -415,7 +450,9 @@ def serve_and_load(
 
 def pg_url(url: str, dbname: str) -> str:
     """``url`` naming database ``dbname`` instead."""
-    return urllib.parse.urlsplit(url)._replace(path="/" + dbname).geturl()
+    parts = urllib.parse.urlsplit(url)
+    query = f"?{parts.query}" if parts.query else ""
+    return f"{parts.scheme}://{parts.netloc}/{dbname}{query}"
 
 
 # -- the run -----------------------------------------------------------------------------------
@@ -462,33 +499,40 @@ def report(results: list[list[dict[str, Any]]], args: argparse.Namespace) -> Non
     print(
         f"{'round':>5}{'ledger sales':>14}{'fill s':>8}{'db MB':>9}{'run':>5}{'sales/s':>9}"
         f"{'host µs/sale':>14}{'ratio':>7}{'p50 ms':>8}{'p99 ms':>8}"
+        + (f"{'server µs/sale':>16}" if args.pg else "")
     )
-    per_size: dict[int, list[float]] = {}
     for r, sizes in enumerate(results, start=1):
         base = statistics.mean(run["host_cpu_us"] for run in sizes[0]["runs"])
         for s in sizes:
             for k, run in enumerate(s["runs"], start=1):
                 cpu = run["host_cpu_us"]
-                per_size.setdefault(s["n"], []).append(cpu)
                 print(
                     f"{r:>5}{s['n']:>14,}{s['fill_s']:>8.1f}{s['db_bytes'] / 1e6:>9.1f}{k:>5}"
                     f"{run['tps']:>9,.0f}{cpu:>14.1f}{cpu / base:>7.2f}{run['p50_ms']:>8.2f}"
                     f"{run['p99_ms']:>8.2f}"
+                    + (f"{run['db_cpu_us']:>16.1f}" if "db_cpu_us" in run else "")
                     + (f"  non-00: {run['sample_failures']}" if run["sample_failures"] else "")
                 )
-    smallest = min(per_size)
-    base = statistics.median(per_size[smallest])
-    parts = []
-    for n, cpus in per_size.items():
-        if n != smallest:
-            ratio = statistics.median(cpus) / base
-            parts.append(f"{n:,}: {ratio:.2f}x")
-    summary = ", ".join(parts)
-    worst = max((statistics.median(c) / base for n, c in per_size.items() if n != smallest),
-                default=1.0)  # fmt: skip
-    verdict = "met" if worst <= 1.2 else "MISSED"
-    print(
-        f"median host µs/sale against {smallest:,} sales: {summary} (target <= 1.2x: {verdict})"
+    print(summary(results, "host_cpu_us", "host"))
+    if args.pg:
+        print(summary(results, "db_cpu_us", "server"))
+
+
+def summary(results: list[list[dict[str, Any]]], figure: str, name: str) -> str:
+    """The median of ``figure`` over every run of each size, and its ratio to the smallest
+    size's (issue 14's target: <= 1.2)."""
+    per_size: dict[int, list[float]] = {}
+    for sizes in results:
+        for s in sizes:
+            per_size.setdefault(s["n"], []).extend(run[figure] for run in s["runs"])
+    medians = {n: statistics.median(v) for n, v in sorted(per_size.items())}
+    smallest, *larger = medians
+    parts = [f"{n:,}: {medians[n]:.1f} ({medians[n] / medians[smallest]:.2f}x)" for n in larger]
+    worst = max((medians[n] / medians[smallest] for n in larger), default=1.0)
+    return (
+        f"median {name} µs/sale, {smallest:,} sales: {medians[smallest]:.1f}; "
+        + ", ".join(parts)
+        + f" (target <= 1.2x: {'met' if worst <= 1.2 else 'MISSED'})"
     )
 
 
