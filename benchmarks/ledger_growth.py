@@ -26,7 +26,10 @@ port is driven twice, ``--duration`` seconds each, at 64 connections x 1 in flig
 and its dates today's, so nothing is a duplicate. Host CPU per sale comes from /proc over each
 run (e2e's ``cpu_seconds``). Printed per run: size, sales/s, host CPU µs a sale, its ratio to
 the smallest size's in the same round (issue 14's target: <= 1.2 at 1e6 and 1e7), p50, p99,
-and the database's size. ``--rounds`` alternates the order of the sizes between rounds.
+and the database's size; per size, once the host has stopped, the time a 0500's totals take
+(``settlement.open_totals`` in a write transaction, as the ledger's writer runs it). With
+PostgreSQL, also the server's CPU a sale (its processes serving the database, from /proc).
+``--rounds`` alternates the order of the sizes between rounds.
 
 ``--pg URL`` (a superuser libpq URL) measures PostgreSQL instead: a database of its own per size
 (dropped after), filled with COPY, then VACUUM ANALYZE and a CHECKPOINT (what autovacuum and
@@ -386,7 +389,10 @@ def measure(n: int, args: argparse.Namespace, pg_admin: Any) -> dict[str, Any]:
         if args.pg:
             server = functools.partial(backend_cpu, pg_admin, dbname)
         runs = serve_and_load(db, key_file, keys, base, args, server)
-        return {"n": n, "fill_s": fill_s, "db_bytes": size, "runs": runs}
+        return {
+            "n": n, "fill_s": fill_s, "db_bytes": size, "runs": runs,
+            "totals_ms": totals_ms(db, tids[:8]),
+        }  # fmt: skip
     finally:
         if args.keep:
             print(f"  kept: {base}" + (f", database {dbname}" if args.pg else ""), file=sys.stderr)
@@ -394,6 +400,23 @@ def measure(n: int, args: argparse.Namespace, pg_admin: Any) -> dict[str, Any]:
             shutil.rmtree(base, ignore_errors=True)
             if args.pg:
                 pg_admin.execute(f"DROP DATABASE IF EXISTS {dbname} WITH (FORCE)")
+
+
+def totals_ms(db: str, tids: list[str]) -> float:
+    """The median time of a 0500's totals (``settlement.open_totals``: the open batch, locked,
+    and its sales' totals) in a write transaction of its own, as the ledger's writer runs it,
+    over ``tids``: the part of a settlement that reads the ledger."""
+    store = open_store(db)
+    times = []
+    try:
+        for tid in tids:
+            began = time.perf_counter()
+            with store.transaction(tid) as tx:
+                settlement.open_totals(tx, tid)
+            times.append((time.perf_counter() - began) * 1000)
+    finally:
+        store.close()
+    return statistics.median(times)
 
 
 def backend_cpu(pg_admin: Any, dbname: str) -> dict[int, float]:
@@ -500,6 +523,7 @@ def report(results: list[list[dict[str, Any]]], args: argparse.Namespace) -> Non
         f"{'round':>5}{'ledger sales':>14}{'fill s':>8}{'db MB':>9}{'run':>5}{'sales/s':>9}"
         f"{'host µs/sale':>14}{'ratio':>7}{'p50 ms':>8}{'p99 ms':>8}"
         + (f"{'server µs/sale':>16}" if args.pg else "")
+        + f"{'0500 totals ms':>16}"
     )
     for r, sizes in enumerate(results, start=1):
         base = statistics.mean(run["host_cpu_us"] for run in sizes[0]["runs"])
@@ -511,6 +535,7 @@ def report(results: list[list[dict[str, Any]]], args: argparse.Namespace) -> Non
                     f"{run['tps']:>9,.0f}{cpu:>14.1f}{cpu / base:>7.2f}{run['p50_ms']:>8.2f}"
                     f"{run['p99_ms']:>8.2f}"
                     + (f"{run['db_cpu_us']:>16.1f}" if "db_cpu_us" in run else "")
+                    + (f"{s['totals_ms']:>16.2f}" if k == 1 else "")
                     + (f"  non-00: {run['sample_failures']}" if run["sample_failures"] else "")
                 )
     print(summary(results, "host_cpu_us", "host"))
