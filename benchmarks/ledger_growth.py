@@ -29,15 +29,16 @@ the smallest size's in the same round (issue 14's target: <= 1.2 at 1e6 and 1e7)
 and the database's size; per size, once the host has stopped, the time a 0500's totals take
 (``settlement.open_totals`` in a write transaction, as the ledger's writer runs it). With
 PostgreSQL, also the server's CPU a sale (its processes serving the database, from /proc).
-``--rounds`` alternates the order of the sizes between rounds.
+``--rounds`` alternates the order of the sizes between rounds; ``--without-batch-index`` drops
+the index migration 5 added, to compare with the ledger before it.
 
 ``--pg URL`` (a superuser libpq URL) measures PostgreSQL instead: a database of its own per size
 (dropped after), filled with COPY, then VACUUM ANALYZE and a CHECKPOINT (what autovacuum and
 the checkpointer would have done in the ledger's life, so that neither starts during a run).
 
 Run: ``python benchmarks/ledger_growth.py [--sizes 1e3,1e6,1e7] [--duration S] [--rounds N]
-[--pg URL] [--keep]``. Loopback only; every process it starts is stopped, its temporary files
-(and databases) removed unless ``--keep``.
+[--pg URL] [--keep] [--without-batch-index]``. Loopback only; every process it starts is
+stopped, its temporary files (and databases) removed unless ``--keep``.
 """
 
 from __future__ import annotations
@@ -339,6 +340,22 @@ def check(db: str, key: bytes, history: History) -> None:
 # -- one size ----------------------------------------------------------------------------------
 
 
+def drop_batch_index(db: str) -> None:
+    """The ledger as it was before migration 5 (no index of a terminal's sales by batch), the
+    schema version left at 5: the other side of a comparison."""
+    if "://" not in db:
+        conn = sqlite3.connect(db)
+        try:
+            conn.execute("DROP INDEX sales_batch")
+        finally:
+            conn.close()
+        return
+    import psycopg
+
+    with psycopg.connect(db, autocommit=True) as conn:
+        conn.execute("DROP INDEX sales_batch")
+
+
 def db_bytes(db: str) -> int:
     if "://" not in db:
         return sum(os.path.getsize(p) for p in (db, db + "-wal", db + "-shm") if os.path.exists(p))
@@ -384,6 +401,8 @@ def measure(n: int, args: argparse.Namespace, pg_admin: Any) -> dict[str, Any]:
             flush=True,
         )
         check(db, key, history)
+        if args.without_batch_index:
+            drop_batch_index(db)
         size = db_bytes(db)
         server = None
         if args.pg:
@@ -488,6 +507,11 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--pg", metavar="URL", help="PostgreSQL superuser URL (else SQLite)")
     parser.add_argument("--keep", action="store_true", help="keep the stores made")
+    parser.add_argument(
+        "--without-batch-index",
+        action="store_true",
+        help="drop migration 5's index sales_batch after the fill (for comparison)",
+    )
     args = parser.parse_args()
     sizes = sorted(int(float(s)) for s in args.sizes.split(","))
     # e2e.load's settings: 64 connections x 1 in flight, 60,000 sales built per second.
@@ -518,6 +542,7 @@ def report(results: list[list[dict[str, Any]]], args: argparse.Namespace) -> Non
     print(
         f"{store}, one worker, log level warning; {TERMINALS} connections x 1 in flight, "
         f"{args.duration:g} s a run, two runs a host"
+        + ("; without the index sales_batch" if args.without_batch_index else "")
     )
     print(
         f"{'round':>5}{'ledger sales':>14}{'fill s':>8}{'db MB':>9}{'run':>5}{'sales/s':>9}"
