@@ -84,14 +84,17 @@ def load(port: int, keys: list[Path], args: argparse.Namespace, *extra: str) -> 
 def make_store(
     base: Path, terminals: int, db: str | None = None, keys_file: str | None = None
 ) -> list[Path]:
-    """A store (SQLite ``base/acqhost.db``, or the database ``db`` with host keys in
-    ``keys_file``) with ``terminals`` terminals; their key files, in ``base``."""
+    """``acqhost init`` and ``terminals`` terminals T0000000... (their key files in ``base``)
+    on ``db``: by default the SQLite file ``base/acqhost.db`` with its host key file beside
+    it; a database URL keeps its host key file in ``keys_file`` (default
+    ``base/acqhost.keys``)."""
     sys.path.insert(0, str(ROOT))
     from acqhost.cli import main as acqhost
 
-    db = db or str(base / "acqhost.db")
-    keys_args = ["--keys", keys_file] if keys_file else []
-    assert acqhost(["init", "--db", db, *keys_args]) == 0
+    where = ["--db", str(base / "acqhost.db")]
+    if db is not None:
+        where = ["--db", db, "--keys", keys_file or str(base / "acqhost.keys")]
+    assert acqhost(["init", *where]) == 0
     keys = []
     for i in range(terminals):
         key = base / f"T{i:07d}.json"
@@ -100,8 +103,7 @@ def make_store(
                 [
                     "terminal",
                     "add",
-                    "--db",
-                    db,
+                    *where,
                     "--tid",
                     f"T{i:07d}",
                     "--mid",
@@ -118,7 +120,6 @@ def make_store(
                     "100000000",
                     "--key-out",
                     str(key),
-                    *keys_args,
                 ]
             )
             == 0

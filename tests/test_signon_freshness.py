@@ -423,7 +423,7 @@ def test_a_database_of_schema_4_gains_the_sign_ons_and_keeps_its_sessions(
     database: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     backend = sqlite_migrations if "://" not in database else pg_migrations
-    assert backend.latest_version() == 5
+    assert backend.latest_version() >= 5
     # The fixture's database is at the latest schema: start again, from schema 4.
     if "://" in database:
         with psycopg.connect(database, autocommit=True) as conn:
@@ -437,7 +437,7 @@ def test_a_database_of_schema_4_gains_the_sign_ons_and_keeps_its_sessions(
             assert old.schema_version() == 4
             old.save_session(session(1))
     with closing(opened(database)) as store:
-        assert store.schema_version() == 5
+        assert store.schema_version() == backend.latest_version()
         assert store.get_session(TID) == session(1)
         assert store.accept_signon(session(2), "0314101500", "000001", 0)
         assert not store.accept_signon(session(3), "0314101500", "000001", 0)

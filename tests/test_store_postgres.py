@@ -325,6 +325,7 @@ PUBLISHED = {
     3: "2cccc8872c32cb9a8522dfdb967066266e6ca97ef681100670f397c7d7d452ef",
     4: "15634974f7b79bc08b883f5162fd5810fcdf5b713284f661d4a065aca6f1862a",
     5: "3e06123db565212a69003c42bd4b16a0c4be53e1f09c3079f36c9e03f69430c8",
+    6: "0f9cde2c4bbe2be4ce646cf28433990f08dbba4ea35f0de984417526d17ec47e",
 }
 
 
@@ -501,4 +502,26 @@ def test_postgres_a_failed_then_announces_nothing(pg_url: str) -> None:
         assert [h for h in heard if h[0] != "*"] == [("terminal", "T0000002")]
     finally:
         listener.stop()
+        store.close()
+
+
+def test_a_postgres_settlements_totals_can_read_only_the_batchs_sales(pg_url: str) -> None:
+    """sales_batch serves a 0500's totals on PostgreSQL too (with sequential scans off: on a
+    table of one row the planner would rightly prefer one)."""
+    store = with_terminal(PostgresStore(pg_url))
+    try:
+        store.record_sales([make_sale()])
+        with psycopg.connect(pg_url) as conn:
+            conn.execute("SET enable_seqscan = off")
+            plan = "\n".join(
+                row[0]
+                for row in conn.execute(
+                    "EXPLAIN SELECT account_version, COUNT(*), CAST(SUM(amount) AS BIGINT) "
+                    "FROM sales WHERE tid = %s AND batch_no = %s AND status = 'approved' "
+                    "GROUP BY account_version ORDER BY account_version",
+                    (TID, 1),
+                )
+            )
+        assert "sales_batch" in plan, plan
+    finally:
         store.close()

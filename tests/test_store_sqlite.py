@@ -135,6 +135,7 @@ PUBLISHED = {
     3: "2cccc8872c32cb9a8522dfdb967066266e6ca97ef681100670f397c7d7d452ef",
     4: "bc58446a0d1b62a51b8e315a9ee404d3133be79ac886cf1ae34295351167dcec",
     5: "ab8101fe6eb8a7a8eed822a3e80e07eb44eb052147291556fc473304eb427000",
+    6: "0f9cde2c4bbe2be4ce646cf28433990f08dbba4ea35f0de984417526d17ec47e",
 }
 
 
@@ -403,3 +404,28 @@ def test_the_writers_queue_is_released_after_a_refused_and_a_failed_write(
     finally:
         store.close()
         other.close()
+
+
+def test_a_sale_and_a_settlements_totals_read_the_ledger_through_indexes(db_path: Path) -> None:
+    """A sale's insert finds its batch by key, and a 0500's totals read the sales of its batch
+    only (sales_batch), not every sale the terminal ever made: both cost the same whatever the
+    size of the ledger."""
+    store = with_terminal(SQLiteStore(db_path))
+    try:
+        statements: list[str] = []
+        store._conn.set_trace_callback(statements.append)
+        store.record_sales([make_sale()])
+        with store.transaction(TID) as tx:
+            assert tx.batch_totals(TID, 1)
+        store._conn.set_trace_callback(None)
+        explain = store._conn.execute
+        plans = {
+            s.split(None, 1)[0]: " | ".join(r[-1] for r in explain("EXPLAIN QUERY PLAN " + s))
+            for s in statements
+            if "sales" in s and s.split(None, 1)[0] in ("INSERT", "SELECT")
+        }
+        assert "SEARCH batches USING INDEX" in plans["INSERT"], plans
+        assert "SEARCH sales USING INDEX sales_batch (tid=? AND batch_no=?)" in plans["SELECT"]
+        assert "SCAN" not in plans["INSERT"] + plans["SELECT"], plans
+    finally:
+        store.close()

@@ -29,6 +29,7 @@ __all__ = (
     "V3",
     "V4",
     "V5",
+    "V6",
     "Migration",
     "Refusal",
     "due",
@@ -301,6 +302,14 @@ CREATE TABLE signons (
 );
 """
 
+# A 0500's totals (``batch_totals``, in the ledger writer's transaction) and the settlement
+# report read the sales of one batch of one terminal: without this index, the only way in was
+# UNIQUE (tid, stan, local_date), every sale the terminal ever made (benchmarks/README.md,
+# "Ledger growth"). The same words in both dialects.
+V6 = """
+CREATE INDEX sales_batch ON sales (tid, batch_no);
+"""
+
 
 def in_dialect(
     words: Mapping[str, str], triggers: Callable[[str, Sequence[Refusal]], str]
@@ -315,6 +324,7 @@ def in_dialect(
         (3, V3),
         (4, V4.format_map(filled)),
         (5, V5.format_map(filled)),
+        (6, V6),
     ]
 
 
