@@ -327,6 +327,32 @@ async def test_a_sign_off_with_a_valid_mac_drops_the_keys(setup: HostSetup) -> N
         await client.close()
 
 
+def mac_in_64(client: TerminalClient, fields: dict[str, str]) -> tuple[bytes, int]:
+    """A sign-off MAC'd as PROTOCOL.md 4.2 words it: the MAC in field 64 beside field 70's
+    secondary bitmap, over every byte before field 64; and where field 64 starts."""
+    assert client.keys is not None
+    blank = client.codec.encode({**fields, "64": "00" * 8})
+    at = len(blank) - 8 - len(client.codec.encode({"t": fields["t"], "70": fields["70"]})) + 20
+    assert blank[at : at + 8] == bytes(8)
+    return blank[:at] + crypto.mac(client.keys.tx_mac, blank[:at]) + blank[at + 8 :], at
+
+
+async def test_a_sign_off_may_carry_its_mac_in_field_64_as_the_protocol_words_it(
+    setup: HostSetup,
+) -> None:
+    async with running(setup):
+        client = await signed_on(setup)
+        frame, at = mac_in_64(client, client.network_fields("002"))
+        wrong = frame[:at] + bytes([frame[at] ^ 1]) + frame[at + 1 :]
+        assert client.codec.decode(await client.exchange_raw(wrong))["39"] == "63"
+        await assert_session_works(client)
+        answer = client.codec.decode(await client.exchange_raw(frame))
+        assert answer["39"] == "00" and "128" in answer  # the 0810's MAC: 128 (4.3)
+        ex = await client.request(client.sale_fields(100))  # the keys are gone
+        assert ex.rc == "58"
+        await client.close()
+
+
 # -- the store: both backends ------------------------------------------------------------------
 
 OTHER = "T0000002"

@@ -163,6 +163,7 @@ class HostCore:
     def __init__(self, *, codec: Codec, state: HostState) -> None:
         self.codec = codec
         self.state = state
+        state.encode = codec.encode
         self.routes = build_routes()
         # What the failure answers to each MTI echo (PROTOCOL.md 3): its routes' echo fields.
         self.failure_echo = {key[0]: echo_fields(r.echo) for key, r in self.routes.items()}

@@ -59,16 +59,37 @@ def verify_mac(state: HostState, ctx: Context) -> None:
     """63 for a missing or wrong MAC. The MAC field (64, or 128 with a secondary bitmap) is the
     last field of the message, so it covers every byte before the last eight."""
     assert ctx.keys is not None and ctx.terminal is not None
-    if ctx.req.get("128" if "1" in ctx.req else "64") is None:
+    req, raw = ctx.req, ctx.raw
+    if "1" in req and "128" not in req and "64" in req:
+        data, tag = _mac_in_64(state, req, raw)  # PROTOCOL.md 4.2's sign-off wording
+    elif req.get("128" if "1" in req else "64") is None:
         raise Decline("63", "MAC_MISSING")
-    raw = ctx.raw
-    if not crypto.mac_ok(ctx.keys.rx_mac, raw[:-8], raw[-8:]):
+    else:
+        data, tag = raw[:-8], raw[-8:]
+    if not crypto.mac_ok(ctx.keys.rx_mac, data, tag):
         # Another host process may have taken a newer sign-on: reload the keys once.
         fresh = state.session_keys(ctx.terminal.tid, reload=True)
-        if fresh is None or not crypto.mac_ok(fresh.rx_mac, raw[:-8], raw[-8:]):
+        if fresh is None or not crypto.mac_ok(fresh.rx_mac, data, tag):
             raise Decline("63", "BAD_MAC")
         ctx.keys = fresh
     ctx.mac_response = True
+
+
+def _mac_in_64(state: HostState, req: dict[str, str], raw: bytes) -> tuple[bytes, bytes]:
+    """(the bytes before field 64, field 64) of a message with a secondary bitmap whose MAC is
+    in 64, not 128 (PROTOCOL.md 4.2 words the sign-off's MAC so; 4.3 covers the bytes before
+    the MAC field). Field 64's place is found by encoding the request again with another
+    value in it: 63 (BAD_MAC) when that does not give the frame back but for those 8 bytes."""
+    encode = state.encode
+    if encode is None:
+        raise Decline("63", "BAD_MAC")
+    other = "".join("0123456789ABCDEF"[(int(c, 16) + 8) % 16] for c in req["64"])
+    changed = encode({**req, "64": other})
+    diff = [i for i, (a, b) in enumerate(zip(raw, changed, strict=False)) if a != b]
+    if len(changed) != len(raw) or len(diff) != 8 or diff[-1] - diff[0] != 7:
+        raise Decline("63", "BAD_MAC")
+    at = diff[0]
+    return raw[:at], raw[at : at + 8]
 
 
 def require(*names: str) -> Stage:

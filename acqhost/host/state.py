@@ -58,6 +58,8 @@ class HostState:
         # Called when a write of this process has queued advices for the banks (the runtime
         # wakes its bank links with it; they also look by themselves, for other processes').
         self.advices_queued: Callable[[], None] = lambda: None
+        # The host core's codec (it sets it), for the rare stage that must re-encode a request.
+        self.encode: Callable[[dict[str, str]], bytes] | None = None
 
     def terminal(self, tid: str) -> Terminal | None:
         now = self.clock()
