@@ -12,6 +12,7 @@ import signal
 import socket
 import sqlite3
 import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -197,3 +198,26 @@ def fetch_when_up(url: str, seconds: float = 15) -> str:
             if time.monotonic() > end:
                 raise
             time.sleep(0.1)
+
+
+async def test_a_worker_whose_metrics_port_is_taken_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    """Worker 1 cannot listen on [metrics] port + 1: one line naming it, no traceback, the
+    other worker stopped, and the parent's exit status 2."""
+    metrics_port = two_free_ports()
+    config = tmp_path / "acqhost.toml"
+    config.write_text(f"[metrics]\nport = {metrics_port}\n")
+    setup = make_host(tmp_path, port=free_port())
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", metrics_port + 1))
+        taken.listen()
+        out = subprocess.run(
+            [sys.executable, "-m", "acqhost", "serve", "--db", setup.config.db,
+             "--port", str(setup.config.port), "--workers", "2", "--config", str(config),
+             "--log-level", "warning"],
+            cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    assert out.returncode == 2, out.stderr
+    assert "Traceback" not in out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("acqhost: worker 1: "), lines
+    assert str(metrics_port + 1) in lines[0]

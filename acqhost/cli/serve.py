@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
+import multiprocessing.connection
 import os
 import signal
+import sys
 
 from acqhost.cli.common import Subparsers, add_common, config_from, host_keys, require
-from acqhost.config import Config
+from acqhost.config import Config, ConfigError
+from acqhost.errors import ListenError, StoreOpenError
 
-__all__ = ("add_serve_command", "cmd_serve", "serve_workers")
+__all__ = ("USER_ERROR", "add_serve_command", "cmd_serve", "serve_worker", "serve_workers")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -44,12 +47,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def serve_workers(cfg: Config) -> int:
     """N processes sharing the port (SO_REUSEPORT); SIGTERM/SIGINT are passed on to them.
-    Exit status 0 when every one of them ended well."""
-    from acqhost.runtime.app import serve
-
+    Exit status 0 when every one of them ended well; 2 when one could not start (an operator
+    mistake: the others are stopped)."""
     ctx = multiprocessing.get_context("spawn")
     children = [
-        ctx.Process(target=serve, args=(cfg, i), name=f"acqhost-{i}") for i in range(cfg.workers)
+        ctx.Process(target=serve_worker, args=(cfg, i), name=f"acqhost-{i}")
+        for i in range(cfg.workers)
     ]
 
     def forward(signum: int, _frame: object) -> None:
@@ -62,9 +65,34 @@ def serve_workers(cfg: Config) -> int:
     signal.signal(signal.SIGINT, forward)
     for child in children:
         child.start()
-    for child in children:
-        child.join()
-    return 0 if all(child.exitcode == 0 for child in children) else 1
+    running = {child.sentinel: child for child in children}
+    while running:
+        for sentinel in multiprocessing.connection.wait(list(running)):
+            assert isinstance(sentinel, int)
+            ended = running.pop(sentinel)
+            ended.join()
+            if ended.exitcode == USER_ERROR:  # a worker could not start: none serves
+                forward(signal.SIGTERM, None)
+    codes = {child.exitcode for child in children}
+    if USER_ERROR in codes:
+        return USER_ERROR
+    return 0 if codes == {0} else 1
+
+
+USER_ERROR = 2  # a worker's exit status for an operator mistake (its one line on stderr)
+
+
+def serve_worker(cfg: Config, worker: int) -> None:
+    """One of ``--workers``' processes: an operator mistake it meets on starting (a
+    ``[metrics]`` port taken, a store it cannot open) is one line on stderr and exit status 2,
+    not a traceback; the parent then stops the others and exits 2 too."""
+    from acqhost.runtime.app import serve
+
+    try:
+        serve(cfg, worker)
+    except (ListenError, StoreOpenError, ConfigError) as e:
+        print(f"acqhost: worker {worker}: {e}", file=sys.stderr)
+        raise SystemExit(USER_ERROR) from None
 
 
 def add_serve_command(sub: Subparsers) -> None:
