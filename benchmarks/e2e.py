@@ -38,8 +38,10 @@ ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 
 
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    proc.send_signal(signal.SIGTERM)
+def stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
+    """Send ``sig`` (when it still runs), wait up to 20 s, then kill."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
     try:
         proc.wait(timeout=20)
     except subprocess.TimeoutExpired:

@@ -56,7 +56,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from e2e import load as e2e_load  # noqa: E402
-from e2e import make_store  # noqa: E402
+from e2e import make_store, run_simple, stop  # noqa: E402
 
 from simulators.processes import free_port, wait_listening  # noqa: E402
 
@@ -316,16 +316,6 @@ def classify(
 
 
 # -- processes ---------------------------------------------------------------------------------
-def stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
-    if proc.poll() is None:
-        proc.send_signal(sig)
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
 def thread_cpu(pid: int) -> dict[int, tuple[float, float]]:
     """CPU seconds (user, system) of each thread of ``pid``, from /proc."""
     tick = os.sysconf("SC_CLK_TCK")
@@ -339,45 +329,31 @@ def thread_cpu(pid: int) -> dict[int, tuple[float, float]]:
     return out
 
 
-def process_cpu(pid: int) -> float:
-    tick = os.sysconf("SC_CLK_TCK")
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / tick
-
-
 def load(
     port: int, keys: list[Path], shape: tuple[int, int], args: argparse.Namespace, *extra: str
 ) -> dict[str, Any]:
     """One acqhost-load run of prebuilt sales at ``shape`` (connections, depth in flight)."""
-    connections, depth = shape
-    run = argparse.Namespace(connections=connections, depth=depth, duration=args.duration,
-                             frames=int(args.duration * 50_000))  # fmt: skip
-    echo = "--echo" in extra
-    extra = tuple(e for e in extra if e != "--echo") + (("--no-signon", "--repeat") if echo else ())
-    result = e2e_load(port, keys, run, *extra)
-    if result["sample_failures"] and not echo:
+    result = e2e_load(port, keys, _load_args(shape, args), *extra)
+    if result["sample_failures"]:
         raise SystemExit(f"sales not approved: {result['sample_failures']}")
     return result
+
+
+def _load_args(shape: tuple[int, int], args: argparse.Namespace) -> argparse.Namespace:
+    """What e2e.py's load takes: the shape, this script's duration, prebuilt sales for it."""
+    connections, depth = shape
+    return argparse.Namespace(connections=connections, depth=depth, duration=args.duration,
+                              frames=int(args.duration * 50_000))  # fmt: skip
 
 
 def echo_floor(
     keys: list[Path], shape: tuple[int, int], args: argparse.Namespace
 ) -> dict[str, Any]:
-    port = free_port()
-    proc = subprocess.Popen(
-        [PY, str(ROOT / "benchmarks" / "echo_server.py"), str(port)],
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        wait_listening(port, proc, 20)
-        before = process_cpu(proc.pid)
-        result = load(port, keys, shape, args, "--no-mac", "--echo")
-        result["cpu_us"] = (process_cpu(proc.pid) - before) / result["answered"] * 1e6
-        return result
-    finally:
-        stop(proc)
+    """The bare echo server at ``shape``: its CPU per message (``cpu_us``), in this run."""
+    run = _load_args(shape, args)
+    result = run_simple("echo_server.py", [], keys, run, "--no-mac", "--no-signon", "--repeat")
+    result["cpu_us"] = result["host_cpu_us"]
+    return result
 
 
 def profile_host(

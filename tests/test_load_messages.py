@@ -21,6 +21,7 @@ from simulators.load.messages import (
     Mix,
     RebindData,
     answer_key,
+    clock_start,
     load_spec,
     luhn_digit,
 )
@@ -74,9 +75,20 @@ def test_after_999999_stans_the_local_date_moves_on_a_day() -> None:
     assert [n["13"] for n in numbers] == ["0314", "0314", "0315"]  # no (41, 11, 13) twice
 
 
-def test_random_stan_starts_differ() -> None:
-    starts = {LoadTerminal(KEY_FILE, mac=False).next_numbers()["11"] for _ in range(20)}
-    assert len(starts) > 15
+def test_without_a_stan_start_the_numbers_start_from_the_clock() -> None:
+    """A thousand numbers a second since midnight UTC: a run of d seconds that sends at most
+    1,000 requests a second per terminal ends before the next run's start."""
+    midnight = 1_765_000_000 - 1_765_000_000 % 86_400
+    assert clock_start(midnight) == 0
+    assert clock_start(midnight + 12.3456) == 12_345
+    assert clock_start(midnight + 86_400) == 0  # a new day, a new field 13
+    first, later = clock_start(midnight + 100), clock_start(midnight + 160)
+    assert first + 60 * 1_000 <= later
+    before = clock_start()
+    seq = int(LoadTerminal(KEY_FILE, mac=False).next_numbers()["11"]) - 1  # STAN = seq + 1
+    after = clock_start()
+    low, high = before % 999_999, after % 999_999
+    assert low <= seq <= high or high < low  # (or a wrap, or midnight, came between)
 
 
 # -- requests --------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ one store do not meet either while each terminal averages at most 1,000 requests
 from __future__ import annotations
 
 import datetime
+import functools
 import hashlib
 import json
 import random
@@ -78,6 +79,14 @@ def load_spec(name: str) -> dict[str, dict[str, Any]]:
     except (ValueError, TypeError, KeyError) as exc:
         raise ValueError(f"spec file {name}: {exc}") from None
     return spec
+
+
+@functools.lru_cache(maxsize=8)
+def _dialect(name: str) -> tuple[dict[str, dict[str, Any]], Codec]:
+    """The spec ``name`` and its compiled codec, made once for all the terminals of a run
+    (read only: a codec keeps no state of a message between calls)."""
+    spec = load_spec(name)
+    return spec, compile_spec(spec)
 
 
 def clock_start(now: float | None = None) -> int:
@@ -163,8 +172,7 @@ class LoadTerminal:
         host_pk = key_file.get("host_public_key")
         self.host_public_key = bytes.fromhex(host_pk) if host_pk else None
         self.framing: str = framing or str(key_file.get("framing", "len2"))
-        self.spec = load_spec(spec or str(key_file.get("spec", "acq87")))
-        self.codec: Codec = compile_spec(self.spec)
+        self.spec, self.codec = _dialect(spec or str(key_file.get("spec", "acq87")))
         self.mac = mac
         self.keys: crypto.SessionKeys | None = None
         self.clock = clock
@@ -291,9 +299,7 @@ class LoadTerminal:
         f4 = f"{amount:012d}"
         fields: dict[str, str] | None = None
         if keep_fields or template is None:
-            fields = {"t": "0200", "2": pan, "3": "000000", "4": f4, "7": f7, "11": f11,
-                      "12": f12, "13": f13, "14": "3012", "22": "051", "25": "00",
-                      "41": self.tid, "42": self.mid, "49": "156"}  # fmt: skip
+            fields = self._sale(pan, f4, f7, f11, f12, f13)
         if template is None:
             assert fields is not None
             return self.request(fields, "sale")
@@ -307,13 +313,17 @@ class LoadTerminal:
         frame = self._encoder.encode(message, self._tpdu)
         return Request(frame, (self.tid, f11), "0200", "sale", fields)
 
+    def _sale(self, pan: str, f4: str, f7: str, f11: str, f12: str, f13: str,
+              expiry: str = "3012") -> dict[str, str]:  # fmt: skip
+        """A sale's fields (PROTOCOL.md 5.1) with these card, amount and numbers."""
+        return {"t": "0200", "2": pan, "3": "000000", "4": f4, "7": f7, "11": f11, "12": f12,
+                "13": f13, "14": expiry, "22": "051", "25": "00", "41": self.tid,
+                "42": self.mid, "49": "156"}  # fmt: skip
+
     def _compile_sale(self) -> tuple[str, ...] | None:
         """The constant parts of this terminal's sale (latin-1 text, the MAC left out) between
         fields 2, 4, 7, 11, 12 and 13, which ISO 8583 puts in that order."""
-        fields = {"t": "0200", "2": self.pans[0], "3": "000000", "4": "000000000001",
-                  "7": "0101000000", "11": "000001", "12": "000000", "13": "0101",
-                  "14": "3012", "22": "051", "25": "00", "41": self.tid, "42": self.mid,
-                  "49": "156"}  # fmt: skip
+        fields = self._sale(self.pans[0], "000000000001", "0101000000", "000001", "000000", "0101")
         if self.mac:
             fields["64"] = _NO_MAC
         varying = ("2", "4", "7", "11", "12", "13")
@@ -332,8 +342,7 @@ class LoadTerminal:
 
     def request(self, fields: dict[str, str], kind: str, *, mac: bool | None = None) -> Request:
         frame = self._encoder.encode(self.encode(fields, mac=mac), self._tpdu)
-        key = (self.tid, fields["11"], fields["37"]) if "37" in fields else (self.tid, fields["11"])
-        return Request(frame, key, fields["t"], kind, fields)
+        return Request(frame, answer_key(fields, "37" in fields), fields["t"], kind, fields)
 
     def answer_ok(self, message: bytes, answer: Mapping[str, str]) -> bool:
         """False when ``answer`` carries a MAC that does not verify under the session key."""
@@ -352,10 +361,8 @@ class LoadTerminal:
     def sale_fields(self, amount: int, *, test: bool = False, pan: str | None = None,
                     expiry: str = "3012") -> dict[str, str]:  # fmt: skip
         f7, f11, f12, f13 = self._numbers()
-        fields = {"t": "0200", "2": pan or self.pans[self._seq % _CARDS], "3": "000000",
-                  "4": f"{amount:012d}", "7": f7, "11": f11, "12": f12, "13": f13,
-                  "14": expiry, "22": "051", "25": "00", "41": self.tid, "42": self.mid,
-                  "49": "156"}  # fmt: skip
+        pan = pan or self.pans[self._seq % _CARDS]
+        fields = self._sale(pan, f"{amount:012d}", f7, f11, f12, f13, expiry)
         if test:
             fields["48"] = encode_tlv({"TS": "1"})
         return fields

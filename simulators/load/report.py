@@ -48,6 +48,7 @@ __all__ = (
     "Recorder",
     "Second",
     "Summary",
+    "format_us",
     "merge",
     "new_histogram",
     "render_csv",
@@ -373,7 +374,8 @@ def _add(counter: Counter[str], counts: Mapping[str, int]) -> None:
             counter[key] += count
 
 
-def _duration(us: int | float | None) -> str:
+def format_us(us: int | float | None) -> str:
+    """A latency in µs as the reports print it: ``850 us``, ``4.210 ms``, ``1.500 s``."""
     if us is None:
         return "-"
     if us < 1_000:
@@ -417,7 +419,7 @@ def render_table(summary: Summary) -> str:
     lines.append("")
     lines += _rows(
         "latency (from the planned send time)",
-        [(k, _duration(v)) for k, v in s.latency_us.items()],
+        [(k, format_us(v)) for k, v in s.latency_us.items()],
     )
     lines.append("")
     lines += _rows("per MTI", [counted(k, v) for k, v in s.by_mti.items()])

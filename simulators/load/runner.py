@@ -16,7 +16,7 @@ import queue
 import ssl
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -158,10 +158,7 @@ def _replay_setup(plan: Plan, terminals: list[LoadTerminal]) -> tuple[list[Sourc
     span = records[-1].t
     times: Any
     if plan.rate is not None:
-        schedule = parse_schedule(plan.rate, Path(plan.base) if plan.base else None)
-        length = plan.warmup + (plan.duration or 10**9)
-        times = zip(arrivals(schedule, length, poisson=plan.poisson, seed=plan.seed),
-                    (i for _, i in order), strict=False)  # fmt: skip
+        times = zip(_send_times(plan), (i for _, i in order), strict=False)
     elif plan.speed is not None:
         speed = plan.speed
         times = (
@@ -190,12 +187,20 @@ def _sources(plan: Plan, terminals: list[LoadTerminal]) -> tuple[list[Source], A
         sources = list(mix_sources(terminals, mix, connections))
     times = None
     if plan.rate is not None:
-        schedule = parse_schedule(plan.rate, Path(plan.base) if plan.base else None)
-        schedule = schedule.scaled(1 / plan.rate_share)
-        length = plan.warmup + (plan.duration if plan.duration is not None else 10**9)
-        times = ((t, None) for t in arrivals(schedule, length, poisson=plan.poisson,
-                                             seed=plan.seed))  # fmt: skip
+        times = ((t, None) for t in _send_times(plan))
     return sources, times
+
+
+def _send_times(plan: Plan) -> Iterator[float]:
+    """The open loop's send times (seconds from the start): ``plan.rate``'s schedule, this
+    process's share of it, over the warm-up and the duration (without one: until the run
+    ends otherwise)."""
+    assert plan.rate is not None
+    schedule = parse_schedule(plan.rate, Path(plan.base) if plan.base else None)
+    length = plan.warmup + (plan.duration if plan.duration is not None else 10**9)
+    return arrivals(
+        schedule.scaled(1 / plan.rate_share), length, poisson=plan.poisson, seed=plan.seed
+    )
 
 
 def run_plan(

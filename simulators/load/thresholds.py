@@ -21,7 +21,7 @@ import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from simulators.load.report import PERCENTILES, Summary
+from simulators.load.report import PERCENTILES, Summary, format_us
 
 __all__ = (
     "EXIT_FAILED",
@@ -92,11 +92,7 @@ class Threshold:
 
     def _show(self, actual: float) -> str:
         if self.metric in LATENCY:
-            if actual < 1_000:
-                return f"{actual:g} us"
-            if actual < 1_000_000:
-                return f"{actual / 1_000:.3f} ms"
-            return f"{actual / 1_000_000:.3f} s"
+            return format_us(actual)
         if self.metric == "rate":
             return f"{actual:.1f}/s"
         return f"{actual:.3f}%" if self.percent else f"{actual:g}"
