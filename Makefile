@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo lint typecheck imports pytest bench clean
+.PHONY: test demo lint typecheck imports pytest bench clean native
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,11 @@ pytest: $(STAMP)
 
 test: lint typecheck imports pytest
 
+# The hot modules compiled with mypyc beside their sources (needs a C compiler; `python -m
+# acqhost.native clean` goes back to pure Python): see acqhost/native.py.
+native: $(STAMP)
+	$(BIN)/python -m acqhost.native build
+
 demo: $(STAMP)
 	$(BIN)/python -m simulators.demo .demo
 
@@ -40,4 +45,5 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/codec.py
 
 clean:
-	rm -rf $(VENV) .demo .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .demo .pytest_cache .mypy_cache .ruff_cache .hypothesis build
+	find acqhost -name '*.so' -delete

@@ -14,7 +14,12 @@ from /proc over each load run) is printed beside the echo server's CPU per messa
 ratio (issue 14: at most 3x at 64 x 1, 8x at 8 x 4); and two workers' rate as a multiple of
 one's.
 
-Run: ``python benchmarks/e2e.py [--shapes 64x1,8x4] [--duration S] [--only ...] [--pg URL]``.
+``--native`` adds the asyncio hosts with their hot modules compiled (acqhost/native.py), built
+into a copy of the sources for the run; every host runs from a copy of the sources, so modules
+compiled in place do not count for the pure-Python targets.
+
+Run: ``python benchmarks/e2e.py [--shapes 64x1,8x4] [--duration S] [--only ...] [--pg URL]
+[--native]``.
 Loopback only; every process it starts is stopped before it exits.
 """
 
@@ -133,8 +138,10 @@ def make_store(
 def run_acqhost(
     base: Path, keys: list[Path], args: argparse.Namespace, name: str
 ) -> dict[str, Any]:
-    """``name`` is BACKEND-WORKERS[-pg]: one host, closed loop then paced at half its rate."""
-    backend, workers, *store = name.split("-")
+    """``name`` is BACKEND-WORKERS[-native][-pg]: one host (its hot modules compiled with
+    ``-native``), closed loop then paced at half its rate."""
+    backend, workers, *flags = name.split("-")
+    store = "pg" in flags
     run = base / f"run-{name}"
     run.mkdir()
     if store:  # a fresh PostgreSQL database of the shape's terminals
@@ -150,7 +157,8 @@ def run_acqhost(
     proc = subprocess.Popen(
         [PY, "-m", "acqhost", "serve", *db_args, "--port", str(port), "--backend", backend,
          "--workers", workers, "--log-level", args.log_level],
-        cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+        cwd=SOURCES["native" if "native" in flags else "python"], stdout=log,
+        stderr=subprocess.STDOUT,
     )  # fmt: skip
     try:
         wait_listening(port, proc, 20)
@@ -168,6 +176,25 @@ def run_acqhost(
         if start is not None and end is not None:
             result["host_cpu_us"] = (end - start) / result["answered"] * 1e6
     return {"peak": peak, "half": half}
+
+
+# The source trees hosts run from (their working directory, first on their path): "python",
+# the sources alone, so that modules compiled in place (make native) do not count for the
+# pure-Python targets; with --native, "native", a copy with the hot modules compiled.
+SOURCES: dict[str, Path] = {}
+
+
+def copy_sources(base: Path, compiled: bool) -> Path:
+    """A copy of acqhost/ and specs/ under ``base``, its hot modules compiled or not."""
+    root = base / ("native" if compiled else "python")
+    ignore = shutil.ignore_patterns("__pycache__", "*.so")
+    for name in ("acqhost", "specs"):
+        shutil.copytree(ROOT / name, root / name, ignore=ignore)
+    if compiled:
+        from acqhost import native
+
+        native.build(root)
+    return root
 
 
 def _pg_name(name: str) -> str:
@@ -253,11 +280,30 @@ def main() -> int:
         "--only", help="comma list of " + ",".join(TARGETS) + " (a -pg suffix: on PostgreSQL)"
     )
     parser.add_argument("--pg", metavar="URL", help="a PostgreSQL server (superuser URL)")
+    parser.add_argument(
+        "--native",
+        action="store_true",
+        help="also the hosts with their hot modules compiled (-native targets; acqhost.native)",
+    )
     args = parser.parse_args()
     default = list(TARGETS) + (["asyncio-1-pg", "asyncio-2-pg"] if args.pg else [])
+    if args.native:
+        default += [f"{t}-native" for t in default if t.startswith("asyncio")]
     wanted = (args.only or ",".join(default)).split(",")
     if any(w.endswith("-pg") for w in wanted) and not args.pg:
         parser.error("a -pg target needs --pg URL")
+    sources = Path(tempfile.mkdtemp(prefix="acqhost-e2e-src-"))
+    try:
+        SOURCES["python"] = copy_sources(sources, compiled=False)
+        if any("native" in w.split("-") for w in wanted):
+            SOURCES["native"] = copy_sources(sources, compiled=True)
+        run_shapes(args, wanted)
+    finally:
+        shutil.rmtree(sources, ignore_errors=True)
+    return 0
+
+
+def run_shapes(args: argparse.Namespace, wanted: list[str]) -> None:
     for shape in args.shapes.split(","):
         connections, depth = (int(n) for n in shape.split("x"))
         args.connections, args.depth = connections, depth
@@ -280,7 +326,6 @@ def main() -> int:
         finally:
             shutil.rmtree(base, ignore_errors=True)
         report(results, args)
-    return 0
 
 
 def report(results: dict[str, Any], args: argparse.Namespace) -> None:

@@ -34,10 +34,14 @@ def test_our_own_bug_in_a_stage_is_answered_96_and_logged(
             keys = await bench.sign_on(dispatcher, seed)
             frame = bench.sales(dispatcher, keys, 1)[0]
 
-            def broken(tid: str, now: float) -> None:
+            def broken(*args: object, **kwargs: object) -> None:
                 raise RuntimeError("store exploded")
 
-            dispatcher.core.state.account = broken  # type: ignore[method-assign,assignment]
+            # The account lookup's read of the store fails (the host core may be compiled:
+            # its own methods cannot be replaced).
+            state = dispatcher.core.state
+            state.accounts.clear()
+            state.store.transaction = broken  # type: ignore[method-assign,assignment]
             out = await dispatcher.handle(frame)
             dispatcher.ledger.close()
         assert out is not None

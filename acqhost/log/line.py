@@ -93,6 +93,10 @@ def _json_value(value: Any, rule: int | None) -> str | None:
     return None
 
 
+# The message event's own keys: an extra key among them is an error, as in any call.
+_EVENT_KEYS = frozenset(("event", "route", "tid", "mti", "stan", "rc", "reason", "latency_ms"))
+
+
 class MessageLogger:
     """The one event logged per message (``"message"``), written at a fraction of the cost of
     the processor chain, to the same stream, as the same JSON line.
@@ -140,13 +144,13 @@ class MessageLogger:
 
     def message(
         self,
-        route: str,
-        tid: str | None,
-        mti: str | None,
-        stan: str | None,
-        rc: str | None,
-        reason: str | None,
-        latency_ms: float,
+        route: Any,  # any values, as for any event (str, or None, for the host's own)
+        tid: Any,
+        mti: Any,
+        stan: Any,
+        rc: Any,
+        reason: Any,
+        latency_ms: Any,  # float
         extra: dict[str, Any],
     ) -> None:
         """Log the per-message event at level info (see the class docstring)."""
@@ -164,18 +168,20 @@ class MessageLogger:
                     stream.write(line + "\n")
                     self._pending = stream
                     return
+        if extra and not _EVENT_KEYS.isdisjoint(extra):  # as Python's call would (compiled: not)
+            raise TypeError(f"extra keys repeat the event's: {sorted(_EVENT_KEYS & set(extra))}")
         self._logger.info("message", route=route, tid=tid, mti=mti, stan=stan, rc=rc,
                           reason=reason, latency_ms=latency_ms, **extra)  # fmt: skip
 
     def render(
         self,
-        route: str,
-        tid: str | None,
-        mti: str | None,
-        stan: str | None,
-        rc: str | None,
-        reason: str | None,
-        latency_ms: float,
+        route: Any,  # any values, as for any event (str, or None, for the host's own)
+        tid: Any,
+        mti: Any,
+        stan: Any,
+        rc: Any,
+        reason: Any,
+        latency_ms: Any,  # float
         extra: dict[str, Any],
     ) -> str | None:
         """The line :meth:`message` writes directly for this event (without the newline),

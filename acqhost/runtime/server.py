@@ -26,6 +26,7 @@ from acqhost.config import Config, ConfigError
 from acqhost.errors import ListenError
 from acqhost.host.core import HostCore
 from acqhost.log import get_logger, ratelimit
+from acqhost.native import compiled as compiled_modules
 from acqhost.runtime.asyncio_driver import AsyncioConnection
 from acqhost.runtime.connection import Connections
 from acqhost.runtime.dispatch import Dispatcher
@@ -141,7 +142,8 @@ class Server:
                     for service in self.services:
                         await tg.start(service)
                     log.info("listening", host=cfg.host, port=self.port, framing=cfg.framing,
-                             tls=self.tls is not None)  # fmt: skip
+                             tls=self.tls is not None,
+                             compiled=sum(compiled_modules().values()))  # fmt: skip
                     task_status.started(self.port)
                     self._accepting = anyio.CancelScope()
                     if connections.stopping:
