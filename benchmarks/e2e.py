@@ -33,6 +33,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -323,9 +324,30 @@ def run_shapes(args: argparse.Namespace, wanted: list[str]) -> None:
                     )  # fmt: skip
                 else:
                     results[name] = run_acqhost(base, keys, args, name)
+            # The latency floor of a durable answer: the disk's fdatasync, where the stores are.
+            results["fdatasync"] = fsync_latency(base)
         finally:
             shutil.rmtree(base, ignore_errors=True)
         report(results, args)
+
+
+def fsync_latency(directory: Path, seconds: float = 2.0) -> dict[str, float]:
+    """p50 and p99 (ms) of one 8 KiB write + fdatasync in ``directory`` for ``seconds``: what
+    one commit at least waits for on this disk. A sale answered at half rate waits for the
+    commit under way (if any) and then its own, so its p99 is bounded below by about this p99."""
+    fd = os.open(directory / "fsync-probe", os.O_WRONLY | os.O_CREAT, 0o600)
+    took: list[float] = []
+    try:
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            os.write(fd, b"\0" * 8192)
+            started = time.perf_counter()
+            os.fdatasync(fd)
+            took.append((time.perf_counter() - started) * 1000)
+    finally:
+        os.close(fd)
+    took.sort()
+    return {"n": len(took), "p50_ms": took[len(took) // 2], "p99_ms": took[int(len(took) * 0.99)]}
 
 
 def report(results: dict[str, Any], args: argparse.Namespace) -> None:
@@ -338,6 +360,7 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> None:
         f"{'p99 ms':>9}{'CPU µs/msg: max':>17}{'half':>7}{'x echo':>8}"
     )
     echo_cpu = results.get("echo", {}).get("host_cpu_us")
+    fsync = results.pop("fdatasync", None)
     for name, r in results.items():
         peak = r.get("peak", r)
         half = r.get("half")
@@ -351,12 +374,21 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> None:
         if peak.get("sample_failures") and name != "echo":  # an echo has no field 39
             line += f"  non-00 answers seen: {peak['sample_failures']}"
         print(line)
+    if fsync:
+        print(
+            f"{'fdatasync':<14}{fsync['n']:>10,}{fsync['p50_ms']:>9.2f}{fsync['p99_ms']:>9.2f}"
+            "   (8 KiB write + fdatasync on the stores' disk, back to back, 2 s: the floor"
+            " of a commit)"
+        )
     goal = CPU_RATIO_GOAL.get((args.connections, args.depth))
     for name, r in results.items():
         if "peak" not in r:
             continue
-        parts = [f"{name}:", f"p99 at half rate {r['half']['p99_ms']:.2f} ms (goal <= 5)"]
+        floor = f"; one fdatasync's p99 {fsync['p99_ms']:.2f}" if fsync else ""
+        parts = [f"{name}:", f"p99 at half rate {r['half']['p99_ms']:.2f} ms (goal <= 5{floor})"]
         cpu = r["peak"].get("host_cpu_us")
+        if cpu:  # how much of the machine the host took at its maximum rate
+            parts.append(f"{r['peak']['tps'] * cpu / 1e6:.2f} cores")
         if goal and cpu and echo_cpu:
             parts.append(f"CPU {cpu / echo_cpu:.1f}x the echo server's (goal <= {goal:g}x)")
         one = results.get(name.replace("-2", "-1")) if "-2" in name else None

@@ -70,10 +70,22 @@ PY_SPY = shutil.which("py-spy", path=str(Path(PY).parent)) or shutil.which("py-s
 # for each frame); if no frame matches one, the first that matches a pattern of FALLBACK
 # (modules whose code runs in several phases); else "other". A pattern is a substring of the
 # frame's text. Phases whose code runs inside another phase's (encode inside the answer's MAC
-# step, the log flush inside the write) match first because they are further in.
+# step, the log flush inside the write) match first because they are further in. Modules
+# compiled with mypyc (acqhost.native) are native frames named CPyDef_<module>___<function>
+# (or CPyPy_ for their Python-callable wrappers): matched by "<module>___" patterns.
 PHASES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("garbage collection", ("gc_collect_main", "gc_collect_with_callback", "gc_collect")),
-    ("logging", ("acqhost/log/", "structlog/", "logging/__init__.py", "HostCore.flush_log")),
+    (
+        "logging",
+        (
+            "acqhost/log/",
+            "structlog/",
+            "logging/__init__.py",
+            "HostCore.flush_log",
+            "_line___",
+            "HostCore___flush_log",
+        ),
+    ),
     (
         "decode",
         (
@@ -93,11 +105,18 @@ PHASES: tuple[tuple[str, tuple[str, ...]], ...] = (
             "Codec.encode",
         ),
     ),
-    ("MAC check", ("verify_mac (acqhost/host/stages.py",)),
-    ("MAC (answer)", ("HostCore.finish (acqhost/host/core.py",)),
+    ("MAC check", ("verify_mac (acqhost/host/stages.py", "stages___verify_mac")),
+    ("MAC (answer)", ("HostCore.finish (acqhost/host/core.py", "HostCore___finish")),
     (
         "session and account lookup",
-        ("acqhost/host/state.py", "known_terminal (", "signed_on (acqhost/host/stages.py"),
+        (
+            "acqhost/host/state.py",
+            "known_terminal (",
+            "signed_on (acqhost/host/stages.py",
+            "state___HostState",
+            "stages___known_terminal",
+            "stages___signed_on",
+        ),
     ),
     (
         "decisions (stages, context)",
@@ -106,6 +125,13 @@ PHASES: tuple[tuple[str, tuple[str, ...]], ...] = (
             "acqhost/wire/tlv.py",
             "acqhost/runtime/dispatch.py",
             "acqhost/errors.py",
+            "_core___",
+            "_stages___",
+            "_context___",
+            "_answers___",
+            "_sale___",
+            "_tlv___",
+            "_dispatch___",
         ),
     ),
     (
@@ -113,6 +139,7 @@ PHASES: tuple[tuple[str, tuple[str, ...]], ...] = (
         (
             "acqhost/store/",
             "apply_writes (acqhost/runtime/ledger.py",
+            "ledger___apply_writes",
             "libsqlite3",
             "sqlite3",
             "pysqlite",
@@ -124,6 +151,7 @@ PHASES: tuple[tuple[str, tuple[str, ...]], ...] = (
         "ledger: hand-over between threads",
         (
             "acqhost/runtime/ledger.py",
+            "_ledger___",
             "run_sync_in_worker_thread",
             "WorkerThread",
             "anyio/to_thread.py",
@@ -141,6 +169,9 @@ PHASES: tuple[tuple[str, tuple[str, ...]], ...] = (
         (
             "AsyncioConnection.data_received",
             "ConnectionCore.received",
+            "AsyncioConnection___data_received",
+            "ConnectionCore___received",
+            "Answer____init__",
             "acqhost/wire/framing.py",
             "Answer.__init__",
             "uv__read",
@@ -156,6 +187,10 @@ PHASES: tuple[tuple[str, tuple[str, ...]], ...] = (
             "AsyncioConnection._wake",
             "ConnectionCore.output",
             "Answer.finish",
+            "AsyncioConnection____send",
+            "AsyncioConnection____wake",
+            "ConnectionCore___output",
+            "Answer___finish",
             "UVStream_write",
             "UVStream__",
             "uv_try_write",
@@ -167,7 +202,7 @@ PHASES: tuple[tuple[str, tuple[str, ...]], ...] = (
 FALLBACK: tuple[tuple[str, tuple[str, ...]], ...] = (
     # Domain helpers run in several phases (a MAC for the check and for the answer): their
     # caller's phase, found further out, counts first.
-    ("decisions (stages, context)", ("acqhost/domain/",)),
+    ("decisions (stages, context)", ("acqhost/domain/", "_cards___")),
     (
         "event-loop overhead",
         (
@@ -179,6 +214,8 @@ FALLBACK: tuple[tuple[str, tuple[str, ...]], ...] = (
             "asyncio/",
             "anyio/",
             "acqhost/runtime/",
+            "_asyncio_driver___",
+            "_connection___",
             "epoll",
         ),
     ),
