@@ -29,6 +29,7 @@ from acqhost.domain import cards, crypto
 from acqhost.host.core import HostCore
 from acqhost.host.state import HostState
 from acqhost.log import configure_logging
+from acqhost.runtime.app import tune_gc
 from acqhost.runtime.dispatch import Dispatcher
 from acqhost.runtime.ledger import Ledger
 from acqhost.runtime.metrics import Metrics
@@ -160,6 +161,7 @@ def main() -> int:
             configure_logging("info" if mode == "logged" else "warning", sink)
             with tempfile.TemporaryDirectory() as tmp:
                 dispatcher, _, seed = build(Path(tmp) / "bench.db")
+                tune_gc()  # as acqhost serve does once its server is built
                 if args.metrics:
                     metrics = Metrics(mti for mti, _ in dispatcher.core.routes)
                     dispatcher.observe = metrics.observe

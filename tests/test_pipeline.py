@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import io
 import json
 import sys
@@ -12,6 +13,7 @@ import anyio
 import pytest
 
 from acqhost.host.core import response_mti
+from acqhost.runtime.app import GC_YOUNG_THRESHOLD, tune_gc
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import pipeline as bench
@@ -103,3 +105,17 @@ def test_a_card_is_valid_through_its_expiry_month(expiry: str, now: str, expired
     assert card_expired(expiry, at) is expired
     assert card_expired(expiry, year_2000) is (expiry[2:] in ("00", "13"))
     assert card_expired(expiry, at) is expired
+
+
+def test_a_serving_host_freezes_what_start_up_made_and_collects_less_often() -> None:
+    """acqhost serve's collector settings (runtime.app.tune_gc): on, less often, and what
+    start-up made no longer walked."""
+    threshold = gc.get_threshold()
+    try:
+        tune_gc()
+        assert gc.isenabled()
+        assert gc.get_freeze_count() > 1000  # modules, specs, caches
+        assert gc.get_threshold() == (GC_YOUNG_THRESHOLD, *threshold[1:])
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*threshold)
