@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo lint typecheck imports pytest bench clean
+.PHONY: test demo lint typecheck imports pytest bench bench-page clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,11 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/codec.py
+
+# The performance page (benchmarks/README.md): every benchmark again, ~20 minutes with PG=URL
+# (a PostgreSQL superuser URL), ~14 without; PAGE_FLAGS=--quick for a 3-minute smoke run.
+bench-page: $(STAMP)
+	$(BIN)/python benchmarks/page.py $(if $(PG),--pg '$(PG)') $(PAGE_FLAGS)
 
 clean:
 	rm -rf $(VENV) .demo .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -198,7 +198,7 @@ def ledger_series(
         }
         if store == "pg":
             h["db_cpu_us"] = statistics.median(r["db_cpu_us"] for r in runs)
-        row = {"store": store, "label": f"{n:.0e}", "ledger": n, "fill_s": grown["fill_s"],
+        row = {"store": store, "label": size_label(n), "ledger": n, "fill_s": grown["fill_s"],
                "db_bytes": grown["db_bytes"], "totals_ms": grown["totals_ms"],
                "host": h, "echo": e, "ratio": ratio(h, e)}  # fmt: skip
         rows.append(row)
@@ -207,6 +207,12 @@ def ledger_series(
     for row in rows:
         row["vs_smallest"] = row["host"]["cpu_us"] / smallest if smallest else None
     return rows
+
+
+def size_label(n: int) -> str:
+    """1e6 for a power of ten, else the number."""
+    text = f"{n:.0e}".replace("e+0", "e").replace("e+", "e")
+    return text if float(text) == n else f"{n:,}"
 
 
 def progress(row: dict[str, Any]) -> None:
@@ -226,7 +232,8 @@ def table(title: str, rows: list[dict[str, Any]], ledger: bool = False) -> list[
     lines = [title]
     head = f"{'store':<7}{'point':>8}{'sales/s':>10}{'CPU µs/sale':>13}{'p50 ms':>8}{'p99 ms':>8}"
     head += f"{'echo msg/s':>12}{'echo µs/msg':>13}{'x echo':>8}"
-    head += f"{'server µs':>11}" if any("db_cpu_us" in r["host"] for r in rows) else ""
+    server = any("db_cpu_us" in r["host"] for r in rows)
+    head += f"{'server µs':>11}" if server else ""
     head += f"{'x smallest':>12}{'0500 ms':>9}" if ledger else ""
     lines.append(head)
     for r in rows:
@@ -236,58 +243,75 @@ def table(title: str, rows: list[dict[str, Any]], ledger: bool = False) -> list[
             f"{h['p50_ms']:>8.2f}{h['p99_ms']:>8.2f}{e['tps']:>12,.0f}{e.get('cpu_us', 0):>13.2f}"
             f"{r['ratio'] or 0:>7.1f}x"
         )
-        if "db_cpu_us" in h:
-            line += f"{h['db_cpu_us']:>11.1f}"
+        if server:
+            line += f"{h['db_cpu_us']:>11.1f}" if "db_cpu_us" in h else " " * 11
         if ledger:
             line += f"{r['vs_smallest'] or 0:>11.2f}x{r['totals_ms']:>9.2f}"
         lines.append(line)
     return lines
 
 
+COLOURS = {"sqlite": "tab:blue", "pg": "tab:green", "server": "tab:olive", "echo": "tab:red"}
+SERIES = (
+    ("terminals", "terminals", "terminals (one connection each, 1 in flight)"),
+    ("shapes", "connections x depth", "connections x depth ({fixed} terminals)"),
+    ("ledger", "ledger size", "sales already in the ledger"),
+)
+
+
+def x_of(series: str, row: dict[str, Any]) -> Any:
+    return (
+        row["label"] if series == "shapes" else row["ledger" if series == "ledger" else "terminals"]
+    )
+
+
+def one_two_five(value: float) -> str:
+    """A log axis' minor tick's label, at 2x and 5x a power of ten only."""
+    return f"{value:g}" if f"{value:.0e}"[0] in "25" else ""
+
+
 def plots(results: dict[str, Any], out: Path) -> list[str]:
     """Cost per sale and p99 against each series' x; the PNGs' names."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter
 
     made = []
-    for series, xlabel in (("terminals", "terminals (one connection each, 1 in flight)"),
-                           ("shapes", f"connections x depth ({results['fixed']} terminals)"),
-                           ("ledger", "sales already in the ledger")):  # fmt: skip
+    for series, what, xlabel in SERIES:
         rows = results[series]
         if not rows:
             continue
         fig = Figure(figsize=(10, 6.5), dpi=100, layout="constrained")
         FigureCanvasAgg(fig)
         cost, p99 = fig.subplots(2, 1, sharex=True)
-        fig.suptitle(f"{results['when']}: cost per sale against {series}, echo server beside")
-        for store in sorted({r["store"] for r in rows}):
+        fig.suptitle(f"{results['when']}: cost per sale against {what}, echo server beside")
+        lines: list[tuple[str, str, list[dict[str, Any]], list[dict[str, Any]], str]] = []
+        for store in sorted({r["store"] for r in rows}, reverse=True):  # sqlite first
             mine = [r for r in rows if r["store"] == store]
-            xs: list[Any] = [r["ledger"] if series == "ledger" else r["terminals"] for r in mine]
-            if series == "shapes":
-                xs = [r["label"] for r in mine]
-            cost.plot(
-                xs, [r["host"].get("cpu_us") for r in mine], marker="o", label=f"acqhost ({store})"
-            )
-            p99.plot(
-                xs, [r["host"]["p99_ms"] for r in mine], marker="o", label=f"acqhost ({store})"
+            lines.append(
+                (f"acqhost ({store})", COLOURS[store], mine, [r["host"] for r in mine], "o")
             )
             if "db_cpu_us" in mine[0]["host"]:
-                cost.plot(xs, [r["host"]["db_cpu_us"] for r in mine], marker="s",
-                          linestyle="--", label="PostgreSQL server")  # fmt: skip
-        first = rows[0]["store"]
-        mine = [r for r in rows if r["store"] == first]
-        xs = [
-            r["label"] if series == "shapes" else r.get("ledger", r.get("terminals")) for r in mine
-        ]
-        cost.plot(xs, [r["echo"].get("cpu_us") for r in mine], marker="^", label="echo server")
-        p99.plot(xs, [r["echo"]["p99_ms"] for r in mine], marker="^", label="echo server")
-        cost.set_ylabel("CPU µs per sale (host process)")
+                server = [{"cpu_us": r["host"]["db_cpu_us"]} for r in mine]
+                lines.append(("PostgreSQL server", COLOURS["server"], mine, server, "s"))
+        first = [r for r in rows if r["store"] == rows[0]["store"]]
+        lines.append(("echo server", COLOURS["echo"], first, [r["echo"] for r in first], "^"))
+        for label, colour, points, figures, marker in lines:
+            xs = [x_of(series, r) for r in points]
+            cost.plot(xs, [f.get("cpu_us") for f in figures], marker=marker, color=colour,
+                      label=label)  # fmt: skip
+            if "p99_ms" in figures[0]:
+                p99.plot(xs, [f["p99_ms"] for f in figures], marker=marker, color=colour,
+                         label=label)  # fmt: skip
+        cost.set_ylabel("CPU µs per sale (process)")
         p99.set_ylabel("p99 latency (ms)")
-        p99.set_xlabel(xlabel)
+        p99.set_xlabel(xlabel.format(fixed=results["fixed"]))
         for ax in (cost, p99):
             if series != "shapes":
                 ax.set_xscale("log")
             ax.set_yscale("log")
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+            ax.yaxis.set_minor_formatter(FuncFormatter(lambda value, _: one_two_five(value)))
             ax.grid(True, which="both", alpha=0.3)
             ax.legend(loc="best", fontsize="small")
         name = f"scaling-{series}.png"
