@@ -39,8 +39,8 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/codec.py
 
-# The performance page (benchmarks/README.md): every benchmark again, ~20 minutes with PG=URL
-# (a PostgreSQL superuser URL), ~14 without; PAGE_FLAGS=--quick for a 3-minute smoke run.
+# The performance page (benchmarks/README.md): every benchmark again, ~22 minutes with PG=URL
+# (a PostgreSQL superuser URL), ~16 without; PAGE_FLAGS=--quick for a 3-minute smoke run.
 bench-page: $(STAMP)
 	$(BIN)/python benchmarks/page.py $(if $(PG),--pg '$(PG)') $(PAGE_FLAGS)
 

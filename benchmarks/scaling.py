@@ -138,7 +138,9 @@ def shape_series(
         db_cpu = (lambda: ledger_growth.backend_cpu(pg_admin, dbname)) if dbname else None
         host = Server(
             [PY, "-m", "acqhost", "serve", *db_args, "--host", "127.0.0.1", "--workers", "1",
-             "--backend", "asyncio", "--log-level", args.log_level],
+             "--backend", "asyncio", "--log-level", args.log_level,
+             # every connection comes from 127.0.0.1 (the default allows 64 an address)
+             "--max-connections-per-source", str(max(most, *(c for c, _ in shapes)) + 16)],
             base / f"host-{store}.log",
         )  # fmt: skip
         run = [0]
