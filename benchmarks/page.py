@@ -259,7 +259,7 @@ def parse_scaling(text: str) -> list[Figure]:
     match = re.search(r"written: (\S+)/scaling\.json", text)
     if not match:
         raise ValueError("scaling.py wrote no scaling.json")
-    return scaling_figures(json.loads((Path(match[1]) / "scaling.json").read_text()))
+    return scaling_figures(json.loads((ROOT / match[1] / "scaling.json").read_text()))
 
 
 # -- the steps ---------------------------------------------------------------------------------
@@ -306,7 +306,10 @@ def command(step: Step, args: argparse.Namespace, out: Path) -> list[str]:
                 extra[extra.index(option) + 1] = value
             else:
                 extra += [option, value]
-    subst = {"out": str(out), "pg": args.pg or ""}
+    # the children run in ROOT: a folder below it is named from there (no machine path in
+    # what they print)
+    where = os.path.relpath(out, ROOT) if out.is_relative_to(ROOT) else str(out)
+    subst = {"out": where, "pg": args.pg or ""}
     return [PY, str(ROOT / "benchmarks" / step.script), *(a.format(**subst) for a in extra)]
 
 
@@ -362,7 +365,16 @@ def fmt(value: float | None) -> str:
     return f"{value:.2f}" if abs(value) < 10 else f"{value:.1f}"
 
 
-def markdown(figures: list[Figure], steps: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+# the steps whose own tables go into the summary as they printed them
+EMBEDDED = {"e2e": "raw/e2e.txt", "scaling": "scaling/scaling.txt"}
+
+
+def markdown(
+    figures: list[Figure],
+    steps: list[dict[str, Any]],
+    meta: dict[str, Any],
+    tables: dict[str, str] | None = None,
+) -> str:
     lines = [
         f"Performance page of {meta['when']}: commit {meta['commit']}, CPython "
         f"{meta['python']}, {meta['machine']}, {meta['cores']} cores; load average "
@@ -383,6 +395,8 @@ def markdown(figures: list[Figure], steps: list[dict[str, Any]], meta: dict[str,
               "|---|---|---|---|"]  # fmt: skip
     for s in steps:
         lines.append(f"| {s['name']} | {s['status']} | {s['seconds']:.0f} | `{s['command']}` |")
+    for name, text in (tables or {}).items():
+        lines += ["", f"{name}, as it printed it:", "", "```", text.strip("\n"), "```"]
     pngs = sorted(p for p in meta["pngs"])
     if pngs:
         lines += ["", *(f"![{Path(p).stem}]({p})" for p in pngs)]
@@ -471,7 +485,12 @@ def main() -> int:
         (out / "figures.json").write_text(json.dumps(
             {"meta": meta, "steps": steps, "figures": [asdict(f) for f in figures]}, indent=1
         ) + "\n")  # fmt: skip
-        (out / "summary.md").write_text(markdown(figures, steps, meta))
+        tables = {}
+        for step in steps:
+            path = out / EMBEDDED.get(step["name"], "-")
+            if step["status"] == "ok" and path.is_file():
+                tables[step["name"]] = path.read_text(errors="replace")
+        (out / "summary.md").write_text(markdown(figures, steps, meta, tables))
     print(f"written: {out}/summary.md ({len(figures)} figures, {meta['minutes']:.1f} minutes)")
     return 0 if all(s["status"].startswith("ok") or "skipped" in s["status"] for s in steps) else 1
 

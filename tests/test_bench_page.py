@@ -140,12 +140,13 @@ def test_the_summary_is_a_markdown_table_with_every_figure_and_step() -> None:
             "machine": "x86_64", "cores": 2, "load_before": 0.1, "load_after": 0.2,
             "minutes": 19.5, "command": "python benchmarks/page.py", "pngs": ["a/b.png"]}  # fmt: skip
     steps = [{"name": "codec", "status": "ok", "seconds": 3.0, "command": "python x"}]
-    text = page.markdown(figures, steps, meta)
+    text = page.markdown(figures, steps, meta, {"codec": CODEC})
     table = [ln for ln in text.splitlines() if ln.startswith("| codec |")]
     assert len(table) == 3  # two figures, one step
     assert "| 3.63 µs | pyiso8583 | 47.9 | 13.21x (pyiso8583 / this) | >= 12x |" in table[0]
     assert "| 1.08x | <= 1.25x |" in table[1]
     assert "![b](a/b.png)" in text
+    assert "```\n" + CODEC.strip() + "\n```" in text  # a step's own table, whole
 
 
 def test_with_postgresql_a_step_s_options_are_replaced_not_repeated() -> None:
