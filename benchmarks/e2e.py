@@ -145,7 +145,7 @@ def run_acqhost(
     run = base / f"run-{name}"
     run.mkdir()
     if store:  # a fresh PostgreSQL database of the shape's terminals
-        db, keys_file = pg_database(args.pg, name), str(run / "host.keys")
+        db, keys_file = _pg_database(args.pg, name), str(run / "host.keys")
         keys = make_store(run, len(keys), db, keys_file)
         db_args = ["--db", db, "--keys", keys_file]
     else:
@@ -170,7 +170,7 @@ def run_acqhost(
         stop(proc)
         log.close()
         if store:
-            pg_drop(args.pg, name)
+            _pg_drop(args.pg, name)
     for result, start, end in ((peak, before, middle), (half, middle, after)):
         if start is not None and end is not None:
             result["host_cpu_us"] = (end - start) / result["answered"] * 1e6
@@ -181,7 +181,7 @@ def _pg_name(name: str) -> str:
     return "acqhost_e2e_" + name.replace("-", "_")
 
 
-def pg_database(url: str, name: str) -> str:
+def _pg_database(url: str, name: str) -> str:
     """A fresh database for one run on the server of ``url``; its URL."""
     import psycopg
 
@@ -193,7 +193,7 @@ def pg_database(url: str, name: str) -> str:
     return f"{parts.scheme}://{parts.netloc}/{db}" + (f"?{parts.query}" if parts.query else "")
 
 
-def pg_drop(url: str, name: str) -> None:
+def _pg_drop(url: str, name: str) -> None:
     import psycopg
 
     with psycopg.connect(url, autocommit=True) as conn:

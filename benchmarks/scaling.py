@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import io
 import json
 import os
 import platform
@@ -54,7 +53,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import ledger_growth  # noqa: E402
-from e2e import PY, cpu_seconds, load, make_store, pg_database, pg_drop, stop  # noqa: E402
+from e2e import PY, cpu_seconds, load, make_store, stop  # noqa: E402
 
 from simulators.processes import free_port, wait_listening  # noqa: E402
 
@@ -108,21 +107,22 @@ def ratio(host: dict[str, Any], echo: dict[str, Any]) -> float | None:
 
 
 @contextlib.contextmanager
-def host_store(store: str, base: Path, args: argparse.Namespace, count: int) -> Iterator[Any]:
+def host_store(
+    store: str, base: Path, args: argparse.Namespace, count: int, pg_admin: Any
+) -> Iterator[Any]:
     """(db flags, keys, database name or None) of a fresh store with ``count`` terminals."""
     folder = base / store
     folder.mkdir()
-    with contextlib.redirect_stdout(io.StringIO()):
-        if store == "sqlite":
-            keys = make_store(folder, count)
-            yield ["--db", str(folder / "acqhost.db")], keys, None
-            return
-        db = pg_database(args.pg, "scaling")
-        try:
-            keys = make_store(folder, count, db, str(folder / "acqhost.keys"))
-            yield ["--db", db, "--keys", str(folder / "acqhost.keys")], keys, "acqhost_e2e_scaling"
-        finally:
-            pg_drop(args.pg, "scaling")
+    if store == "sqlite":
+        yield ["--db", str(folder / "acqhost.db")], make_store(folder, count), None
+        return
+    dbname = f"acqhost_scaling_{os.getpid()}"
+    pg_admin.execute(f"CREATE DATABASE {dbname}")
+    try:
+        db, key_file = ledger_growth.pg_url(args.pg, dbname), str(folder / "acqhost.keys")
+        yield ["--db", db, "--keys", key_file], make_store(folder, count, db, key_file), dbname
+    finally:
+        pg_admin.execute(f"DROP DATABASE IF EXISTS {dbname} WITH (FORCE)")
 
 
 def shape_series(
@@ -134,7 +134,7 @@ def shape_series(
     most = max([*counts, args.fixed])
     plotted = min(counts, key=lambda n: abs(n - 64))
     out: dict[str, list[dict[str, Any]]] = {"terminals": [], "shapes": []}
-    with host_store(store, base, args, most) as (db_args, keys, dbname):
+    with host_store(store, base, args, most, pg_admin) as (db_args, keys, dbname):
         db_cpu = (lambda: ledger_growth.backend_cpu(pg_admin, dbname)) if dbname else None
         host = Server(
             [PY, "-m", "acqhost", "serve", *db_args, "--host", "127.0.0.1", "--workers", "1",
@@ -186,9 +186,8 @@ def ledger_series(
         print(f"{store}: ledger of {n:,} sales", file=sys.stderr, flush=True)
         grown = ledger_growth.measure(n, grow, pg_admin)
         if keys is None:  # for the echo server, which reads only the terminal ids
-            with contextlib.redirect_stdout(io.StringIO()):
-                (args.scratch / f"echo-{store}").mkdir()
-                keys = make_store(args.scratch / f"echo-{store}", ledger_growth.TERMINALS)
+            (args.scratch / f"echo-{store}").mkdir()
+            keys = make_store(args.scratch / f"echo-{store}", ledger_growth.TERMINALS)
         e = echo.measure(keys, ledger_growth.TERMINALS, 1, args.duration, *ECHO_FLAGS)
         runs = grown["runs"]
         h = {
