@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo lint typecheck imports pytest bench bench-page clean
+.PHONY: test demo lint typecheck imports pytest bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -36,13 +36,14 @@ test: lint typecheck imports pytest
 demo: $(STAMP)
 	$(BIN)/python -m simulators.demo .demo
 
-bench: $(STAMP)
-	$(BIN)/python benchmarks/codec.py
-
 # The performance page (benchmarks/README.md): every benchmark again, ~22 minutes with PG=URL
 # (a PostgreSQL superuser URL), ~16 without; PAGE_FLAGS=--quick for a 3-minute smoke run.
+.PHONY: bench-page
 bench-page: $(STAMP)
 	$(BIN)/python benchmarks/page.py $(if $(PG),--pg '$(PG)') $(PAGE_FLAGS)
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/codec.py
 
 clean:
 	rm -rf $(VENV) .demo .pytest_cache .mypy_cache .ruff_cache .hypothesis
