@@ -7,6 +7,7 @@ and ratios the page must take from them."""
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
@@ -158,3 +159,12 @@ def test_with_postgresql_a_step_s_options_are_replaced_not_repeated() -> None:
     assert argv[argv.index("--pg") + 1] == "postgresql:///postgres"
     args.pg = None
     assert "--pg" not in page.command(e2e, args, Path("/out"))
+
+
+@pytest.mark.parametrize("step", page.STEPS, ids=lambda s: s.name)
+def test_every_option_the_page_passes_is_one_its_benchmark_takes(step: page.Step) -> None:
+    source = (page.ROOT / "benchmarks" / step.script).read_text()
+    taken = set(re.findall(r"add_argument\(\s*\"(--[a-z-]+)\"", source))
+    given = {a for a in [*step.full, *step.quick, *step.pg, *(step.pg_quick or [])]
+             if a.startswith("--")}  # fmt: skip
+    assert given and given <= taken, given - taken
