@@ -148,7 +148,7 @@ def parse_e2e(text: str) -> list[Figure]:
                                       "echo server msgs/s", echo[0]))  # fmt: skip
             if echo:
                 figures.append(versus("e2e", f"{name} {shape}: p99 at half its max rate",
-                                      half_p99, "ms", "echo server p99", echo[2],
+                                      half_p99, "ms", "echo server p99 (closed loop)", echo[2],
                                       "<= 5 ms" if shape == "64x1" else ""))  # fmt: skip
             if "plain" in r and name == "asyncio-1":
                 figures.append(versus("e2e", f"{name} {shape}: max rate", tps, "sales/s",
