@@ -41,6 +41,12 @@ native: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m simulators.demo .demo
 
+# The performance page (benchmarks/README.md): every benchmark again, ~22 minutes with PG=URL
+# (a PostgreSQL superuser URL), ~16 without; PAGE_FLAGS=--quick for a 3-minute smoke run.
+.PHONY: bench-page
+bench-page: $(STAMP)
+	$(BIN)/python benchmarks/page.py $(if $(PG),--pg '$(PG)') $(PAGE_FLAGS)
+
 bench: $(STAMP)
 	$(BIN)/python benchmarks/codec.py
 

@@ -26,6 +26,8 @@ Loopback only; every process it starts is stopped before it exits.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import os
 import shutil
@@ -96,6 +98,11 @@ def make_store(
     on ``db``: by default the SQLite file ``base/acqhost.db`` with its host key file beside
     it; a database URL keeps its host key file in ``keys_file`` (default
     ``base/acqhost.keys``)."""
+    with contextlib.redirect_stdout(io.StringIO()):  # its lines name temporary paths
+        return _make_store(base, terminals, db, keys_file)
+
+
+def _make_store(base: Path, terminals: int, db: str | None, keys_file: str | None) -> list[Path]:
     sys.path.insert(0, str(ROOT))
     from acqhost.cli import main as acqhost
 
