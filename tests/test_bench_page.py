@@ -155,7 +155,7 @@ def test_with_postgresql_a_step_s_options_are_replaced_not_repeated() -> None:
     args = argparse.Namespace(quick=False, pg="postgresql:///postgres")
     argv = page.command(e2e, args, Path("/out"))
     assert argv.count("--only") == 1
-    assert argv[argv.index("--only") + 1].endswith("asyncio-1-pg,asyncio-2-pg")
+    assert argv[argv.index("--only") + 1].endswith("asyncio-1-pg,asyncio-1-native-pg,asyncio-2-pg")
     assert argv[argv.index("--pg") + 1] == "postgresql:///postgres"
     args.pg = None
     assert "--pg" not in page.command(e2e, args, Path("/out"))
