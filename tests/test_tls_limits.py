@@ -7,16 +7,18 @@ asyncio, uvloop and trio."""
 from __future__ import annotations
 
 import dataclasses
+import socket
 import time
 from pathlib import Path
 from typing import Any
 
 import anyio
 import anyio.abc
+import anyio.to_thread
 import pytest
 
 from acqhost.runtime.server import Server
-from simulators.terminal import tls_client_context
+from simulators.terminal import TerminalClient, tls_client_context
 from tests.hostkit import HostSetup, running
 from tests.test_ops_metrics import scrape, value, with_metrics
 from tests.test_tls import Pki, pki, tls_host
@@ -137,3 +139,38 @@ async def test_a_client_that_does_not_speak_tls_or_leaves_mid_handshake_is_count
         samples = await scrape(server)
         assert value(samples, "acqhost_tls_handshakes_failed_total", kind="error") == 1
         assert value(samples, "acqhost_tls_handshakes_failed_total", kind="closed") == 1
+
+
+def echo_at_once(port: int, ca: str, client: TerminalClient) -> str:
+    """A blocking client whose ClientHello leaves the moment TCP connects (so it is read
+    before the host's TLS takes over the connection, as uvloop does): an echo test's field
+    39 over TLS."""
+    context = tls_client_context(ca)
+    assert context is not None
+    message = client.codec.encode(client.network_fields("301"))
+    sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+    with sock, context.wrap_socket(sock, server_hostname="127.0.0.1") as tls:
+        tls.sendall(len(message).to_bytes(2, "big") + message)
+        size = int.from_bytes(_exactly(tls, 2), "big")
+        return client.codec.decode(_exactly(tls, size))["39"]
+
+
+def _exactly(sock: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        assert chunk, "closed by the host"
+        data += chunk
+    return data
+
+
+async def test_a_client_hello_sent_with_the_connection_is_not_lost(
+    tmp_path: Path, pki: Pki
+) -> None:
+    setup = limited_tls_host(tmp_path, pki)
+    async with running(setup) as server:
+        client = setup.client()
+        for _ in range(5):
+            code = await anyio.to_thread.run_sync(echo_at_once, setup.config.port, pki.ca, client)
+            assert code == "00"
+        assert server.connections.handshakes_failed == {}

@@ -107,12 +107,12 @@ class Server:
         connections = self.connections
         native: asyncio.Server | None = None
         try:
-            # With TLS, asyncio too serves anyio streams: the loop's own TLS (ssl= here) runs
-            # the handshake before the protocol sees the connection, so a handshake could be
-            # neither counted towards the limits nor evicted.
-            if listener is None and _on_asyncio() and self.tls is None:
+            # TLS is not the loop's (ssl= here): that would run the handshake before the
+            # protocol sees the connection, which could be neither counted nor evicted. Each
+            # connection starts its own (start_tls) once admitted.
+            if listener is None and _on_asyncio():
                 native = await asyncio.get_running_loop().create_server(
-                    lambda: AsyncioConnection(connections),
+                    lambda: AsyncioConnection(connections, self.tls),
                     cfg.host,
                     cfg.port,
                     reuse_port=cfg.workers > 1,
