@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from acqhost.cli import main as cli
 from acqhost.domain import advices, crypto, voucher
 from acqhost.log import configure_logging
 from acqhost.store import open_store
@@ -269,6 +270,24 @@ def test_secrets_are_compared_in_constant_time_everywhere() -> None:
 )
 def test_the_constant_time_check_catches_a_plain_comparison(source: str, flagged: bool) -> None:
     assert bool(plain_secret_comparisons(source)) is flagged
+
+
+def test_an_operator_password_can_come_from_stdin_not_the_command_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    db = str(tmp_path / "acqhost.db")
+    assert cli(["init", "--db", db]) == 0
+    monkeypatch.setattr("sys.stdin", io.StringIO(PASSWORD + "\n"))
+    add_terminal(tmp_path, db, "TERM0009", "MERCHANT0000009", "--operator-password", "-")
+    store = open_store(db)
+    try:
+        with store.transaction(write=False) as tx:
+            operator = tx.operator("TERM0009", "01")
+    finally:
+        store.close()
+    assert operator is not None
+    assert crypto.verify_password(operator.password_hash, PASSWORD)
+    assert not crypto.verify_password(operator.password_hash, "-")
 
 
 # --- files at rest ----------------------------------------------------------------------------
