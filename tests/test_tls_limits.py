@@ -1,14 +1,17 @@
 """A TLS handshake is a connection like any other ([tls], loopback, certificates by trustme):
 it counts towards ``max_connections`` and ``max_connections_per_source`` from the moment TCP
 connects, must be done by ``first_frame_timeout`` (not ``read_timeout``), is evicted first to
-make room for a terminal, and every handshake that fails is counted for /metrics by kind. On
-asyncio, uvloop and trio."""
+make room for a terminal, and every handshake that fails is counted for /metrics by kind; a
+ClientHello that arrives with the connection is not lost; a wiretap sees the card number
+without TLS and not with it. On asyncio, uvloop and trio."""
 
 from __future__ import annotations
 
 import dataclasses
 import socket
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +21,8 @@ import anyio.to_thread
 import pytest
 
 from acqhost.runtime.server import Server
-from simulators.terminal import TerminalClient, tls_client_context
-from tests.hostkit import HostSetup, running
+from simulators.terminal import TEST_PAN, TerminalClient, tls_client_context
+from tests.hostkit import HostSetup, make_host, running
 from tests.test_ops_metrics import scrape, value, with_metrics
 from tests.test_tls import Pki, pki, tls_host
 
@@ -174,3 +177,51 @@ async def test_a_client_hello_sent_with_the_connection_is_not_lost(
             code = await anyio.to_thread.run_sync(echo_at_once, setup.config.port, pki.ca, client)
             assert code == "00"
         assert server.connections.handshakes_failed == {}
+
+
+@asynccontextmanager
+async def wiretap(port: int) -> AsyncIterator[tuple[int, list[bytes]]]:
+    """A relay on loopback to ``port`` that records every byte it passes, both ways: (its
+    port, what it saw)."""
+    seen: list[bytes] = []
+
+    async def pump(source: anyio.abc.SocketStream, sink: anyio.abc.SocketStream) -> None:
+        try:
+            async for chunk in source:
+                seen.append(chunk)
+                await sink.send(chunk)
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+            pass
+        with suppress(Exception):
+            await sink.send_eof()
+
+    async def relay(client: anyio.abc.SocketStream) -> None:
+        upstream = await anyio.connect_tcp("127.0.0.1", port)
+        async with client, upstream, anyio.create_task_group() as tg:
+            tg.start_soon(pump, client, upstream)
+            tg.start_soon(pump, upstream, client)
+
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(listener.serve, relay)
+        yield listener.extra(anyio.abc.SocketAttribute.local_port), seen
+        tg.cancel_scope.cancel()
+
+
+async def test_the_wire_carries_the_card_number_in_clear_without_tls_and_not_with_it(
+    tmp_path: Path, pki: Pki
+) -> None:
+    for tls in (False, True):
+        folder = tmp_path / ("tls" if tls else "plain")
+        folder.mkdir()
+        setup = tls_host(folder, pki) if tls else make_host(folder)
+        async with running(setup), wiretap(setup.config.port) as (port, seen):
+            context = tls_client_context(pki.ca) if tls else None
+            async with setup.client(port=port, tls=context, timeout=5) as client:
+                assert (await client.sign_on()).rc == "00"
+                assert (await client.sale(100)).rc == "00"
+        wire = b"".join(seen)
+        assert len(wire) > 200
+        # PROTOCOL.md encrypts only the operator password: without [tls] a wiretap reads the
+        # card number (SECURITY.md, "What is not defended").
+        assert (TEST_PAN.encode() in wire) is not tls
