@@ -24,6 +24,7 @@ from acqhost.domain import advices, crypto, voucher
 from acqhost.log import configure_logging
 from acqhost.store import open_store
 from simulators.terminal import TEST_PAN, TerminalClient
+from simulators.terminal import main as terminal_main
 from tests.hostkit import (
     BANK,
     HOLDER,
@@ -308,6 +309,22 @@ def test_a_new_sqlite_store_and_its_wal_are_created_0600(tmp_path: Path) -> None
     assert made and {p.name for p in made} >= {"acqhost.db"}
     for path in made:
         assert stat.S_IMODE(path.stat().st_mode) & 0o077 == 0, path.name
+
+
+def test_the_terminal_simulator_warns_of_a_key_file_others_can_read(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    db = str(tmp_path / "acqhost.db")
+    assert cli(["init", "--db", db]) == 0
+    add_terminal(tmp_path, db, "TERM0009", "MERCHANT0000009")
+    key_file = tmp_path / "TERM0009.json"
+    nobody = ["--key-file", str(key_file), "--port", "9", "echo"]  # nothing listens: exit 2
+    capsys.readouterr()
+    assert terminal_main(nobody) == 2
+    assert "readable by group or others" not in capsys.readouterr().err  # written 0600
+    key_file.chmod(0o644)
+    assert terminal_main(nobody) == 2
+    assert "key file" in (err := capsys.readouterr().err) and "(mode 0644): chmod 600 it" in err
 
 
 def test_an_existing_store_keeps_the_mode_its_operator_gave_it(tmp_path: Path) -> None:
