@@ -87,7 +87,7 @@ class AsyncioConnection(asyncio.Protocol):
             tls, error = None, e
         self.handshake = None
         if tls is None or core.stopped:
-            if not core.reason.startswith("evicted"):
+            if not core.reason.startswith(("evicted", "host shutting down")):
                 kind = self._failure(error)
                 why = "not done by first_frame_timeout" if kind == "timeout" else _text(error)
                 self.connections.handshake_failed(core, kind, why)
@@ -129,12 +129,15 @@ class AsyncioConnection(asyncio.Protocol):
         if protocol is self:
             return
         data = b"".join(early)
-        while data:  # asyncio's and uvloop's TLS protocols are buffered protocols
-            buffer = protocol.get_buffer(len(data))  # type: ignore[attr-defined]
-            n = min(len(buffer), len(data))
-            buffer[:n] = data[:n]
-            protocol.buffer_updated(n)  # type: ignore[attr-defined]
-            data = data[n:]
+        try:
+            while data:  # asyncio's and uvloop's TLS protocols are buffered protocols
+                buffer = protocol.get_buffer(len(data))  # type: ignore[attr-defined]
+                n = min(len(buffer), len(data))
+                buffer[:n] = data[:n]
+                protocol.buffer_updated(n)  # type: ignore[attr-defined]
+                data = data[n:]
+        except Exception:  # the handshake has failed meanwhile: it ends the connection
+            self.abort()
 
     def data_received(self, data: bytes) -> None:
         core = self.core

@@ -50,6 +50,7 @@ class StreamConnection:
         self.connections = connections
         self.stream = stream
         self.tls = tls
+        self.handshaking = False
         self.timeout = connections.config.read_timeout
         self.reading = anyio.CancelScope()  # cancelled by stop()
         self.scope = anyio.CancelScope()  # cancelled by evict()
@@ -74,8 +75,12 @@ class StreamConnection:
         self.scope.cancel()
 
     def stop(self) -> None:
-        """Stop reading; the connection answers what it read, then closes."""
+        """Stop reading; the connection answers what it read, then closes (at once while its
+        TLS handshake runs: nothing was read)."""
         self.reading.cancel()
+        if self.handshaking:
+            self.core.stop("host shutting down")
+            self.scope.cancel()
 
     def _wake(self) -> None:
         if self._answer_ready is not None:
@@ -110,6 +115,7 @@ class StreamConnection:
         """The TLS handshake, by the first-frame deadline; False (counted and logged, the
         connection to be closed) when it fails or times out."""
         core = self.core
+        self.handshaking = True
         with anyio.CancelScope(deadline=core.deadline()) as deadline:
             try:
                 self.stream = await TLSStream.wrap(
@@ -120,6 +126,8 @@ class StreamConnection:
                 self.connections.handshake_failed(core, "error", str(e))
             except (anyio.EndOfStream, anyio.BrokenResourceError, OSError) as e:
                 self.connections.handshake_failed(core, "closed", str(e) or type(e).__name__)
+            finally:
+                self.handshaking = False
         if deadline.cancelled_caught:
             self.connections.handshake_failed(core, "timeout", "no handshake by the deadline")
         return False
