@@ -4,7 +4,7 @@ plain, TLS...) so that a noisy machine weighs on both alike.
 
 One SQLite store of ``--terminals`` terminals, copied fresh for every host; certificates made by
 trustme; the load is ``acqhost-load run --prebuilt`` (closed loop, one terminal per connection)
-as in benchmarks/e2e.py, whose helpers this uses. Host CPU is the host process's user + system
+as in benchmarks/e2e.py, whose functions this uses. Host CPU is the host process's user + system
 time from /proc over the load run, sign-ons and handshakes included.
 
 Run: ``python benchmarks/tls.py [--backend asyncio|trio] [--rounds 3] [--duration 5]

@@ -432,3 +432,23 @@ async def test_no_card_number_account_password_or_key_in_clear_after_a_days_flow
         if any(form in content for form in forms for content in contents)
     ]
     assert leaks == []
+
+
+def test_every_test_security_md_names_exists() -> None:
+    """SECURITY.md points at tests as ``test_x.py::test_name`` (or ``::test_name`` after the
+    file it is in): each must be there, so that the page cannot outlive its proof."""
+    text = (ROOT / "SECURITY.md").read_text(encoding="utf-8")
+    named, current = [], None
+    for file, name in re.findall(r"`(test_\w+\.py)?(?:::(test_\w+))?`", text):
+        current = file or current
+        assert current is not None
+        assert (ROOT / "tests" / current).is_file(), current
+        if name:
+            named.append((current, name))
+    assert len(named) > 20
+    missing = [
+        f"{file}::{name}"
+        for file, name in named
+        if not re.search(rf"^(async )?def {name}\(", (ROOT / "tests" / file).read_text(), re.M)
+    ]
+    assert missing == []
