@@ -24,18 +24,11 @@ from acqhost.runtime.server import Server
 from simulators.terminal import TEST_PAN, TerminalClient, tls_client_context
 from tests.hostkit import HostSetup, make_host, running
 from tests.test_ops_metrics import scrape, value, with_metrics
-from tests.test_tls import Pki, pki, tls_host
+from tests.test_tls import Pki, anyio_backend, pki, tls_host
 
-__all__ = ("pki",)  # the fixture, used by name
+__all__ = ("anyio_backend", "pki")  # the fixtures, used by name
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture(params=["asyncio", "uvloop", "trio"])
-def anyio_backend(request: pytest.FixtureRequest) -> Any:
-    if request.param == "uvloop":
-        return ("asyncio", {"use_uvloop": True})
-    return request.param
 
 
 def limited_tls_host(tmp_path: Path, pki: Pki, **settings: Any) -> HostSetup:
