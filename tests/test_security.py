@@ -30,7 +30,7 @@ from tests.hostkit import (
     HOLDER,
     add_terminal,
     make_host,
-    make_postgres_host,
+    make_host_on,
     running,
     signed_on,
 )
@@ -358,10 +358,7 @@ def _forms(secret: bytes | str) -> list[bytes]:
 async def test_no_card_number_account_password_or_key_in_clear_after_a_days_flows(
     tmp_path: Path, kind: str, debug_logs: io.StringIO, request: pytest.FixtureRequest
 ) -> None:
-    if kind == "sqlite":
-        setup = make_host(tmp_path)
-    else:
-        setup = make_postgres_host(tmp_path, request.getfixturevalue("pg_url"))
+    setup = make_host_on(kind, tmp_path, request)
     # A third terminal with an operator password that cannot appear by chance.
     keys_arg = [] if kind == "sqlite" else ["--keys", str(setup.config.key_path)]
     setup.key_files["TERM0003"] = add_terminal(
