@@ -22,6 +22,7 @@ import pytest
 from acqhost.cli import main as cli
 from acqhost.domain import advices, crypto, voucher
 from acqhost.log import configure_logging
+from acqhost.runtime.app import build_server, close_stores
 from acqhost.store import open_store
 from simulators.terminal import TEST_PAN, TerminalClient
 from simulators.terminal import main as terminal_main
@@ -327,12 +328,18 @@ def test_the_terminal_simulator_warns_of_a_key_file_others_can_read(
     assert "key file" in (err := capsys.readouterr().err) and "(mode 0644): chmod 600 it" in err
 
 
-def test_an_existing_store_keeps_the_mode_its_operator_gave_it(tmp_path: Path) -> None:
-    path = tmp_path / "acqhost.db"
-    open_store(str(path)).close()
+def test_an_existing_store_keeps_the_mode_its_operator_gave_it_and_the_host_says_so(
+    tmp_path: Path, debug_logs: io.StringIO
+) -> None:
+    setup = make_host(tmp_path)
+    path = Path(setup.config.db)
+    close_stores(build_server(setup.config))
+    assert "store readable by group or others" not in debug_logs.getvalue()  # made 0600
     path.chmod(0o640)  # e.g. a backup group may read it
-    open_store(str(path)).close()
+    close_stores(build_server(setup.config))
     assert stat.S_IMODE(path.stat().st_mode) == 0o640
+    assert '"store readable by group or others"' in debug_logs.getvalue()
+    assert '"mode": "0640"' in debug_logs.getvalue()
 
 
 # --- no secret in the clear: logs, capture, store -------------------------------------------
