@@ -12,8 +12,10 @@ import argparse
 import datetime
 import itertools
 import json
+import os
 import secrets
 import ssl
+import stat
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -520,6 +522,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (KeyError, TypeError) as exc:
         print(f"acqhost-terminal: key file {args.key_file}: no {exc} in it", file=sys.stderr)
         return 2
+    mode = stat.S_IMODE(os.stat(args.key_file).st_mode)
+    if mode & 0o077:  # the terminal's private key: the host refuses such a key file of its own
+        print(f"acqhost-terminal: warning: key file {args.key_file} is readable by group or "
+              f"others (mode {mode:04o}): chmod 600 it", file=sys.stderr)  # fmt: skip
 
     async def signed_on_request() -> tuple[str, Exchange]:
         if args.command == "sale":

@@ -81,6 +81,14 @@ def make_postgres_host(folder: Path, url: str) -> HostSetup:
     return HostSetup(load_config(None, overrides, environ={}), files, folder)
 
 
+def make_host_on(kind: str, folder: Path, request: Any) -> HostSetup:
+    """``make_host`` for ``kind`` "sqlite", else ``make_postgres_host`` on a new database (the
+    test's ``pg_url`` fixture, taken from ``request``: skipped without PostgreSQL)."""
+    if kind == "sqlite":
+        return make_host(folder)
+    return make_postgres_host(folder, request.getfixturevalue("pg_url"))
+
+
 @asynccontextmanager
 async def running(setup: HostSetup) -> AsyncIterator[Server]:
     """The host serving on a free loopback port until the block ends (then drained)."""

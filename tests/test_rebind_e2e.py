@@ -34,7 +34,7 @@ from tests.hostkit import (
     HostSetup,
     add_terminal,
     make_host,
-    make_postgres_host,
+    make_host_on,
     running,
     signed_on,
 )
@@ -483,10 +483,7 @@ def at_rest(setup: HostSetup) -> list[bytes]:
 async def test_the_whole_story(
     tmp_path: Path, store_kind: str, json_logs: io.StringIO, request: pytest.FixtureRequest
 ) -> None:
-    if store_kind == "sqlite":
-        setup = make_host(tmp_path)
-    else:
-        setup = make_postgres_host(tmp_path, request.getfixturevalue("pg_url"))
+    setup = make_host_on(store_kind, tmp_path, request)
     toml = tmp_path / "acqhost.toml"  # the host and the acquirer's commands read one policy
     toml.write_text('[rebind]\nreview = "manual"\ncooling_off = 3\nmin_interval = 0\n')
     setup.config = dataclasses.replace(setup.config, rebind=load_config(toml, environ={}).rebind)

@@ -1,7 +1,8 @@
 """TLS for terminal connections ([tls]) on loopback, with certificates made by trustme: the
-host on asyncio (the loop's ssl) and on trio (anyio's TLSStream) serves TLS terminals, drops a
-client that does not speak TLS without disturbing the others, asks for client certificates
-with ``client_ca``; acqhost-terminal and acqhost-load connect with ``--tls-ca``."""
+host on asyncio and uvloop (the loop's TLS, started per connection) and on trio (anyio's
+TLSStream) serves TLS terminals, drops a client that does not speak TLS without disturbing the
+others, asks for client certificates with ``client_ca``; acqhost-terminal and acqhost-load
+connect with ``--tls-ca``."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -27,9 +29,11 @@ from tests.test_crash import ROOT
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture(params=["asyncio", "trio"])
-def anyio_backend(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
+@pytest.fixture(params=["asyncio", "uvloop", "trio"])
+def anyio_backend(request: pytest.FixtureRequest) -> Any:
+    if request.param == "uvloop":  # TLS on asyncio is the loop's own: uvloop's differs
+        return ("asyncio", {"use_uvloop": True})
+    return request.param
 
 
 @dataclasses.dataclass

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -56,6 +57,9 @@ def cmd_terminal_add(args: argparse.Namespace) -> int:
         (args.operator_id is None) == (args.operator_password is None),
         "--operator-id and --operator-password go together",
     )
+    if args.operator_password == "-":  # from standard input: not in the process list
+        args.operator_password = sys.stdin.readline().rstrip("\r\n")
+        require(bool(args.operator_password), "--operator-password -: no password on stdin")
     registration = terminals.Registration(
         tid=args.tid,
         mid=args.mid,
@@ -182,7 +186,11 @@ def add_terminal_commands(sub: Subparsers) -> None:
     p.add_argument("--bank-code", required=True, help="12-digit CNAPS bank code")
     p.add_argument("--branch", help="branch name")
     p.add_argument("--operator-id", help="operator id (for settlement account changes)")
-    p.add_argument("--operator-password", help="operator password (stored as argon2id)")
+    p.add_argument(
+        "--operator-password",
+        help="operator password (stored as argon2id); - reads it from the first line of "
+        "standard input, so that it is not in the process list or the shell's history",
+    )
     p.add_argument("--sale-limit", type=int, help="single-sale limit in minor units")
     p.add_argument(
         "--fast-hash", action="store_true", help="argon2id with minimal cost (tests and demos only)"

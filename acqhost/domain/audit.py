@@ -21,6 +21,7 @@ that makes the change, so a change and its entry are durable together or not at 
 
 from __future__ import annotations
 
+import hmac
 import json
 from collections.abc import Mapping
 from typing import Any
@@ -86,10 +87,12 @@ def verify(store: Store, data_key: bytes) -> tuple[int, list[str]]:
         for expected_seq, e in enumerate(entries, start=1):
             if e.seq != expected_seq:
                 problems.append(f"entry {e.seq}: expected entry {expected_seq} here (a gap)")
-            if e.prev_digest != prev:
+            if not hmac.compare_digest(e.prev_digest, prev):
                 problems.append(f"entry {e.seq}: does not follow the entry before it")
             body = content(e.seq, e.at, e.actor, e.action, e.tid, e.subject, e.detail)
-            if crypto.audit_digest(data_key, e.prev_digest, body) != e.digest:
+            if not hmac.compare_digest(
+                crypto.audit_digest(data_key, e.prev_digest, body), e.digest
+            ):
                 problems.append(f"entry {e.seq}: content does not match its digest (edited)")
             prev = e.digest
             try:
@@ -138,11 +141,13 @@ def _check_version(
             f"{expected or 'nothing'} (entries removed or state edited)"
         )
     known = fingerprints.get((v.tid, v.version))
-    if known is not None and known != fingerprint(data_key, v):
+    if known is not None and not hmac.compare_digest(
+        known.encode(), fingerprint(data_key, v).encode()
+    ):
         problems.append(f"{where}: account, holder, bank or branch differ from when it was made")
     try:
         account = crypto.unseal(data_key, v.sealed_account).decode("ascii")
-        sound = crypto.account_hash(data_key, account) == v.account_hash
+        sound = hmac.compare_digest(crypto.account_hash(data_key, account), v.account_hash)
         sound = sound and cards.mask_account(account) == v.account_masked
     except (crypto.CryptoError, UnicodeDecodeError):
         sound = False

@@ -210,23 +210,28 @@ def mac_ok(mac_key: bytes, data: bytes, tag: bytes | str) -> bool:
 
 def signon_request_transcript(tid: str, stan: str, field7: str, kx_terminal: bytes) -> bytes:
     """What a terminal signs in its 0800 sign-on:
-    ``b"ACQ1-SIGNON" + tid + stan + field7 + kx_terminal_raw32`` (text as ASCII)."""
+    ``b"ACQ1-SIGNON" + tid + stan + field7 + kx_terminal_raw32`` (text as ASCII).
+
+    The parts are joined without separators, so each must have its field's fixed width (41:
+    8, 11: 6, 7: 10), or one terminal's transcript could be another's: :class:`CryptoError`.
+    """
     _need_len(kx_terminal, KEY_BYTES, "terminal kx public key")
     return (
         _SIGNON
-        + _ascii(tid, "tid")
-        + _ascii(stan, "stan")
-        + _ascii(field7, "field 7")
+        + _ascii(tid, "tid", 8)
+        + _ascii(stan, "stan", 6)
+        + _ascii(field7, "field 7", 10)
         + (kx_terminal)
     )
 
 
 def signon_response_transcript(tid: str, stan: str, kx_host: bytes, kx_terminal: bytes) -> bytes:
     """What the host signs in its 0810:
-    ``b"ACQ1-SIGNON-RESP" + tid + stan + kx_host_raw32 + kx_terminal_raw32``."""
+    ``b"ACQ1-SIGNON-RESP" + tid + stan + kx_host_raw32 + kx_terminal_raw32`` (tid and stan
+    of fixed width, as in :func:`signon_request_transcript`)."""
     _need_len(kx_host, KEY_BYTES, "host kx public key")
     _need_len(kx_terminal, KEY_BYTES, "terminal kx public key")
-    return _SIGNON_RESP + _ascii(tid, "tid") + _ascii(stan, "stan") + kx_host + kx_terminal
+    return _SIGNON_RESP + _ascii(tid, "tid", 8) + _ascii(stan, "stan", 6) + kx_host + kx_terminal
 
 
 def new_signing_key() -> bytes:
@@ -467,8 +472,11 @@ def _need_len(value: bytes, length: int, what: str) -> None:
         raise CryptoError(f"{what} must be {length} bytes")
 
 
-def _ascii(text: str, what: str) -> bytes:
+def _ascii(text: str, what: str, width: int) -> bytes:
     try:
-        return text.encode("ascii")
+        raw = text.encode("ascii")
     except UnicodeEncodeError:
         raise CryptoError(f"{what} must be ASCII") from None
+    if len(raw) != width:
+        raise CryptoError(f"{what} must be {width} characters")
+    return raw

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import gc
 import io
+import os
+import stat
 import sys
 
 from acqhost.config import Config
@@ -39,6 +41,8 @@ def build_server(cfg: Config, *, worker: int = 0) -> Server:
     keys = HostKeys.load(cfg.key_path)
     reader = open_store(cfg.db)
     writer = open_store(cfg.db)
+    if isinstance(reader, SQLiteStore):
+        _warn_if_shared(reader.path)
     if cfg.workers > 1 and isinstance(writer, SQLiteStore):
         writer.queue_writers()  # the workers' ledgers take turns without SQLite's sleeps
     ledger = Ledger(writer, batch=cfg.write_batch)
@@ -69,6 +73,16 @@ def build_server(cfg: Config, *, worker: int = 0) -> Server:
         server.ops = ops
         server.services.append(ops.run)
     return server
+
+
+def _warn_if_shared(path: str) -> None:
+    """A store file others may read is the operator's choice (a backup group, say), but worth
+    a word: it holds sales, names and sealed secrets (acqhost creates it 0600)."""
+    mode = stat.S_IMODE(os.stat(path).st_mode)
+    if mode & 0o077:
+        get_logger("acqhost.server").warning(
+            "store readable by group or others", path=path, mode=f"{mode:04o}"
+        )
 
 
 def close_stores(server: Server) -> None:

@@ -9,6 +9,7 @@ CPU per message under paced load (benchmarks/README.md).
 from __future__ import annotations
 
 import asyncio
+import ssl
 from typing import cast
 
 from acqhost.log import get_logger
@@ -25,8 +26,16 @@ class AsyncioConnection(asyncio.Protocol):
     many answers or the peer does not take what is written; one timer keeps the read deadlines
     and the write timeout."""
 
-    def __init__(self, connections: Connections) -> None:
+    def __init__(self, connections: Connections, tls: ssl.SSLContext | None = None) -> None:
         self.connections = connections
+        self.tls = tls
+        # With TLS: the TCP transport, the handshake's task and what came before it was done
+        # (see _handshake); self.transport is the TLS transport once the handshake is done.
+        self.raw: asyncio.Transport | None = None
+        self.handshake: asyncio.Task[None] | None = None
+        self.early: list[bytes] = []  # TLS records read before the TLS protocol took over
+        self.plain: list[bytes | None] = []  # data (None: EOF) before start_tls returned
+        self.handshake_timed_out = False
         self.timeout = connections.config.read_timeout
         self.core: ConnectionCore | None = None
         self.transport: asyncio.Transport | None = None
@@ -47,17 +56,98 @@ class AsyncioConnection(asyncio.Protocol):
         if connections.admit(self, source_of(peer)) is not None:
             cast(asyncio.Transport, transport).abort()
             return
-        self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
         loop = asyncio.get_running_loop()
         now = loop.time()
         self.core = core = connections.new_core(self, self._wake, peer, now)
         if connections.limiter.allow("connected", core.source):
             log.info("connected", peer=peer)
+        if self.tls is None:
+            self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
+        else:
+            self.raw = raw = cast(asyncio.Transport, transport)
+            raw.pause_reading()  # asyncio's loop honours it; uvloop starts reading regardless
+            self.handshake = loop.create_task(self._handshake(raw, self.tls))
+            loop.call_soon(self._feed_early_soon)
         self._arm(core.deadline())
+
+    # -- TLS: admitted (and limited, and evictable) before the handshake -------------------------
+    async def _handshake(self, raw: asyncio.Transport, context: ssl.SSLContext) -> None:
+        """The TLS handshake by the first-frame deadline (the timer cancels it then); then the
+        connection goes on as any other, on the TLS transport."""
+        core = self.core
+        assert core is not None
+        loop = asyncio.get_running_loop()
+        backstop = max(core.deadline() - loop.time(), 0.001) + 1.0  # the timer comes first
+        error: BaseException | None = None
+        try:
+            tls = await loop.start_tls(
+                raw, self, context, server_side=True, ssl_handshake_timeout=backstop
+            )
+        except (Exception, asyncio.CancelledError) as e:
+            tls, error = None, e
+        self.handshake = None
+        if tls is None or core.stopped:
+            if not core.reason.startswith(("evicted", "host shutting down")):
+                kind = self._failure(error)
+                why = "not done by first_frame_timeout" if kind == "timeout" else _text(error)
+                self.connections.handshake_failed(core, kind, why)
+            self.connections.release(self, core.reason)
+            raw.abort()
+            if tls is not None:
+                tls.abort()
+            return
+        self.transport = tls
+        plain, self.plain = self.plain, []
+        for data in plain:  # what asyncio's TLS protocol passed on before start_tls returned
+            if data is None:
+                self.eof_received()
+            else:
+                self.data_received(data)
+        self._reading()
+
+    def _failure(self, error: BaseException | None) -> str:
+        if self.handshake_timed_out or (
+            isinstance(error, ConnectionAbortedError) and "handshake" in str(error)
+        ):
+            return "timeout"
+        if isinstance(error, ssl.SSLError):
+            return "error"
+        return "closed"
+
+    def _feed_early_soon(self) -> None:
+        # Runs after the handshake task's first step (start_tls: pause, the TLS protocol set,
+        # its connection_made and resume_reading scheduled); _feed_early runs after those.
+        asyncio.get_running_loop().call_soon(self._feed_early)
+
+    def _feed_early(self) -> None:
+        """Hand the TLS protocol what uvloop read before it took over (the ClientHello)."""
+        early, self.early = self.early, []
+        raw = self.raw
+        if not early or raw is None or self.handshake is None:
+            return
+        protocol = raw.get_protocol()
+        if protocol is self:
+            return
+        data = b"".join(early)
+        try:
+            while data:  # asyncio's and uvloop's TLS protocols are buffered protocols
+                buffer = protocol.get_buffer(len(data))  # type: ignore[attr-defined]
+                n = min(len(buffer), len(data))
+                buffer[:n] = data[:n]
+                protocol.buffer_updated(n)  # type: ignore[attr-defined]
+                data = data[n:]
+        except Exception:  # the handshake has failed meanwhile: it ends the connection
+            self.abort()
 
     def data_received(self, data: bytes) -> None:
         core = self.core
         if core is None or core.stopped:
+            return
+        if self.transport is None:  # TLS, not yet handed over: see _handshake
+            if self.raw is not None and self.raw.get_protocol() is self:
+                self.early.append(data)  # TLS records
+            else:
+                self.plain.append(data)
             return
         try:
             core.received(data, asyncio.get_running_loop().time())
@@ -70,6 +160,9 @@ class AsyncioConnection(asyncio.Protocol):
             self._failed(e)
 
     def eof_received(self) -> bool:
+        if self.transport is None and self.raw is not None:
+            self.plain.append(None)
+            return True
         if self.core is not None:
             self.core.end_of_stream()
             self._reading()
@@ -86,7 +179,7 @@ class AsyncioConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         core = self.core
-        if self.transport is None or core is None:  # refused
+        if self.transport is None or core is None:  # refused, or a TLS handshake's end
             return
         self.transport = None
         core.stop(core.reason)
@@ -102,6 +195,10 @@ class AsyncioConnection(asyncio.Protocol):
     # -- ours ----------------------------------------------------------------------------------
     def stop(self, reason: str = "host shutting down") -> None:
         """Read no more; close once every answer to what was read is sent."""
+        if self.handshake is not None and self.core is not None:  # nothing read, nothing owed
+            self.core.stop(reason)
+            self.handshake.cancel()
+            return
         if self.core is not None and not self.core.stopped:
             self.core.stop(reason)
             self._reading()
@@ -118,6 +215,8 @@ class AsyncioConnection(asyncio.Protocol):
         """Close now, whatever is unsent."""
         if self.core is not None:
             self.core.stop(self.core.reason)
+        if self.handshake is not None:
+            self.handshake.cancel()
         if self.transport is not None:
             self.transport.abort()
 
@@ -188,9 +287,19 @@ class AsyncioConnection(asyncio.Protocol):
         connection is lost; every quarter of the timeout while answers wait, so a write
         timeout comes 1-2.25 timeouts after the last byte the peer took."""
         transport, core = self.transport, self.core
-        if transport is None or core is None:
+        if core is None:
             return
         now = asyncio.get_running_loop().time()
+        if transport is None:
+            if self.handshake is None:  # closed
+                return
+            if now >= core.deadline():  # the TLS handshake is not done by the deadline
+                self.handshake_timed_out = True
+                core.stop("tls handshake timeout")
+                self.handshake.cancel()
+                return
+            self._arm(core.deadline())
+            return
         unsent = transport.get_write_buffer_size()
         if unsent:
             taken = self.written - unsent
@@ -215,3 +324,9 @@ class AsyncioConnection(asyncio.Protocol):
         else:
             due = core.deadline()
         self._arm(due)
+
+
+def _text(error: BaseException | None) -> str:
+    if error is None:
+        return "connection lost"
+    return str(error) or type(error).__name__

@@ -296,6 +296,9 @@ class Connections:
         self.closed: Counter[str] = Counter()  # why connections ended (refused ones too)
         self.stopping = False  # the host is shutting down: no new connections
         self.refused: dict[str, int] = {}  # connections refused, by reason (the metrics')
+        # TLS handshakes that did not complete: "timeout", "error" (not TLS, a certificate
+        # refused...), "closed" (the peer went away); the metrics'
+        self.handshakes_failed: dict[str, int] = {}
 
     def admit(self, conn: Driver, source: str) -> str | None:
         """Take ``conn``, from address ``source``, as open, or say why it is refused (and
@@ -337,6 +340,14 @@ class Connections:
         else:
             del self.per_source[source]
         self.closed[reason] += 1
+
+    def handshake_failed(self, core: ConnectionCore, kind: str, error: str) -> None:
+        """The TLS handshake of ``core``'s connection failed (``kind``: timeout, error or
+        closed): counted, logged as a security event, and the connection is to close."""
+        self.handshakes_failed[kind] = self.handshakes_failed.get(kind, 0) + 1
+        core.stop(f"tls handshake {kind}")
+        if self.limiter.allow("tls handshake failed", core.source):
+            log.warning("tls handshake failed", peer=core.peer, kind=kind, error=error)
 
     def _evict(self, victim: Driver) -> None:
         self.release(victim, EVICTED)

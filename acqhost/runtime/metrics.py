@@ -158,6 +158,13 @@ class HostCollector(Collector):
                      len(connections.open))  # fmt: skip
         yield _counter("acqhost_connections_refused_total", "Connections refused, by reason",
                        ("reason",), {(k,): v for k, v in connections.refused.items()})  # fmt: skip
+        failed: dict[tuple[str, ...], int] = {
+            (k,): v for k, v in connections.handshakes_failed.items()
+        }
+        yield _counter("acqhost_tls_handshakes_failed_total",
+                       "TLS handshakes that did not complete ([tls]), by kind: timeout, error "
+                       "(not TLS, certificate refused), closed (the peer went away)",
+                       ("kind",), failed)  # fmt: skip
         ledger = server.ledger
         yield _gauge("acqhost_ledger_queue", "Writes queued for the ledger now", ledger.backlog)
         yield CounterMetricFamily("acqhost_ledger_writes_total", "Writes made durable",

@@ -20,7 +20,6 @@ from typing import Any
 
 import anyio
 import anyio.abc
-from anyio.streams.tls import TLSStream
 
 from acqhost.config import Config, ConfigError
 from acqhost.errors import ListenError
@@ -61,7 +60,7 @@ class Server:
         self.services: list[Service] = []
         self.accepting = False  # listening, and not yet stopped: /readyz
         self.ops: object | None = None  # the operations endpoint ([metrics]), when there is one
-        # [tls]: terminals connect over TLS (handshake within read_timeout)
+        # [tls]: terminals connect over TLS (handshake within first_frame_timeout)
         self.tls: ssl.SSLContext | None = None
         if config.tls is not None:
             try:
@@ -109,16 +108,17 @@ class Server:
         connections = self.connections
         native: asyncio.Server | None = None
         try:
+            # TLS is not the loop's (ssl= here): that would run the handshake before the
+            # protocol sees the connection, which could be neither counted nor evicted. Each
+            # connection starts its own (start_tls) once admitted.
             if listener is None and _on_asyncio():
                 native = await asyncio.get_running_loop().create_server(
-                    lambda: AsyncioConnection(connections),
+                    lambda: AsyncioConnection(connections, self.tls),
                     cfg.host,
                     cfg.port,
                     reuse_port=cfg.workers > 1,
                     backlog=65535,
                     start_serving=False,
-                    ssl=self.tls,
-                    ssl_handshake_timeout=cfg.read_timeout if self.tls else None,
                 )
             elif listener is None:
                 listener = await anyio.create_tcp_listener(
@@ -217,33 +217,9 @@ class Server:
                 log.error("accept failed", error=str(e))
                 await anyio.sleep(0.1)
                 continue
-            if self.tls is not None:
-                tg.start_soon(self._serve_tls, stream)
-                continue
-            conn = StreamConnection(connections, stream)
+            conn = StreamConnection(connections, stream, self.tls)
             if await conn.admit():
                 tg.start_soon(conn.serve)
-
-    async def _serve_tls(self, stream: anyio.abc.SocketStream) -> None:
-        """The TLS handshake, in the connection's own task within ``read_timeout``; then the
-        connection is admitted and served as any other (a handshake in progress holds no
-        slot, as on asyncio's native path)."""
-        assert self.tls is not None
-        try:
-            with anyio.fail_after(self.config.read_timeout):
-                wrapped = await TLSStream.wrap(
-                    stream, server_side=True, ssl_context=self.tls, standard_compatible=False
-                )
-        except (TimeoutError, ssl.SSLError, OSError, anyio.BrokenResourceError,
-                anyio.EndOfStream) as e:  # fmt: skip
-            address = stream.extra(anyio.abc.SocketAttribute.remote_address, None)
-            log.warning("tls handshake failed", peer=str(address), error=str(e) or repr(e))
-            with anyio.CancelScope(shield=True):
-                await stream.aclose()
-            return
-        conn = StreamConnection(self.connections, wrapped)
-        if await conn.admit():
-            await conn.serve()
 
 
 def _on_asyncio() -> bool:

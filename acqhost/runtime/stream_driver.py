@@ -8,9 +8,11 @@ Shaped like trio's ``serve_listeners``: one task per connection, the stream clos
 from __future__ import annotations
 
 import math
+import ssl
 
 import anyio
 import anyio.abc
+from anyio.streams.tls import TLSStream
 
 from acqhost.log import get_logger
 from acqhost.runtime.connection import (
@@ -34,11 +36,21 @@ class _WriteTimeout(Exception):
 
 
 class StreamConnection:
-    """One connection on ``stream``; :meth:`serve` returns once it is closed."""
+    """One connection on ``stream``; :meth:`serve` returns once it is closed. With ``tls``
+    the connection is admitted before its TLS handshake, which must end before the connection's
+    ``first_frame_timeout``: until then it counts towards the limits, and is the first to be
+    evicted, like any connection that has not yet sent a valid frame."""
 
-    def __init__(self, connections: Connections, stream: anyio.abc.ByteStream) -> None:
+    def __init__(
+        self,
+        connections: Connections,
+        stream: anyio.abc.ByteStream,
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
         self.connections = connections
         self.stream = stream
+        self.tls = tls
+        self.handshaking = False
         self.timeout = connections.config.read_timeout
         self.reading = anyio.CancelScope()  # cancelled by stop()
         self.scope = anyio.CancelScope()  # cancelled by evict()
@@ -63,8 +75,12 @@ class StreamConnection:
         self.scope.cancel()
 
     def stop(self) -> None:
-        """Stop reading; the connection answers what it read, then closes."""
+        """Stop reading; the connection answers what it read, then closes (at once while its
+        TLS handshake runs: nothing was read)."""
         self.reading.cancel()
+        if self.handshaking:
+            self.core.stop("host shutting down")
+            self.scope.cancel()
 
     def _wake(self) -> None:
         if self._answer_ready is not None:
@@ -77,7 +93,8 @@ class StreamConnection:
             log.info("connected", peer=core.peer)
         try:
             with self.scope:
-                await self._serve()
+                if self.tls is None or await self._handshake(self.tls):
+                    await self._serve()
         except* _WriteTimeout:
             if limiter.allow("write timeout", core.source):
                 log.warning("write timeout", peer=core.peer)
@@ -93,6 +110,27 @@ class StreamConnection:
                 await stream.aclose()
             if limiter.allow("disconnected", core.source):
                 log.info("disconnected", peer=core.peer, reason=core.reason)
+
+    async def _handshake(self, context: ssl.SSLContext) -> bool:
+        """The TLS handshake, by the first-frame deadline; False (counted and logged, the
+        connection to be closed) when it fails or times out."""
+        core = self.core
+        self.handshaking = True
+        with anyio.CancelScope(deadline=core.deadline()) as deadline:
+            try:
+                self.stream = await TLSStream.wrap(
+                    self.stream, server_side=True, ssl_context=context, standard_compatible=False
+                )
+                return True
+            except ssl.SSLError as e:
+                self.connections.handshake_failed(core, "error", str(e))
+            except (anyio.EndOfStream, anyio.BrokenResourceError, OSError) as e:
+                self.connections.handshake_failed(core, "closed", str(e) or type(e).__name__)
+            finally:
+                self.handshaking = False
+        if deadline.cancelled_caught:
+            self.connections.handshake_failed(core, "timeout", "no handshake by the deadline")
+        return False
 
     async def _serve(self) -> None:
         core = self.core

@@ -106,11 +106,15 @@ class SQLiteStore(SQLStore):
         # check_same_thread=False: an instance may be created in one thread and then used
         # (one thread at a time) by a worker thread, such as the group committer.
         try:
+            _create_private(path)
             conn = sqlite3.connect(
                 str(path), isolation_level=None, check_same_thread=False, timeout=5.0
             )
         except sqlite3.Error as exc:  # a directory that does not exist, a path not allowed
             raise StoreOpenError(f"cannot open SQLite store {path}: {exc}") from None
+        except OSError as exc:
+            why = exc.strerror or str(exc)
+            raise StoreOpenError(f"cannot open SQLite store {path}: {why}") from None
         try:
             try:
                 conn.execute("PRAGMA busy_timeout = 5000")
@@ -191,3 +195,14 @@ class SQLiteStore(SQLStore):
         # SQLite may already have rolled back on its own (e.g. a full disk).
         if self._conn.in_transaction:
             self._conn.execute("ROLLBACK")
+
+
+def _create_private(path: str | Path) -> None:
+    """Create a new store file with mode 0600 (SQLite gives its WAL and shared-memory files
+    the database file's mode): sales, holder names and sealed secrets are no one else's to
+    read, whatever the umask. An existing file keeps the mode its operator gave it."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return
+    os.close(fd)
