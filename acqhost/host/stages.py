@@ -67,7 +67,10 @@ def verify_mac(state: HostState, ctx: Context) -> None:
     else:
         data, tag = raw[:-8], raw[-8:]
     if not crypto.mac_ok(ctx.keys.rx_mac, data, tag):
-        # Another host process may have taken a newer sign-on: reload the keys once.
+        # Another host process may have taken a newer sign-on: reload the keys once, within
+        # the rate of reads anyone may cause (state.PEER_READS_PER_SECOND).
+        if not state.peer_reads.take(state.clock()):
+            raise Decline("63", "BAD_MAC")
         fresh = state.session_keys(ctx.terminal.tid, reload=True)
         if fresh is None or not crypto.mac_ok(fresh.rx_mac, data, tag):
             raise Decline("63", "BAD_MAC")

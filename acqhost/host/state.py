@@ -18,7 +18,7 @@ from acqhost.errors import Decline
 from acqhost.store.base import AccountVersion, Store, Terminal
 from acqhost.wire.tlv import encode_tlv
 
-__all__ = ("CACHE_SECONDS", "HostState")
+__all__ = ("CACHE_SECONDS", "PEER_READS_PER_SECOND", "HostState", "ReadBudget")
 
 # How long cached terminals and accounts are trusted before the store is asked again, so a
 # change made by the CLI reaches a running host within this many seconds. A cached account is
@@ -27,6 +27,34 @@ __all__ = ("CACHE_SECONDS", "HostState")
 # host processes switch to a new account at its effective-from exactly.
 CACHE_SECONDS = 1.0
 assert CACHE_SECONDS < accounts.DECISION_LEAD
+
+# Store reads anyone can cause without proving anything: a terminal id this process does not
+# know of (not registered when it started, nor found since), and a MAC that fails on cached
+# session keys (reloaded in case another host process took a newer sign-on). At most this
+# many a second per host process, in bursts as large; beyond it such a frame is answered from
+# what is cached (03 for the unknown id, 63 for the MAC) without asking the store, so a flood
+# of forged frames costs reads at this rate, not at its own (SECURITY.md).
+PEER_READS_PER_SECOND = 1000.0
+
+
+class ReadBudget:
+    """A token bucket: :meth:`take` says whether one more read fits the rate."""
+
+    __slots__ = ("_last", "_rate", "_tokens")
+
+    def __init__(self, rate: float) -> None:
+        self._rate = rate
+        self._tokens = rate
+        self._last = -1.0
+
+    def take(self, now: float) -> bool:
+        if self._last >= 0.0:
+            self._tokens = min(self._rate, self._tokens + (now - self._last) * self._rate)
+        self._last = now
+        if self._tokens >= 1.0:
+            self._tokens -= 1.0
+            return True
+        return False
 
 
 class HostState:
@@ -48,6 +76,10 @@ class HostState:
         self.config = config
         self.clock = clock
         self.terminals: dict[str, tuple[float, Terminal | None]] = {}  # (read at, terminal)
+        # The terminal ids known to be registered (at start, and found since): a lookup of
+        # any other id takes a read from ``peer_reads``.
+        self.registered: set[str] = {t.tid for t in store.list_terminals()}
+        self.peer_reads = ReadBudget(PEER_READS_PER_SECOND)
         self.sessions: dict[str, tuple[float, SessionKeys, bytes]] = {}  # (read at, keys, rx)
         self.accounts: dict[str, tuple[float, AccountVersion | None]] = {}  # (expires, ...)
         self.batches: dict[str, int] = {}
@@ -66,7 +98,14 @@ class HostState:
         hit = self.terminals.get(tid)
         if hit is not None and now - hit[0] < CACHE_SECONDS:
             return hit[1]
+        known = tid in self.registered
+        if not known and not self.peer_reads.take(now):
+            return None  # unknown to this process, and over the rate: not looked up
         terminal = self.store.get_terminal(tid)
+        if terminal is None:
+            self.registered.discard(tid)  # deleted, or never was
+        elif not known:
+            self.registered.add(tid)  # registered since this process started
         self.terminals[tid] = (now, terminal)
         if len(self.terminals) > 100_000:
             self.terminals.clear()
