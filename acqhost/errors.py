@@ -6,7 +6,15 @@ closed connection) is a different class from our own bug, which propagates as wh
 
 from __future__ import annotations
 
-__all__ = ("AcqHostError", "CodecError", "Decline", "FramingError", "ListenError", "TLVError")
+__all__ = (
+    "AcqHostError",
+    "CodecError",
+    "Decline",
+    "FramingError",
+    "ListenError",
+    "StoreUnavailable",
+    "TLVError",
+)
 
 
 class AcqHostError(Exception):
@@ -71,6 +79,13 @@ class Decline(AcqHostError):
 class StoreOpenError(AcqHostError, ValueError):
     """The store named cannot be opened (not a database, unreachable, no such directory);
     the message is one line naming it, never a password."""
+
+
+class StoreUnavailable(AcqHostError):
+    """The store cannot be reached or written just now: its server is down or restarting, or
+    its disk is full or failing. Not our bug and not the peer's: the request is answered 96
+    and nothing of it is applied; the store's next call tries again (on a new connection when
+    the old one died). The message is one line, never a password or card data."""
 
 
 class ListenError(AcqHostError, OSError):
