@@ -6,6 +6,7 @@ PostgreSQL cluster of the test's own that it can stop and start."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import pwd
 import random
@@ -29,7 +30,8 @@ from acqhost.store import open_store
 from acqhost.wire.tlv import decode_tlv
 from simulators.processes import free_port
 from simulators.terminal import Exchange, TerminalClient, TerminalError
-from tests.hostkit import BANK, HOLDER
+from tests.hostkit import BANK, HOLDER, HostSetup
+from tests.test_banklink_faults import add_terminals
 
 # Settlement accounts a terminal's rebinds alternate between (Luhn-valid, not the first one).
 NEW_ACCOUNTS = ("6222020200112233453", "6222020200112233461")
@@ -145,6 +147,15 @@ async def retransmissions_refused(key_file: dict[str, Any], acked: Acked, most: 
             ex = await client.request(request)
             assert ex.rc == "94", (sale["41"], sale["11"], ex.rc)
     return len(sample)
+
+
+def four_terminals(setup: HostSetup, *extra: str) -> list[str]:
+    """TERM0003 and TERM0004 besides make_host's two, their key files in ``setup``."""
+    tids = list(add_terminals(setup, *extra))
+    for tid in tids[2:]:
+        setup.key_files[tid] = json.loads((setup.folder / f"{tid}.json").read_text())
+    setup.with_port(setup.config.port)
+    return tids
 
 
 # -- the store against what was acknowledged -------------------------------------------------

@@ -10,7 +10,6 @@ chain verifies. On SQLite, and on PostgreSQL when ACQHOST_TEST_PG names a server
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 from pathlib import Path
@@ -24,6 +23,7 @@ from tests.faultkit import (
     REBIND_POLICY,
     Acked,
     check_store,
+    four_terminals,
     kill_group,
     retransmissions_refused,
     terminal_mix,
@@ -31,7 +31,6 @@ from tests.faultkit import (
 )
 from tests.hostkit import HostSetup, make_host, make_postgres_host
 from tests.test_banklink_faults import (
-    add_terminals,
     all_delivered,
     assert_delivered_once_in_order,
     bank_process,
@@ -58,12 +57,10 @@ def test_kill_9_of_a_worker_and_of_the_host_loses_and_doubles_nothing(
     setup: HostSetup
     if backend == "postgres":
         setup = make_postgres_host(tmp_path, request.getfixturevalue("pg_url"))
-        tids = list(add_terminals(setup, "--keys", str(setup.config.key_path)))
+        tids = four_terminals(setup, "--keys", str(setup.config.key_path))
     else:
         setup = make_host(tmp_path)
-        tids = list(add_terminals(setup))
-    for tid in tids[2:]:
-        setup.key_files[tid] = json.loads((tmp_path / f"{tid}.json").read_text())
+        tids = four_terminals(setup)
     setup.with_port(port)
     config = write_config(tmp_path, bank_port)
     config.write_text(config.read_text() + REBIND_POLICY)
