@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import json
 import os
 import signal
@@ -57,6 +58,7 @@ from tests.faultkit import (  # noqa: E402
     postgres_bin,
     retransmissions_refused,
     terminal_mix,
+    victim_worker,
     workers_of,
 )
 from tests.hostkit import HostSetup, make_host, make_postgres_host  # noqa: E402
@@ -138,10 +140,9 @@ class Run:
     def kill_worker(self) -> None:
         assert self.host is not None
         workers = workers_of(self.host.pid)
-        if not workers:
+        victim = victim_worker(self.host.pid, self.log)
+        if victim is None:
             return self.kill_host()
-        owners = {int(e["owner"].split(":")[1]) for e in log_events(self.log, "bank lease taken")}
-        victim = next((w for w in workers if w in owners), workers[0])
         os.kill(victim, signal.SIGKILL)
         self.done["worker killed"] += 1
         self.say(f"kill -9 worker {victim} ({len(workers) - 1} left)")
@@ -314,7 +315,8 @@ def main() -> int:
                     "--pg: no initdb/pg_ctl under /usr/lib/postgresql/*/bin (.ci/postgres.sh)"
                 )
             pg = stack.enter_context(cluster(bin_dir))
-        run = Run(args, Path(tmp), pg)
+        with contextlib.redirect_stdout(io.StringIO()):  # the CLI's lines of the set-up
+            run = Run(args, Path(tmp), pg)
         store = "PostgreSQL (own cluster)" if pg else "SQLite"
         run.say(
             f"{store}; acqhost serve --workers 2; {LOAD_TERMINALS} load terminals at "

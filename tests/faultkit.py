@@ -31,7 +31,7 @@ from acqhost.wire.tlv import decode_tlv
 from simulators.processes import free_port
 from simulators.terminal import Exchange, TerminalClient, TerminalError
 from tests.hostkit import BANK, HOLDER, HostSetup
-from tests.test_banklink_faults import add_terminals
+from tests.test_banklink_faults import add_terminals, log_events
 
 # Settlement accounts a terminal's rebinds alternate between (Luhn-valid, not the first one).
 NEW_ACCOUNTS = ("6222020200112233453", "6222020200112233461")
@@ -249,6 +249,14 @@ def workers_of(pid: int) -> list[int]:
         if b"spawn_main" in cmdline:
             found.append(int(child))
     return found
+
+
+def victim_worker(pid: int, log: Path) -> int | None:
+    """A worker of the host ``pid`` to kill: the one holding a bank's lease (taken as its log
+    ``log`` says) when one does, so that another must take the deliveries over."""
+    workers = workers_of(pid)
+    owners = {int(e["owner"].split(":")[1]) for e in log_events(log, "bank lease taken")}
+    return next((w for w in workers if w in owners), workers[0] if workers else None)
 
 
 def kill_group(proc: subprocess.Popen[bytes]) -> None:

@@ -5,12 +5,17 @@ batches, with the totals the host closed."""
 
 from __future__ import annotations
 
+import re
+import sqlite3
 import time
 from pathlib import Path
 
 import anyio
 import pytest
 
+from acqhost.domain import advices
+from acqhost.domain.crypto import HostKeys
+from acqhost.store import open_store
 from acqhost.wire.tlv import decode_tlv
 from simulators.processes import free_port
 from tests.faultkit import Acked, check_store, four_terminals
@@ -77,3 +82,41 @@ async def test_batches_closed_while_the_bank_is_down_reach_it_once_in_order_when
             ("000002", "3", "606"),
         ], tid
     check_store(setup.config.db, setup.config.key_path, tids, acked)
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+@pytest.mark.anyio
+async def test_the_checks_find_a_lost_sale_and_a_lost_or_doubled_settlement_update(
+    tmp_path: Path,
+) -> None:
+    setup = make_host(tmp_path)
+    acked = Acked()
+    async with running(setup):
+        client = await signed_on(setup)
+        ex = await client.sale(250)
+        acked.sales[("TERM0001", ex.request["11"], ex.request["13"])] = dict(
+            ex.request, **{"37": ex.response["37"]}
+        )
+        assert (await client.settle(1, 1, 250)).rc == "00"
+        await client.close()
+    db, keys, tids = setup.config.db, setup.config.key_path, ["TERM0001", "TERM0002"]
+    assert check_store(db, keys, tids, acked)["advices"] == 3
+    doubled = ("0520", "TERM0001", "1", 1, 1, 250)
+    lost = Acked(sales={**acked.sales, ("TERM0001", "999999", "0101"): {"37": "1", "4": "1"}})
+    with pytest.raises(AssertionError, match="not in the ledger"):
+        check_store(db, keys, tids, lost)
+    assert [a.mti for a in outbox(db)].count("0520") == 1
+    store = open_store(db)
+    try:
+        with store.transaction("TERM0001") as tx:  # the same 0520 queued a second time
+            version = tx.versions("TERM0001")[0]
+            advices.queue_settlement_advice(tx, HostKeys.load(keys).data_key, "TERM0001", 1,
+                                            version, 1, 250, time.time())  # fmt: skip
+    finally:
+        store.close()
+    with pytest.raises(AssertionError, match=re.escape(f"extra {{{doubled}: 1}}")):
+        check_store(db, keys, tids, acked)
+    with sqlite3.connect(db) as conn:
+        conn.execute("DELETE FROM outbox WHERE mti = '0520'")
+    with pytest.raises(AssertionError, match=re.escape(f"missing {{{doubled}: 1}}")):
+        check_store(db, keys, tids, acked)
