@@ -86,9 +86,10 @@ async def terminal_mix(
     timeout: float = 3.0,
     pause: float = 0.0,
 ) -> None:
-    """One terminal until ``stop``: sales, a reversal of an approved sale every 6th request,
-    a batch close (with the host's totals) every 20th, and, with ``rebind``, a change of its
-    settlement account every 25th. When the host goes away it connects (and signs on) again."""
+    """One terminal until ``stop``: sales, a reversal of an approved sale of the open batch
+    every 6th request, a batch close (with the host's totals) every 20th, and, with
+    ``rebind``, a change of its settlement account every 25th. When the host goes away it
+    connects (and signs on) again."""
     client = TerminalClient(key_file, timeout=timeout)
     approved: list[Exchange] = []
     n = 0
@@ -105,6 +106,7 @@ async def terminal_mix(
                         acked.note(ex, time.monotonic() - started)
                     if ex.rc == "00":
                         acked.closed.add((client.tid, int(ex.tlv["BN"])))
+                        approved.clear()  # settled: no longer reversible
                 elif n % 6 == 0 and approved:
                     original = approved.pop(random.randrange(len(approved)))
                     if acked.note(await client.reverse(original), time.monotonic() - started) == (

@@ -145,9 +145,14 @@ def test_a_full_disk_answers_96_corrupts_nothing_and_recovers(how: str, tmp_path
                 for _ in range(10):
                     full.append(acked.note(await client.sale(100), 0.0))
                 assert (await client.echo()).rc == "00"  # what needs no write still works
+                # A batch close cannot be written either: 96, and the batch stays open.
+                count = len(acked.sales)
+                assert (await client.settle(1, count, 100 * count)).rc == "96"
                 space.free()
                 await sell(client, "00", 20)  # at once, without a restart
                 await sell(client, None, 50)
+                count = len(acked.sales)
+                assert (await client.settle(1, count, 100 * count)).rc == "00"
 
         try:
             anyio.run(traffic)
