@@ -83,9 +83,11 @@ class StoreOpenError(AcqHostError, ValueError):
 
 class StoreUnavailable(AcqHostError):
     """The store cannot be reached or written just now: its server is down or restarting, or
-    its disk is full or failing. Not our bug and not the peer's: the request is answered 96
-    and nothing of it is applied; the store's next call tries again (on a new connection when
-    the old one died). The message is one line, never a password or card data."""
+    its disk is full or failing. Not our bug and not the peer's: the request is answered 96,
+    so nothing is approved; the store's next call tries again (on a new connection when the
+    old one died). A PostgreSQL server that dies during a COMMIT may have made it durable:
+    a sale's retransmission then gets 94, and nothing is applied twice. The message is one
+    line, never a password or card data."""
 
 
 class ListenError(AcqHostError, OSError):
