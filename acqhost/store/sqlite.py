@@ -178,7 +178,9 @@ class SQLiteStore(SQLStore):
             except sqlite3.OperationalError as error:
                 self._rollback()
                 if error.sqlite_errorcode & 0xFF in _UNAVAILABLE:
-                    raise StoreUnavailable(f"SQLite store {self.path}: {error}") from error
+                    raise StoreUnavailable(
+                        f"SQLite store {self.path}: {error} ({error.sqlite_errorname})"
+                    ) from error
                 raise
             except BaseException:
                 self._rollback()
