@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import statistics
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import anyio
@@ -16,8 +18,9 @@ import pytest
 
 from acqhost.domain.crypto import HostKeys
 from simulators.processes import free_port
+from simulators.terminal import TEST_PAN
 from tests.faultkit import Acked, Cluster, check_store, cluster, postgres_bin, terminal_mix
-from tests.hostkit import make_postgres_host
+from tests.hostkit import ACCOUNT, make_postgres_host
 from tests.test_banklink_faults import (
     all_delivered,
     assert_delivered_once_in_order,
@@ -40,6 +43,15 @@ def server_binaries() -> Path:
     return found
 
 
+def readyz(port: int) -> int:
+    """The status of the host's /readyz."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5) as answer:
+            return int(answer.status)
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
 def test_a_postgresql_restart_answers_96_meanwhile_and_the_host_recovers(tmp_path: Path) -> None:
     with cluster(server_binaries()) as pg:
         run_restart(pg, tmp_path)
@@ -50,6 +62,9 @@ def run_restart(pg: Cluster, tmp_path: Path) -> None:
     port, bank_port = free_port(), free_port()
     setup.with_port(port)
     config = write_config(tmp_path, bank_port)
+    metrics_port = free_port()
+    config.write_text(config.read_text() + f"\n[metrics]\nport = {metrics_port}\n")
+    ready: list[int] = []
     log = tmp_path / "host.log"
     tids = ["TERM0001", "TERM0002"]
     acked = Acked()
@@ -67,6 +82,7 @@ def run_restart(pg: Cluster, tmp_path: Path) -> None:
             before = acked.codes.copy()
             await anyio.sleep(2.0)
             down.update(acked.codes - before)
+            ready.append(await anyio.to_thread.run_sync(readyz, metrics_port))
             assert proc.poll() is None, "the host died with its database"
             await anyio.to_thread.run_sync(pg.start)
             # The same host approves again (its connections made anew), closes batches.
@@ -76,6 +92,7 @@ def run_restart(pg: Cluster, tmp_path: Path) -> None:
                 while len(acked.closed) < closed + 2:
                     await anyio.sleep(0.05)
             stop.set()
+            ready.append(await anyio.to_thread.run_sync(readyz, metrics_port))
 
     keys = HostKeys.load(setup.config.key_path)
     with (
@@ -87,6 +104,7 @@ def run_restart(pg: Cluster, tmp_path: Path) -> None:
         # The cache listener listens again (its backoff is 5 s at most).
         wait_for(lambda: len(log_events(log, "cache listener listening")) >= 2, 10, "LISTEN")
         assert proc.poll() is None
+    assert ready == [503, 200]  # not ready while the store was down, ready again after
     # While it was down: 96 and nothing else (no approval), answered promptly.
     assert down.get("96", 0) >= 10 and set(down) <= {"96"}, down
     assert statistics.median(acked.latencies["96"]) < 0.1, sorted(acked.latencies["96"])[-5:]
@@ -99,6 +117,8 @@ def run_restart(pg: Cluster, tmp_path: Path) -> None:
     # "bank link failed": those are for bugs), and without card data.
     outage = log_events(log, "store unavailable")
     assert len(outage) >= down["96"], (len(outage), down)
-    assert all("PostgreSQL unavailable" in e["error"] and "6222" not in str(e) for e in outage)
+    for event in outage:
+        assert "PostgreSQL unavailable" in event["error"], event
+        assert TEST_PAN not in str(event) and ACCOUNT not in str(event), event
     bugs = [e for e in ("stage failed", "bank link failed", "write failed") if log_events(log, e)]
     assert bugs == [], bugs
