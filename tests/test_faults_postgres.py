@@ -1,8 +1,8 @@
 """PostgreSQL restarted under load, on a cluster of the test's own (initdb and pg_ctl of the
 Debian packages; .ci/postgres.sh installs them): while the server is down, requests that need
-the store are answered 96 at once, and the host stays up; once it is back, the same host
-process approves sales, closes batches and delivers their settlement updates again, without
-a restart. Nothing answered 00 is lost."""
+the store are answered 96 at once, /readyz says 503, and the host (two workers) stays up; once
+the server is back, the same processes approve sales, close batches and deliver their
+settlement updates again, without a restart. Nothing answered 00 is lost."""
 
 from __future__ import annotations
 
@@ -19,7 +19,15 @@ import pytest
 from acqhost.domain.crypto import HostKeys
 from simulators.processes import free_port
 from simulators.terminal import TEST_PAN
-from tests.faultkit import Acked, Cluster, check_store, cluster, postgres_bin, terminal_mix
+from tests.faultkit import (
+    Acked,
+    Cluster,
+    check_store,
+    cluster,
+    postgres_bin,
+    terminal_mix,
+    workers_of,
+)
 from tests.hostkit import ACCOUNT, make_postgres_host
 from tests.test_banklink_faults import (
     all_delivered,
@@ -97,12 +105,13 @@ def run_restart(pg: Cluster, tmp_path: Path) -> None:
     keys = HostKeys.load(setup.config.key_path)
     with (
         bank_process(tmp_path, bank_port, keys.verify_key),
-        host_process(setup, config, log, port) as proc,
+        host_process(setup, config, log, port, workers=2) as proc,
     ):
         anyio.run(traffic)
         wait_for(all_delivered(setup.config.db), 20, "every advice delivered")
-        # The cache listener listens again (its backoff is 5 s at most).
-        wait_for(lambda: len(log_events(log, "cache listener listening")) >= 2, 10, "LISTEN")
+        # Each worker's cache listener listens again (its backoff is 5 s at most).
+        wait_for(lambda: len(log_events(log, "cache listener listening")) >= 4, 10, "LISTEN")
+        assert len(workers_of(proc.pid)) == 2, "a worker died with the database"
         assert proc.poll() is None
     assert ready == [503, 200]  # not ready while the store was down, ready again after
     # While it was down: 96 and nothing else (no approval), answered promptly.
@@ -112,7 +121,7 @@ def run_restart(pg: Cluster, tmp_path: Path) -> None:
     check_store(setup.config.db, setup.config.key_path, tids, acked)
     assert_delivered_once_in_order(setup.config.db, tmp_path / "bank.jsonl")
     # The host never restarted.
-    assert len(log_events(log, "listening")) == 1
+    assert len(log_events(log, "listening")) == 2
     # The outage is said in one line a request, without a traceback (no "stage failed", no
     # "bank link failed": those are for bugs), and without card data.
     outage = log_events(log, "store unavailable")
