@@ -24,7 +24,10 @@ newest_version() {
 }
 
 version="$(newest_version || true)"
+# initdb and pg_ctl too: the fault tests run throwaway clusters of their own with them.
 if [ -z "$version" ] || [ ! -x "/usr/lib/postgresql/$version/bin/postgres" ] \
+    || [ ! -x "/usr/lib/postgresql/$version/bin/initdb" ] \
+    || [ ! -x "/usr/lib/postgresql/$version/bin/pg_ctl" ] \
     || ! command -v pg_ctlcluster >/dev/null; then
     log "installing PostgreSQL from Debian's packages"
     as_root apt-get update -q >&2

@@ -6,7 +6,15 @@ closed connection) is a different class from our own bug, which propagates as wh
 
 from __future__ import annotations
 
-__all__ = ("AcqHostError", "CodecError", "Decline", "FramingError", "ListenError", "TLVError")
+__all__ = (
+    "AcqHostError",
+    "CodecError",
+    "Decline",
+    "FramingError",
+    "ListenError",
+    "StoreUnavailable",
+    "TLVError",
+)
 
 
 class AcqHostError(Exception):
@@ -71,6 +79,15 @@ class Decline(AcqHostError):
 class StoreOpenError(AcqHostError, ValueError):
     """The store named cannot be opened (not a database, unreachable, no such directory);
     the message is one line naming it, never a password."""
+
+
+class StoreUnavailable(AcqHostError):
+    """The store cannot be reached or written just now: its server is down or restarting, or
+    its disk is full or failing. Not our bug and not the peer's: the request is answered 96,
+    so nothing is approved; the store's next call tries again (on a new connection when the
+    old one died). A PostgreSQL server that dies during a COMMIT may have made it durable:
+    a sale's retransmission then gets 94, and nothing is applied twice. The message is one
+    line, never a password or card data."""
 
 
 class ListenError(AcqHostError, OSError):

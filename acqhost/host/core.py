@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from acqhost.domain import crypto
-from acqhost.errors import Decline
+from acqhost.errors import Decline, StoreUnavailable
 from acqhost.host.answers import carries_mac, echo_fields, failure_answer
 from acqhost.host.context import Context
 from acqhost.host.routes import network, rebind, reversal, sale, settle
@@ -190,8 +190,8 @@ class HostCore:
         effect = ctx.effect
         assert effect is not None
         if error is not None:
-            self.log.error("write failed", route=ctx.route, tid=ctx.req.get("41"),
-                           error=repr(error))  # fmt: skip
+            event = "store unavailable" if isinstance(error, StoreUnavailable) else "write failed"
+            self.log.error(event, route=ctx.route, tid=ctx.req.get("41"), error=repr(error))
             self._decline(ctx, Decline("96", "SYSTEM_MALFUNCTION"))
             return
         if effect.then is not None:
@@ -253,6 +253,11 @@ class HostCore:
                 stage(state, ctx)
         except Decline as d:
             self._decline(ctx, d)
+            return ctx
+        except StoreUnavailable as e:  # an outage, not a bug: one line, no traceback
+            self.log.error("store unavailable", route=route.name, tid=req.get("41"),
+                           error=repr(e))  # fmt: skip
+            self._decline(ctx, Decline("96", "SYSTEM_MALFUNCTION"))
             return ctx
         except Exception:  # our bug, not the peer's: logged, answered 96
             self.log.exception("stage failed", route=route.name, tid=req.get("41"))

@@ -39,7 +39,7 @@ import stamina
 from acqhost.config import BankConfig
 from acqhost.domain import advices
 from acqhost.domain.crypto import CryptoError, HostKeys
-from acqhost.errors import AcqHostError, CodecError, FramingError
+from acqhost.errors import AcqHostError, CodecError, FramingError, StoreUnavailable
 from acqhost.log import get_logger
 from acqhost.store import Store, StoredAdvice, open_store
 from acqhost.wire import specs
@@ -136,6 +136,8 @@ class BankLink:
                         log.info("bank lease taken", bank=self.bank.name, owner=self.owner)
                         await self._deliver_while_leased()
                         log.warning("bank lease lost", bank=self.bank.name, owner=self.owner)
+                except StoreUnavailable as e:  # an outage: one line, asked again later
+                    log.warning("bank link store unavailable", bank=self.bank.name, error=str(e))
                 except Exception as e:
                     log.error("bank link failed", bank=self.bank.name, exc_info=e)
                 await anyio.sleep(LEASE_SECONDS / 3)
@@ -178,6 +180,9 @@ class BankLink:
                          FramingError, CodecError, ssl.SSLError) as down:  # fmt: skip
                     error = "; ".join(str(e) or repr(e) for e in down.exceptions)
                     log.warning("bank link down", bank=bank.name, error=error)
+                except* StoreUnavailable as outage:  # the advices wait in the store
+                    error = "; ".join(str(e) for e in outage.exceptions)
+                    log.warning("bank link store unavailable", bank=bank.name, error=error)
                 except* Exception as failed:  # our bug, or the store's: logged; the link goes on
                     log.error("bank link failed", bank=bank.name, exc_info=failed)
                 finally:

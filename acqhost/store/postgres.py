@@ -26,7 +26,7 @@ from typing import Any
 
 import psycopg
 
-from acqhost.errors import StoreOpenError
+from acqhost.errors import StoreOpenError, StoreUnavailable
 from acqhost.store.base import SaleRecord, SaleResult, StoreTx
 from acqhost.store.migrations import postgres as migrations
 from acqhost.store.pg_listen import CHANNEL, CacheListener
@@ -48,6 +48,11 @@ _NOTIFY = "SELECT pg_notify(%s::text, %s::text || ':' || tid) FROM unnest(%s::te
 _DEADLOCK_ATTEMPTS = 3
 
 _Cursor = psycopg.Cursor[tuple[Any, ...]]
+
+
+def _unavailable(error: psycopg.OperationalError) -> StoreUnavailable:
+    # psycopg's message names the server and the user, never the password
+    return StoreUnavailable("PostgreSQL unavailable: " + " ".join(str(error).split()))
 
 
 class PostgresTx(SQLTx):
@@ -146,7 +151,10 @@ class PostgresStore(SQLStore):
     def _connection(self) -> psycopg.Connection[tuple[Any, ...]]:
         if self._conn.broken:
             # The server went away under an earlier call (which raised): start afresh.
-            self._conn = self._connect()
+            try:
+                self._conn = self._connect()
+            except psycopg.OperationalError as error:  # still down, or starting up
+                raise _unavailable(error) from error
         return self._conn
 
     # -- host ------------------------------------------------------------------------------
@@ -169,14 +177,25 @@ class PostgresStore(SQLStore):
                 yield cur
         except psycopg.errors.IntegrityError as error:
             raise ValueError(f"rejected by the store: {error}") from error
+        except psycopg.OperationalError as error:
+            # The connection died (the server stopped, restarted, or cut it): the transaction
+            # is lost whole. Not a deadlock or a serialisation failure (the connection lives).
+            if conn.broken:
+                raise _unavailable(error) from error
+            raise
 
     def _alone(self, sql: str, params: tuple[Any, ...]) -> _Cursor:
         """Run one statement in a transaction of its own (the store's reads); the cursor
         keeps its rows after the commit."""
         conn = self._connection()
         cur = conn.cursor()
-        with conn.transaction():
-            cur.execute(sql, params)
+        try:
+            with conn.transaction():
+                cur.execute(sql, params)
+        except psycopg.OperationalError as error:
+            if conn.broken:
+                raise _unavailable(error) from error
+            raise
         return cur
 
     @contextmanager

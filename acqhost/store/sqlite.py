@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from acqhost.errors import StoreOpenError
+from acqhost.errors import StoreOpenError, StoreUnavailable
 from acqhost.store.base import SaleRecord
 from acqhost.store.migrations import sqlite as migrations
 from acqhost.store.sql import INSERT_SALE, SQLITE, SQLTx
@@ -31,6 +31,12 @@ QUEUE_SECONDS = 5.0
 # How often a waiting writer tries again: a tenth of a millisecond, ~1/10 of the commit it
 # waits for (a blocking lock would wake sooner, but could not give up).
 QUEUE_POLL_SECONDS = 0.0001
+
+
+# SQLITE_FULL (the disk, or the file size this process may write, is exhausted) and
+# SQLITE_IOERR (a write or fsync failed): the transaction is rolled back whole, the file is
+# as it was, and the next one may succeed once space returns.
+_UNAVAILABLE = (sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR)
 
 
 def _take_turn(fd: int) -> None:
@@ -173,6 +179,13 @@ class SQLiteStore(SQLStore):
             except sqlite3.IntegrityError as error:
                 self._rollback()
                 raise ValueError(f"rejected by the store: {error}") from error
+            except sqlite3.OperationalError as error:
+                self._rollback()
+                if error.sqlite_errorcode & 0xFF in _UNAVAILABLE:
+                    raise StoreUnavailable(
+                        f"SQLite store {self.path}: {error} ({error.sqlite_errorname})"
+                    ) from error
+                raise
             except BaseException:
                 self._rollback()
                 raise
