@@ -21,10 +21,15 @@ wall clock; the wall time per commit is printed beside it. Rounds alternate the 
 round's figure and the median, and each variant's median over the first variant's.
 
 ``--sql NAME=STATEMENT`` runs a statement on variant NAME's database once it is filled (say
-``DROP INDEX sales_batch``, to compare a schema without it).
+``DROP INDEX sales_batch``, to compare a schema without it); ``--pragma NAME=STATEMENT`` runs
+one on the store's own connection once it is open (say ``PRAGMA wal_autocheckpoint = 10000``).
+
+``--pg URL`` (a superuser libpq URL) measures PostgreSQL instead: a database per variant
+(dropped after), filled with COPY; the CPU counted is the calling thread's and that of the
+server process serving the store's connection (/proc), whose median is printed apart too.
 
 Run: ``python benchmarks/writer.py [--variant NAME:PREFILL[:CODE]]... [--groups 1,8,32]
-[--sales N] [--rounds N] [--keep]``. Its temporary files are removed unless ``--keep``.
+[--sales N] [--rounds N] [--pg URL] [--keep]``. Its temporary files are removed unless ``--keep``.
 """
 
 from __future__ import annotations
@@ -58,18 +63,28 @@ STAN_START = 300_000
 class Worker:
     """One variant's store and the sales it records next."""
 
-    def __init__(self, base: Path, prefill: int) -> None:
+    def __init__(self, base: Path, prefill: int, pg: str | None) -> None:
         # The acqhost of this worker's checkout (first on sys.path) is imported before the
         # benchmarks' modules, which would put this checkout first.
         from acqhost.store import open_store
 
-        sys.path.insert(1, str(Path(__file__).resolve().parent))
+        # ...and the benchmarks' modules of the same checkout (the worker runs in it).
+        sys.path.insert(0, str(Path.cwd() / "benchmarks"))
         import ledger_growth
-        from e2e import make_store
+        from e2e import cpu_seconds, make_store
 
-        with contextlib.redirect_stdout(io.StringIO()):
-            make_store(base, TERMINALS)
+        self.cpu_seconds = cpu_seconds
+        self.pg = pg
         self.db = str(base / "acqhost.db")
+        if pg:
+            import psycopg
+
+            self.dbname = f"acqhost_writer_{base.name}_{os.getpid()}"
+            with psycopg.connect(pg, autocommit=True) as admin:
+                admin.execute(f"CREATE DATABASE {self.dbname}")
+            self.db = ledger_growth.pg_url(pg, self.dbname)
+        with contextlib.redirect_stdout(io.StringIO()):
+            make_store(base, TERMINALS, self.db if pg else None)
         self.tids = [f"T{i:07d}" for i in range(TERMINALS)]
         mids = [f"M{i:014d}" for i in range(TERMINALS)]
         began = time.perf_counter()
@@ -77,7 +92,10 @@ class Worker:
             history = ledger_growth.History(
                 prefill, self.tids, mids, datetime.datetime.now(datetime.UTC).date()
             )
-            ledger_growth.fill_sqlite(Path(self.db), history)
+            if pg:
+                ledger_growth.fill_postgres(self.db, history)
+            else:
+                ledger_growth.fill_sqlite(Path(self.db), history)
         self.fill_s = time.perf_counter() - began
         self.store = open_store(self.db)
         self.batches = {tid: self.store.open_batch(tid) for tid in self.tids}
@@ -85,6 +103,42 @@ class Worker:
         self.mids = dict(zip(self.tids, mids, strict=True))
         self.made = 0
         self.random = random.Random(20261206)
+        # PostgreSQL: the server process serving the store's connection, whose CPU counts too.
+        self.backend = self.store._conn.info.backend_pid if pg else None  # type: ignore[attr-defined]
+
+    def execute(self, statements: list[str], pragmas: list[str]) -> None:
+        """``statements`` on the database (a connection of their own), then ``pragmas`` on the
+        store's connection."""
+        from acqhost.store import open_store
+
+        if statements:
+            self.store.close()
+            if self.pg:
+                import psycopg
+
+                with psycopg.connect(self.db, autocommit=True) as conn:
+                    for statement in statements:
+                        conn.execute(statement)
+            else:
+                import sqlite3
+
+                conn3 = sqlite3.connect(self.db, isolation_level=None)
+                for statement in statements:
+                    conn3.execute(statement)
+                conn3.close()
+            self.store = open_store(self.db)
+            if self.pg:
+                self.backend = self.store._conn.info.backend_pid  # type: ignore[attr-defined]
+        for statement in pragmas:
+            self.store._conn.execute(statement)  # type: ignore[attr-defined]
+
+    def close(self) -> None:
+        self.store.close()
+        if self.pg:
+            import psycopg
+
+            with psycopg.connect(self.pg, autocommit=True) as admin:
+                admin.execute(f"DROP DATABASE IF EXISTS {self.dbname} WITH (FORCE)")
 
     def sales(self, n: int) -> list[Any]:
         """The next ``n`` sales, 64 terminals in turn (as many in flight as terminals)."""
@@ -113,34 +167,37 @@ class Worker:
         made = self.sales(sales)
         groups = [made[i : i + group] for i in range(0, len(made), group)]
         record = self.store.record_sales
+        server = self.cpu_seconds(self.backend) or 0.0 if self.backend else 0.0
         wall, cpu = time.perf_counter(), time.thread_time()
         for g in groups:
             results = record(g)
             assert not any(r.duplicate for r in results)
         cpu, wall = time.thread_time() - cpu, time.perf_counter() - wall
-        return {"cpu_us": cpu / sales * 1e6, "commit_ms": wall / len(groups) * 1e3}
+        if self.backend:
+            server = (self.cpu_seconds(self.backend) or 0.0) - server
+        return {
+            "cpu_us": cpu / sales * 1e6,
+            "server_us": server / sales * 1e6,
+            "commit_ms": wall / len(groups) * 1e3,
+        }
 
 
-def worker_main(base: str, prefill: int, sql: list[str]) -> None:
+def worker_main(
+    base: str, prefill: int, pg: str | None, sql: list[str], pragmas: list[str]
+) -> None:
     """Serve one variant: lines of JSON in (``[sales, group]``), lines of JSON out."""
-    worker = Worker(Path(base), prefill)
-    for statement in sql:
-        worker.store.close()
-        import sqlite3
-
-        conn = sqlite3.connect(worker.db, isolation_level=None)
-        conn.execute(statement)
-        conn.close()
-        from acqhost.store import open_store
-
-        worker.store = open_store(worker.db)
-    print(json.dumps({"fill_s": worker.fill_s, "schema": worker.store.schema_version()}))
-    sys.stdout.flush()
-    for line in sys.stdin:
-        sales, group = json.loads(line)
-        print(json.dumps(worker.measure(sales, group)))
+    worker = Worker(Path(base), prefill, pg)
+    try:
+        worker.execute(sql, pragmas)
+        schema = worker.store.schema_version()  # type: ignore[attr-defined]
+        print(json.dumps({"fill_s": worker.fill_s, "schema": schema}))
         sys.stdout.flush()
-    worker.store.close()
+        for line in sys.stdin:
+            sales, group = json.loads(line)
+            print(json.dumps(worker.measure(sales, group)))
+            sys.stdout.flush()
+    finally:
+        worker.close()
 
 
 # -- the runner ------------------------------------------------------------------------------
@@ -149,7 +206,9 @@ def worker_main(base: str, prefill: int, sql: list[str]) -> None:
 class Variant:
     """A worker process serving one variant."""
 
-    def __init__(self, spec: str, base: Path, sql: list[str]) -> None:
+    def __init__(
+        self, spec: str, base: Path, pg: str | None, sql: list[str], pragmas: list[str]
+    ) -> None:
         name, prefill, *code = spec.split(":", 2)
         self.name = name
         self.prefill = int(float(prefill))
@@ -159,11 +218,13 @@ class Variant:
         env = {**os.environ, "PYTHONPATH": str(self.code)}
         self.proc = subprocess.Popen(
             [sys.executable, __file__, "--worker", str(where), str(self.prefill),
-             *(f"--sql={s}" for s in sql)],
+             *([f"--pg={pg}"] if pg else []),
+             *(f"--sql=-={s}" for s in sql), *(f"--pragma=-={s}" for s in pragmas)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
             cwd=self.code,
         )  # fmt: skip
         self.ready: dict[str, Any] | None = None
+        self.changes = [*sql, *pragmas]
 
     def wait_ready(self) -> dict[str, Any]:
         if self.ready is None:
@@ -203,13 +264,21 @@ def main() -> int:
         help="NAME:PREFILL[:CODE], e.g. this:1e6 or main:1e6:../main (default: this:0, this:1e6)",
     )
     parser.add_argument("--sql", action="append", default=[], help="NAME=STATEMENT")
+    parser.add_argument("--pragma", action="append", default=[], help="NAME=STATEMENT")
     parser.add_argument("--groups", default="1,8,32", help="sales a commit (default 1,8,32)")
     parser.add_argument("--sales", type=int, default=1024, help="sales a measurement")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--pg", metavar="URL", help="PostgreSQL superuser URL (else SQLite)")
     parser.add_argument("--keep", action="store_true")
     args = parser.parse_args()
     if args.worker:
-        worker_main(args.worker[0], int(args.worker[1]), [s.split("=", 1)[1] for s in args.sql])
+        worker_main(
+            args.worker[0],
+            int(args.worker[1]),
+            args.pg,
+            [s.split("=", 1)[1] for s in args.sql],
+            [s.split("=", 1)[1] for s in args.pragma],
+        )
         return 0
     specs = args.variant or ["this:0", "this:1e6"]
     groups = [int(g) for g in args.groups.split(",")]
@@ -219,7 +288,8 @@ def main() -> int:
         for spec in specs:
             name = spec.split(":", 1)[0]
             sql = [s.split("=", 1)[1] for s in args.sql if s.split("=", 1)[0] == name]
-            variants.append(Variant(spec, base, [f"{name}={s}" for s in sql]))
+            pragmas = [s.split("=", 1)[1] for s in args.pragma if s.split("=", 1)[0] == name]
+            variants.append(Variant(spec, base, args.pg, sql, pragmas))
         for v in variants:
             ready = v.wait_ready()
             print(
@@ -252,28 +322,43 @@ def run(variants: list[Variant], groups: list[int], args: argparse.Namespace) ->
             for v in order:
                 figures.setdefault((v.name, g), []).append(v.measure(args.sales, g))
         print(f"  round {r + 1} of {args.rounds} done", file=sys.stderr, flush=True)
-    print(
-        f"{datetime.date.today()}: Store.record_sales on SQLite {sqlite3.sqlite_version} (WAL, "
-        f"synchronous=FULL), {TERMINALS} terminals, {args.sales} sales a measurement, "
-        f"{args.rounds} rounds alternating; CPU = the calling thread's (time.thread_time); "
-        f"CPython {sys.version.split()[0]}, {os.cpu_count()} cores"
+    store = (
+        "PostgreSQL (local server), CPU = the calling thread's (time.thread_time) and the server "
+        "process's serving it (/proc)"
+        if args.pg
+        else f"SQLite {sqlite3.sqlite_version} (WAL, synchronous=FULL), CPU = the calling "
+        "thread's (time.thread_time)"
     )
+    print(
+        f"{datetime.date.today()}: Store.record_sales on {store}; {TERMINALS} terminals, "
+        f"{args.sales} sales a measurement, {args.rounds} rounds alternating; CPython "
+        f"{sys.version.split()[0]}, {os.cpu_count()} cores"
+    )
+    for v in variants:
+        code = "this checkout" if v.code == ROOT else "another checkout"
+        changes = "".join(f"; {c}" for c in v.changes)
+        print(f"  {v.name}: {v.prefill:,} sales before, the code of {code}{changes}")
+
+    def cpu(f: dict[str, float]) -> float:
+        return f["cpu_us"] + f["server_us"]
+
     first = variants[0].name
     for g in groups:
         print(f"\n{g} sale(s) a commit")
         print(
             f"{'variant':<14} {'ledger':>10}  {'CPU µs/sale, each round':<42} {'median':>7} "
-            f"{'ratio':>6}  {'wall ms/commit':>14}"
+            f"{'ratio':>6}  {'wall ms/commit':>14}" + ("  server µs/sale" if args.pg else "")
         )
-        base = statistics.median(f["cpu_us"] for f in figures[(first, g)])
+        base = statistics.median(cpu(f) for f in figures[(first, g)])
         for v in variants:
             runs = figures[(v.name, g)]
-            cpu = statistics.median(f["cpu_us"] for f in runs)
-            each = " ".join(f"{f['cpu_us']:5.1f}" for f in runs)
+            median = statistics.median(cpu(f) for f in runs)
+            each = " ".join(f"{cpu(f):5.1f}" for f in runs)
             wall = statistics.median(f["commit_ms"] for f in runs)
+            server = statistics.median(f["server_us"] for f in runs)
             print(
-                f"{v.name:<14} {v.prefill:>10,}  {each:<42} {cpu:7.1f} {cpu / base:6.2f}  "
-                f"{wall:14.2f}"
+                f"{v.name:<14} {v.prefill:>10,}  {each:<42} {median:7.1f} {median / base:6.2f}  "
+                f"{wall:14.2f}" + (f"  {server:15.1f}" if args.pg else "")
             )
 
 

@@ -334,31 +334,26 @@ GROUP BY s.tid, s.batch_no, s.account_version;
 # README.md, "The ledger writer"). Words: {bigint}, {without_rowid} (SQLite's table kept in its
 # key's order), {lock_ledger} (PostgreSQL: no sale recorded by another process between the
 # counting and the triggers), {totals_triggers} (the dialect's triggers).
+_TOTALS_COLUMNS = """(
+    tid             TEXT NOT NULL,
+    batch_no        INTEGER NOT NULL,
+    account_version INTEGER NOT NULL,
+    sold            {bigint} NOT NULL,
+    total           {bigint} NOT NULL,
+    PRIMARY KEY (tid, batch_no, account_version)
+){without_rowid};"""
+
 V7 = """
 -- The approved, unreversed sales of each open batch per settlement-account version: their
 -- number and amount, kept by the triggers below in the transaction that records or reverses a
 -- sale, so a 0500's totals are a row a version whatever the size of the ledger. Only open
 -- batches have rows here, one batch a terminal, so the rows a commit of many terminals'
 -- sales changes share a few pages.
-CREATE TABLE open_totals (
-    tid             TEXT NOT NULL,
-    batch_no        INTEGER NOT NULL,
-    account_version INTEGER NOT NULL,
-    sold            {bigint} NOT NULL,
-    total           {bigint} NOT NULL,
-    PRIMARY KEY (tid, batch_no, account_version)
-){without_rowid};
+CREATE TABLE open_totals {totals_columns}
 
 -- The same of each closed batch, moved here from open_totals when the batch closes (and kept
 -- exact should one of its sales ever change): what the settlement report reads.
-CREATE TABLE settled_totals (
-    tid             TEXT NOT NULL,
-    batch_no        INTEGER NOT NULL,
-    account_version INTEGER NOT NULL,
-    sold            {bigint} NOT NULL,
-    total           {bigint} NOT NULL,
-    PRIMARY KEY (tid, batch_no, account_version)
-){without_rowid};
+CREATE TABLE settled_totals {totals_columns}
 {lock_ledger}
 {count_totals}{totals_triggers}
 DROP INDEX sales_batch;
@@ -379,7 +374,16 @@ def in_dialect(
         (4, V4.format_map(filled)),
         (5, V5.format_map(filled)),
         (6, V6),
-        (7, V7.format_map({**filled, "count_totals": COUNT_TOTALS})),
+        (
+            7,
+            V7.format_map(
+                {
+                    **filled,
+                    "totals_columns": _TOTALS_COLUMNS.format_map(filled),
+                    "count_totals": COUNT_TOTALS,
+                }
+            ),
+        ),
     ]
 
 
