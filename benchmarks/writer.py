@@ -22,7 +22,9 @@ round's figure and the median, and each variant's median over the first variant'
 
 ``--sql NAME=STATEMENT`` runs a statement on variant NAME's database once it is filled (say
 ``DROP INDEX sales_batch``, to compare a schema without it); ``--pragma NAME=STATEMENT`` runs
-one on the store's own connection once it is open (say ``PRAGMA wal_autocheckpoint = 10000``).
+one on the store's own connection once it is open (say ``PRAGMA wal_autocheckpoint = 10000``;
+``--pragma 'NAME=QUEUE WRITERS'`` makes the store queue its writers on a file lock as the
+workers of ``acqhost serve --workers N`` do, ``SQLiteStore.queue_writers``).
 
 ``--pg URL`` (a superuser libpq URL) measures PostgreSQL instead: a database per variant
 (dropped after), filled with COPY; the CPU counted is the calling thread's and that of the
@@ -55,6 +57,7 @@ TERMINALS = 64
 # The measured sales' STANs: far above any history's (ledger_growth: at most ~157,000 a
 # terminal for 1e7 sales) and below the load's (500,000).
 STAN_START = 300_000
+QUEUE = "QUEUE WRITERS"  # --pragma's word for SQLiteStore.queue_writers()
 
 
 # -- the worker: one variant's store, in a process of its own --------------------------------
@@ -130,7 +133,10 @@ class Worker:
             if self.pg:
                 self.backend = self.store._conn.info.backend_pid  # type: ignore[attr-defined]
         for statement in pragmas:
-            self.store._conn.execute(statement)  # type: ignore[attr-defined]
+            if statement == QUEUE:
+                self.store.queue_writers()  # type: ignore[attr-defined]
+            else:
+                self.store._conn.execute(statement)  # type: ignore[attr-defined]
 
     def close(self) -> None:
         self.store.close()
