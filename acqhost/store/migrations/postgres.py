@@ -9,6 +9,7 @@ processes opening a new database together apply each migration once (see
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Sequence
 from typing import Any
 
@@ -96,10 +97,12 @@ def _for_each_row(message: str) -> str:
 
 
 def _count(changes: str) -> str:
-    """The two statements by which a trigger adds the sales and amounts of ``changes`` (rows
-    of tid, batch_no, account_version, sold, total) to their batches' totals: open_totals
-    while a batch is open, settled_totals once closed. Each batch's row once, in key order:
-    two transactions adding to the same rows never wait for each other in a circle."""
+    """The body of a trigger function adding the sales and amounts of ``changes`` (rows of
+    tid, batch_no, account_version, sold, total) to their batches' totals: open_totals while
+    a batch is open, settled_totals once closed (looked for only when some batch was not
+    open, the rare case: a second join of the batches costs as much as the first). Each
+    batch's row once, in key order: two transactions adding to the same rows never wait for
+    each other in a circle."""
     upsert = """    INSERT INTO {table} AS t (tid, batch_no, account_version, sold, total)
     SELECT c.tid, c.batch_no, c.account_version, SUM(c.sold), SUM(c.total)
     FROM ({changes}) AS c
@@ -109,10 +112,17 @@ def _count(changes: str) -> str:
     ORDER BY c.tid, c.batch_no, c.account_version
     ON CONFLICT (tid, batch_no, account_version)
     DO UPDATE SET sold = t.sold + excluded.sold, total = t.total + excluded.total;"""
-    return "\n".join(
-        upsert.format(table=table, test=test, changes=changes)
-        for table, test in (("open_totals", "="), ("settled_totals", "<>"))
-    )
+    return f"""DECLARE
+    counted BIGINT;
+BEGIN
+{upsert.format(table="open_totals", test="=", changes=changes)}
+    GET DIAGNOSTICS counted = ROW_COUNT;
+    IF counted < (SELECT COUNT(*) FROM (SELECT DISTINCT tid, batch_no, account_version
+                  FROM ({changes}) AS c) AS k) THEN
+{textwrap.indent(upsert.format(table="settled_totals", test="<>", changes=changes), "    ")}
+    END IF;
+    RETURN NULL;
+END;"""
 
 
 def _move(source: str, target: str) -> str:
@@ -131,15 +141,12 @@ _TOTALS_TRIGGERS = f"""
 -- A sale counts in its batch's totals while it is approved. Statement triggers: the sales a
 -- statement records (a group commit's, one statement) are counted together.
 CREATE FUNCTION acqhost_count_sales() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
 {
     _count(
         "SELECT tid, batch_no, account_version, 1 AS sold, amount AS total "
-        "FROM recorded WHERE status = 'approved'"
+        "FROM recorded WHERE status = 'approved'",
     )
 }
-    RETURN NULL;
-END;
 $$;
 
 CREATE TRIGGER sales_count
@@ -148,7 +155,6 @@ FOR EACH STATEMENT EXECUTE FUNCTION acqhost_count_sales();
 
 -- Reversed: one sale and its amount less (approved again: more).
 CREATE FUNCTION acqhost_recount_sales() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
 {
     _count(
         "SELECT n.tid, n.batch_no, n.account_version, "
@@ -157,8 +163,6 @@ BEGIN
         "FROM old_sales AS o JOIN new_sales AS n ON n.rrn = o.rrn WHERE o.status <> n.status"
     )
 }
-    RETURN NULL;
-END;
 $$;
 
 -- On every update of sales: a trigger with transition tables cannot name columns (and only
