@@ -307,7 +307,8 @@ CREATE TABLE signons (
 # A 0500's totals (``batch_totals``, in the ledger writer's transaction) and the settlement
 # report read the sales of one batch of one terminal: without this index, the only way in was
 # UNIQUE (tid, stan, local_date), every sale the terminal ever made (benchmarks/README.md,
-# "Ledger growth"). The same words in both dialects.
+# "Ledger growth"). The same words in both dialects. Migration 7 drops it for totals kept per
+# batch.
 V6 = """
 CREATE INDEX sales_batch ON sales (tid, batch_no);
 """
