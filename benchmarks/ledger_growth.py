@@ -18,7 +18,8 @@ PostgreSQL: COPY). The rows are those the host writes (``acqhost.store.sql``'s c
 Foreign keys are not checked while the rows go in (a PostgreSQL COPY would spend most of its
 time on them); the fill is then checked through the store's own API: one terminal's sales
 (``Store.sales``), its settlement report (``settled``) against the totals written, its open
-batch, and the whole audit chain (``audit.verify``).
+batch, and the whole audit chain (``audit.verify``). Each batch's totals (migration 7) are
+kept by the store's triggers as the rows go in on SQLite, counted after the COPY on PostgreSQL.
 
 Then one host (``python -m acqhost serve``, one worker, log level warning) on a free loopback
 port is driven twice, ``--duration`` seconds each, at 64 connections x 1 in flight by
@@ -29,15 +30,14 @@ the smallest size's in the same round (issue 14's target: <= 1.2 at 1e6 and 1e7)
 and the database's size; per size, once the host has stopped, the time a 0500's totals take
 (``settlement.open_totals`` in a write transaction, as the ledger's writer runs it). With
 PostgreSQL, also the server's CPU a sale (its processes serving the database, from /proc).
-``--rounds`` alternates the order of the sizes between rounds; ``--without-batch-index`` drops
-the index migration 6 added, to compare with the ledger before it.
+``--rounds`` alternates the order of the sizes between rounds.
 
 ``--pg URL`` (a superuser libpq URL) measures PostgreSQL instead: a database of its own per size
 (dropped after), filled with COPY, then VACUUM ANALYZE and a CHECKPOINT (what autovacuum and
 the checkpointer would have done in the ledger's life, so that neither starts during a run).
 
 Run: ``python benchmarks/ledger_growth.py [--sizes 1e3,1e6,1e7] [--duration S] [--rounds N]
-[--pg URL] [--keep] [--without-batch-index]``. Loopback only; every process it starts is
+[--pg URL] [--keep]``. Loopback only; every process it starts is
 stopped, its temporary files (and databases) removed unless ``--keep``.
 """
 
@@ -73,6 +73,7 @@ from acqhost.domain import advices, audit, cards, settlement  # noqa: E402
 from acqhost.domain.crypto import HostKeys  # noqa: E402
 from acqhost.store import open_store  # noqa: E402
 from acqhost.store.base import Store  # noqa: E402
+from acqhost.store.migrations import COUNT_TOTALS  # noqa: E402
 from acqhost.store.sql import SALE_COLUMNS  # noqa: E402
 from simulators.load.messages import test_pan  # noqa: E402
 from simulators.processes import free_port, wait_listening  # noqa: E402
@@ -230,7 +231,8 @@ def fill_sqlite(path: Path, history: History) -> None:
 
 def fill_postgres(url: str, history: History) -> None:
     """The batches and sales with COPY in one transaction (foreign-key triggers skipped:
-    session_replication_role = replica), then VACUUM ANALYZE and CHECKPOINT."""
+    session_replication_role = replica; so are those keeping each batch's totals, which are
+    counted after), then VACUUM ANALYZE and CHECKPOINT."""
     import psycopg
 
     history.test = "f"
@@ -258,6 +260,8 @@ def fill_postgres(url: str, history: History) -> None:
                         chunk = []
                 if chunk:
                     copy.write("\n".join(chunk) + "\n")
+            # Replica mode skipped the triggers that keep each batch's totals: counted here.
+            cur.execute(COUNT_TOTALS)
         conn.commit()
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute("VACUUM ANALYZE")
@@ -340,22 +344,6 @@ def check(db: str, key: bytes, history: History) -> None:
 # -- one size ----------------------------------------------------------------------------------
 
 
-def drop_batch_index(db: str) -> None:
-    """The ledger as it was before migration 6 (no index of a terminal's sales by batch), the
-    schema version left at 5: the other side of a comparison."""
-    if "://" not in db:
-        conn = sqlite3.connect(db)
-        try:
-            conn.execute("DROP INDEX sales_batch")
-        finally:
-            conn.close()
-        return
-    import psycopg
-
-    with psycopg.connect(db, autocommit=True) as conn:
-        conn.execute("DROP INDEX sales_batch")
-
-
 def db_bytes(db: str) -> int:
     if "://" not in db:
         return sum(os.path.getsize(p) for p in (db, db + "-wal", db + "-shm") if os.path.exists(p))
@@ -401,8 +389,6 @@ def measure(n: int, args: argparse.Namespace, pg_admin: Any) -> dict[str, Any]:
             flush=True,
         )
         check(db, key, history)
-        if args.without_batch_index:
-            drop_batch_index(db)
         size = db_bytes(db)
         server = None
         if args.pg:
@@ -507,11 +493,6 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--pg", metavar="URL", help="PostgreSQL superuser URL (else SQLite)")
     parser.add_argument("--keep", action="store_true", help="keep the stores made")
-    parser.add_argument(
-        "--without-batch-index",
-        action="store_true",
-        help="drop migration 6's index sales_batch after the fill (for comparison)",
-    )
     args = parser.parse_args()
     sizes = sorted(int(float(s)) for s in args.sizes.split(","))
     # e2e.load's settings: 64 connections x 1 in flight, 60,000 sales built per second.
@@ -542,7 +523,6 @@ def report(results: list[list[dict[str, Any]]], args: argparse.Namespace) -> Non
     print(
         f"{store}, one worker, log level warning; {TERMINALS} connections x 1 in flight, "
         f"{args.duration:g} s a run, two runs a host"
-        + ("; without the index sales_batch" if args.without_batch_index else "")
     )
     print(
         f"{'round':>5}{'ledger sales':>14}{'fill s':>8}{'db MB':>9}{'run':>5}{'sales/s':>9}"

@@ -21,6 +21,7 @@ import pytest
 from acqhost.store import SchemaVersionError, SQLiteStore, StoreTx
 from acqhost.store import sqlite as sqlite_store
 from acqhost.store.migrations import sqlite as migrations
+from acqhost.store.sql import INSERT_SALE
 from tests.storekit import (
     CREATED,
     TID,
@@ -56,7 +57,8 @@ def test_record_sales_of_500_is_one_transaction(db_path: Path) -> None:
     try:
         before = store._conn.total_changes
         results = store.record_sales([make_sale(f"{n:06d}") for n in range(500)])
-        assert store._conn.total_changes - before == 500
+        # Each sale: its row, and its batch's totals (migration 7's trigger).
+        assert store._conn.total_changes - before == 2 * 500
     finally:
         store._conn.set_trace_callback(None)
         store.close()
@@ -64,7 +66,10 @@ def test_record_sales_of_500_is_one_transaction(db_path: Path) -> None:
     verbs = [s.split(None, 1)[0].upper() for s in statements]
     assert verbs.count("BEGIN") == 1
     assert verbs.count("COMMIT") == 1
-    assert verbs.count("INSERT") == 500
+    # One statement a sale (traced again for each statement its trigger runs), nothing else.
+    inserts = {s for s in statements if s.startswith("INSERT")}  # as traced, values bound
+    assert len(inserts) == 500 and all(s.startswith(INSERT_SALE.split("(")[0]) for s in inserts)
+    assert set(verbs) == {"BEGIN", "INSERT", "COMMIT"}
     assert verbs[0] == "BEGIN" and verbs[-1] == "COMMIT"
 
 
@@ -136,6 +141,7 @@ PUBLISHED = {
     4: "bc58446a0d1b62a51b8e315a9ee404d3133be79ac886cf1ae34295351167dcec",
     5: "ab8101fe6eb8a7a8eed822a3e80e07eb44eb052147291556fc473304eb427000",
     6: "0f9cde2c4bbe2be4ce646cf28433990f08dbba4ea35f0de984417526d17ec47e",
+    7: "e64741adba943743f95d29d40b84bbbe846d71a1de34de53e9ed9a5138e137dd",
 }
 
 
@@ -407,9 +413,9 @@ def test_the_writers_queue_is_released_after_a_refused_and_a_failed_write(
 
 
 def test_a_sale_and_a_settlements_totals_read_the_ledger_through_indexes(db_path: Path) -> None:
-    """A sale's insert finds its batch by key, and a 0500's totals read the sales of its batch
-    only (sales_batch), not every sale the terminal ever made: both cost the same whatever the
-    size of the ledger."""
+    """A sale's insert finds its batch by key, and a 0500's totals and the settlement report
+    read the totals kept per batch (migration 7), not the batch's sales: each costs the same
+    whatever the size of the ledger."""
     store = with_terminal(SQLiteStore(db_path))
     try:
         statements: list[str] = []
@@ -417,15 +423,21 @@ def test_a_sale_and_a_settlements_totals_read_the_ledger_through_indexes(db_path
         store.record_sales([make_sale()])
         with store.transaction(TID) as tx:
             assert tx.batch_totals(TID, 1)
+            tx.close_batch(TID, 1, CREATED + 100)
+        with store.transaction(write=False) as tx:
+            assert tx.settled(tid=TID)
         store._conn.set_trace_callback(None)
         explain = store._conn.execute
         plans = {
-            s.split(None, 1)[0]: " | ".join(r[-1] for r in explain("EXPLAIN QUERY PLAN " + s))
+            s.split(None, 1)[0] + (" report" if "settled_totals AS g" in s else ""):
+            " | ".join(r[-1] for r in explain("EXPLAIN QUERY PLAN " + s))
             for s in statements
-            if "sales" in s and s.split(None, 1)[0] in ("INSERT", "SELECT")
-        }
+            if s.split(None, 1)[0] in ("INSERT", "SELECT") and ("sales" in s or "totals" in s)
+        }  # fmt: skip
         assert "SEARCH batches USING INDEX" in plans["INSERT"], plans
-        assert "SEARCH sales USING INDEX sales_batch (tid=? AND batch_no=?)" in plans["SELECT"]
-        assert "SCAN" not in plans["INSERT"] + plans["SELECT"], plans
+        assert plans["SELECT"].count("USING PRIMARY KEY (tid=? AND batch_no=?)") == 2, plans
+        assert "SEARCH g USING PRIMARY KEY (tid=?)" in plans["SELECT report"], plans
+        assert "SCAN" not in plans["INSERT"] + plans["SELECT"] + plans["SELECT report"], plans
+        assert "sales" not in plans["SELECT"] + plans["SELECT report"], plans
     finally:
         store.close()

@@ -20,9 +20,15 @@ from typing import Any, ClassVar, Protocol
 
 from acqhost.store.base import Batch, BatchTotal, SettlementLine
 
-__all__ = ("BATCH_COLUMNS", "BatchStatements", "Changed", "RowLock")
+__all__ = ("BATCH_COLUMNS", "BATCH_TOTALS", "BatchStatements", "Changed", "RowLock")
 
 BATCH_COLUMNS = "tid, batch_no, status, opened_at, closed_at"
+# A batch's totals (migration 7): parameters tid, batch_no, tid, batch_no.
+BATCH_TOTALS = (
+    "SELECT account_version, sold, total FROM open_totals WHERE tid = ? AND batch_no = ? "
+    "AND sold > 0 UNION ALL SELECT account_version, sold, total FROM settled_totals "
+    "WHERE tid = ? AND batch_no = ? AND sold > 0 ORDER BY account_version"
+)
 
 
 class RowLock(Protocol):
@@ -77,13 +83,10 @@ class BatchStatements:
         return None if row is None else Batch(*row)
 
     def batch_totals(self, tid: str, batch_no: int) -> list[BatchTotal]:
-        """Approved (unreversed) sales of the batch, test sales too, per account version."""
-        rows = self._all(
-            "SELECT account_version, COUNT(*), CAST(SUM(amount) AS BIGINT) FROM sales "
-            "WHERE tid = ? AND batch_no = ? AND status = 'approved' "
-            "GROUP BY account_version ORDER BY account_version",
-            (tid, batch_no),
-        )
+        """Approved (unreversed) sales of the batch, test sales too, per account version: the
+        totals the store keeps as it records and reverses sales (migration 7's triggers), in
+        open_totals while the batch is open, in settled_totals once it is closed."""
+        rows = self._all(BATCH_TOTALS, (tid, batch_no, tid, batch_no))
         return [BatchTotal(int(v), int(c), int(a)) for v, c, a in rows]
 
     def close_batch(self, tid: str, batch_no: int, at: float) -> Batch:
@@ -113,26 +116,26 @@ class BatchStatements:
         """One line per closed batch and settlement-account version with approved sales,
         optionally of one terminal, one batch number, or batches closed in [closed_from,
         closed_before); by tid (byte order), batch and version."""
-        where, params = ["b.status = 'closed'", "s.status = 'approved'"], []
+        where, params = ["b.status = 'closed'", "g.sold > 0"], []
         for condition, value in (
-            ("b.tid = ?", tid),
-            ("b.batch_no = ?", batch_no),
+            ("g.tid = ?", tid),
+            ("g.batch_no = ?", batch_no),
             ("b.closed_at >= ?", closed_from),
             ("b.closed_at < ?", closed_before),
         ):
             if value is not None:
                 where.append(condition)
                 params.append(value)
+        # The totals each closed batch settled, kept as its sales were recorded (migration 7):
+        # a row a batch and version, not a read of the batch's sales.
         rows = self._all(
             "SELECT g.tid, t.mid, g.batch_no, b.closed_at, g.account_version, a.sealed_account, "
             "a.account_masked, a.holder, a.bank_code, g.sold, g.total "
-            "FROM (SELECT s.tid, s.batch_no, s.account_version, COUNT(*) AS sold, "
-            "CAST(SUM(s.amount) AS BIGINT) AS total FROM sales AS s "
-            "JOIN batches AS b ON b.tid = s.tid AND b.batch_no = s.batch_no "
-            f"WHERE {' AND '.join(where)} GROUP BY s.tid, s.batch_no, s.account_version) AS g "
+            "FROM settled_totals AS g "
             "JOIN batches AS b ON b.tid = g.tid AND b.batch_no = g.batch_no "
             "JOIN terminals AS t ON t.tid = g.tid "
-            "JOIN settlement_accounts AS a ON a.tid = g.tid AND a.version = g.account_version",
+            "JOIN settlement_accounts AS a ON a.tid = g.tid AND a.version = g.account_version "
+            f"WHERE {' AND '.join(where)}",
             tuple(params),
         )
         lines = [

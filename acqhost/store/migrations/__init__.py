@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from acqhost.store.base import SchemaVersionError
 
 __all__ = (
+    "COUNT_TOTALS",
     "REFUSALS",
     "TABLES_V1",
     "TABLES_V2",
@@ -30,6 +31,7 @@ __all__ = (
     "V4",
     "V5",
     "V6",
+    "V7",
     "Migration",
     "Refusal",
     "due",
@@ -305,9 +307,57 @@ CREATE TABLE signons (
 # A 0500's totals (``batch_totals``, in the ledger writer's transaction) and the settlement
 # report read the sales of one batch of one terminal: without this index, the only way in was
 # UNIQUE (tid, stan, local_date), every sale the terminal ever made (benchmarks/README.md,
-# "Ledger growth"). The same words in both dialects.
+# "Ledger growth"). The same words in both dialects. Migration 7 drops it for totals kept per
+# batch.
 V6 = """
 CREATE INDEX sales_batch ON sales (tid, batch_no);
+"""
+
+
+# Each batch's totals counted from its sales (rows of sales in a closed batch count in
+# settled_totals): what migration 7 starts from, and what a fill of the ledger that bypasses
+# the triggers (PostgreSQL's replica mode) does after it.
+COUNT_TOTALS = """INSERT INTO open_totals (tid, batch_no, account_version, sold, total)
+SELECT s.tid, s.batch_no, s.account_version, COUNT(*), SUM(s.amount)
+FROM sales AS s JOIN batches AS b ON b.tid = s.tid AND b.batch_no = s.batch_no
+WHERE s.status = 'approved' AND b.status = 'open'
+GROUP BY s.tid, s.batch_no, s.account_version;
+
+INSERT INTO settled_totals (tid, batch_no, account_version, sold, total)
+SELECT s.tid, s.batch_no, s.account_version, COUNT(*), SUM(s.amount)
+FROM sales AS s JOIN batches AS b ON b.tid = s.tid AND b.batch_no = s.batch_no
+WHERE s.status = 'approved' AND b.status = 'closed'
+GROUP BY s.tid, s.batch_no, s.account_version;
+"""
+
+# A batch's totals kept as its sales are recorded, instead of counted from its sales (which
+# needed migration 6's index: one more entry a sale, on a page of each terminal's, benchmarks/
+# README.md, "The ledger writer"). Words: {bigint}, {without_rowid} (SQLite's table kept in its
+# key's order), {lock_ledger} (PostgreSQL: no sale recorded by another process between the
+# counting and the triggers), {totals_triggers} (the dialect's triggers).
+_TOTALS_COLUMNS = """(
+    tid             TEXT NOT NULL,
+    batch_no        INTEGER NOT NULL,
+    account_version INTEGER NOT NULL,
+    sold            {bigint} NOT NULL,
+    total           {bigint} NOT NULL,
+    PRIMARY KEY (tid, batch_no, account_version)
+){without_rowid};"""
+
+V7 = """
+-- The approved, unreversed sales of each open batch per settlement-account version: their
+-- number and amount, kept by the triggers below in the transaction that records or reverses a
+-- sale, so a 0500's totals are a row a version whatever the size of the ledger. Only open
+-- batches have rows here, one batch a terminal, so the rows a commit of many terminals'
+-- sales changes share a few pages.
+CREATE TABLE open_totals {totals_columns}
+
+-- The same of each closed batch, moved here from open_totals when the batch closes (and kept
+-- exact should one of its sales ever change): what the settlement report reads.
+CREATE TABLE settled_totals {totals_columns}
+{lock_ledger}
+{count_totals}{totals_triggers}
+DROP INDEX sales_batch;
 """
 
 
@@ -325,6 +375,16 @@ def in_dialect(
         (4, V4.format_map(filled)),
         (5, V5.format_map(filled)),
         (6, V6),
+        (
+            7,
+            V7.format_map(
+                {
+                    **filled,
+                    "totals_columns": _TOTALS_COLUMNS.format_map(filled),
+                    "count_totals": COUNT_TOTALS,
+                }
+            ),
+        ),
     ]
 
 

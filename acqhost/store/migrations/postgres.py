@@ -9,6 +9,7 @@ processes opening a new database together apply each migration once (see
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Sequence
 from typing import Any
 
@@ -95,8 +96,113 @@ def _for_each_row(message: str) -> str:
     return f"FOR EACH ROW EXECUTE FUNCTION\n    {call}"
 
 
+def _count(changes: str) -> str:
+    """The body of a trigger function adding the sales and amounts of ``changes`` (rows of
+    tid, batch_no, account_version, sold, total) to their batches' totals: open_totals while
+    a batch is open, settled_totals once closed (looked for only when some batch was not
+    open, the rare case: a second join of the batches costs as much as the first). Each
+    batch's row once, in key order: two transactions adding to the same rows never wait for
+    each other in a circle."""
+    upsert = """    INSERT INTO {table} AS t (tid, batch_no, account_version, sold, total)
+    SELECT c.tid, c.batch_no, c.account_version, SUM(c.sold), SUM(c.total)
+    FROM ({changes}) AS c
+    JOIN batches AS b ON b.tid = c.tid AND b.batch_no = c.batch_no
+    WHERE b.status {test} 'open'
+    GROUP BY c.tid, c.batch_no, c.account_version
+    ORDER BY c.tid, c.batch_no, c.account_version
+    ON CONFLICT (tid, batch_no, account_version)
+    DO UPDATE SET sold = t.sold + excluded.sold, total = t.total + excluded.total;"""
+    return f"""DECLARE
+    counted BIGINT;
+BEGIN
+{upsert.format(table="open_totals", test="=", changes=changes)}
+    GET DIAGNOSTICS counted = ROW_COUNT;
+    IF counted < (SELECT COUNT(*) FROM (SELECT DISTINCT tid, batch_no, account_version
+                  FROM ({changes}) AS c) AS k) THEN
+{textwrap.indent(upsert.format(table="settled_totals", test="<>", changes=changes), "    ")}
+    END IF;
+    RETURN NULL;
+END;"""
+
+
+def _move(source: str, target: str) -> str:
+    """A batch's totals moved from ``source`` to ``target``."""
+    return f"""        WITH moved AS (
+            DELETE FROM {source} WHERE tid = NEW.tid AND batch_no = NEW.batch_no
+            RETURNING tid, batch_no, account_version, sold, total
+        )
+        INSERT INTO {target} AS t (tid, batch_no, account_version, sold, total)
+        SELECT tid, batch_no, account_version, sold, total FROM moved
+        ON CONFLICT (tid, batch_no, account_version)
+        DO UPDATE SET sold = t.sold + excluded.sold, total = t.total + excluded.total;"""
+
+
+_TOTALS_TRIGGERS = f"""
+-- A sale counts in its batch's totals while it is approved. Statement triggers: the sales a
+-- statement records (a group commit's, one statement) are counted together.
+CREATE FUNCTION acqhost_count_sales() RETURNS trigger LANGUAGE plpgsql AS $$
+{
+    _count(
+        "SELECT tid, batch_no, account_version, 1 AS sold, amount AS total "
+        "FROM recorded WHERE status = 'approved'",
+    )
+}
+$$;
+
+CREATE TRIGGER sales_count
+AFTER INSERT ON sales REFERENCING NEW TABLE AS recorded
+FOR EACH STATEMENT EXECUTE FUNCTION acqhost_count_sales();
+
+-- Reversed: one sale and its amount less (approved again: more).
+CREATE FUNCTION acqhost_recount_sales() RETURNS trigger LANGUAGE plpgsql AS $$
+{
+    _count(
+        "SELECT n.tid, n.batch_no, n.account_version, "
+        "CASE n.status WHEN 'approved' THEN 1 ELSE -1 END AS sold, "
+        "CASE n.status WHEN 'approved' THEN n.amount ELSE -n.amount END AS total "
+        "FROM old_sales AS o JOIN new_sales AS n ON n.rrn = o.rrn WHERE o.status <> n.status"
+    )
+}
+$$;
+
+-- On every update of sales: a trigger with transition tables cannot name columns (and only
+-- the status of a sale may change: sales_no_rewrite).
+CREATE TRIGGER sales_recount
+AFTER UPDATE ON sales REFERENCING OLD TABLE AS old_sales NEW TABLE AS new_sales
+FOR EACH STATEMENT EXECUTE FUNCTION acqhost_recount_sales();
+
+-- A batch that closes takes its totals to settled_totals (and back, were it ever reopened).
+CREATE FUNCTION acqhost_move_totals() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF NEW.status = 'closed' THEN
+{_move("open_totals", "settled_totals")}
+    ELSE
+{_move("settled_totals", "open_totals")}
+    END IF;
+    RETURN NULL;
+END;
+$$;
+
+CREATE TRIGGER batches_move_totals
+AFTER UPDATE OF status ON batches
+FOR EACH ROW WHEN (OLD.status <> NEW.status) EXECUTE FUNCTION acqhost_move_totals();
+"""
+
+_LOCK_LEDGER = """
+-- No sale recorded or reversed, no batch closed, by another process until this commits.
+LOCK TABLE sales, batches IN SHARE MODE;
+"""
+
 MIGRATIONS: list[Migration] = in_dialect(
-    {**_WORDS, "refuse_function": _REFUSE_FUNCTION, "rrn_comment": _RRN_COMMENT}, _triggers
+    {
+        **_WORDS,
+        "refuse_function": _REFUSE_FUNCTION,
+        "rrn_comment": _RRN_COMMENT,
+        "without_rowid": "",
+        "lock_ledger": _LOCK_LEDGER,
+        "totals_triggers": _TOTALS_TRIGGERS,
+    },
+    _triggers,
 )
 
 

@@ -31,6 +31,81 @@ _RRN_COMMENT = """\
 """
 
 
+def _count(change: str, sold: str, total: str) -> str:
+    """The two statements by which a trigger adds ``sold`` sales of ``total`` to the totals of
+    the sale's batch: open_totals while it is open, else (the first changed nothing:
+    ``changes()`` in a trigger counts that trigger's own last statement) settled_totals. One
+    look-up of the batch, the price of a sale's totals being exact whoever inserts it."""
+    columns = (
+        "    INSERT INTO {table} (tid, batch_no, account_version, sold, total)\n"
+        "    SELECT NEW.tid, NEW.batch_no, NEW.account_version,\n"
+        f"        {sold},\n"
+        f"        {total}\n"
+    )
+    upsert = (
+        "    ON CONFLICT (tid, batch_no, account_version)\n"
+        "    DO UPDATE SET sold = sold + excluded.sold, total = total + excluded.total;"
+    )
+    return (
+        f"-- {change}\n"
+        + columns.format(table="open_totals")
+        + "    FROM batches\n"
+        + "    WHERE tid = NEW.tid AND batch_no = NEW.batch_no AND status = 'open'\n"
+        + upsert
+        + "\n"
+        + columns.format(table="settled_totals")
+        + "    WHERE changes() = 0\n"
+        + upsert
+    )
+
+
+def _move(source: str, target: str, status: str) -> str:
+    """A batch's totals moved from ``source`` to ``target`` when it becomes ``status``."""
+    where = f"tid = NEW.tid AND batch_no = NEW.batch_no AND NEW.status = '{status}'"
+    return (
+        f"    INSERT INTO {target} (tid, batch_no, account_version, sold, total)\n"
+        f"    SELECT tid, batch_no, account_version, sold, total FROM {source}\n"
+        f"    WHERE {where}\n"
+        "    ON CONFLICT (tid, batch_no, account_version)\n"
+        "    DO UPDATE SET sold = sold + excluded.sold, total = total + excluded.total;\n"
+        f"    DELETE FROM {source}\n"
+        f"    WHERE {where};"
+    )
+
+
+_TOTALS_TRIGGERS = f"""
+-- A sale counts in its batch's totals while it is approved.
+CREATE TRIGGER sales_count
+AFTER INSERT ON sales
+WHEN NEW.status = 'approved'
+BEGIN
+{_count("recorded approved: one more sale and its amount", "1", "NEW.amount")}
+END;
+
+CREATE TRIGGER sales_recount
+AFTER UPDATE OF status ON sales
+WHEN OLD.status <> NEW.status
+BEGIN
+{
+    _count(
+        "reversed: one sale and its amount less (approved again: more)",
+        "CASE NEW.status WHEN 'approved' THEN 1 ELSE -1 END",
+        "CASE NEW.status WHEN 'approved' THEN NEW.amount ELSE -NEW.amount END",
+    )
+}
+END;
+
+-- A batch that closes takes its totals to settled_totals (and back, were it ever reopened).
+CREATE TRIGGER batches_move_totals
+AFTER UPDATE OF status ON batches
+WHEN OLD.status <> NEW.status
+BEGIN
+{_move("open_totals", "settled_totals", "closed")}
+{_move("settled_totals", "open_totals", "open")}
+END;
+"""
+
+
 def _triggers(table: str, refusals: Sequence[Refusal]) -> str:
     """SQLite's triggers raise by themselves."""
     return (
@@ -43,7 +118,16 @@ def _triggers(table: str, refusals: Sequence[Refusal]) -> str:
     )
 
 
-MIGRATIONS: list[Migration] = in_dialect({**_WORDS, "rrn_comment": _RRN_COMMENT}, _triggers)
+MIGRATIONS: list[Migration] = in_dialect(
+    {
+        **_WORDS,
+        "rrn_comment": _RRN_COMMENT,
+        "without_rowid": " WITHOUT ROWID",
+        "lock_ledger": "",  # BEGIN IMMEDIATE holds the file's one write lock
+        "totals_triggers": _TOTALS_TRIGGERS,
+    },
+    _triggers,
+)
 
 
 def latest_version() -> int:
