@@ -1,0 +1,474 @@
+"""What the fuzzers share: a host core on a real SQLite store with a signed-on terminal, driven
+synchronously (framing, decode, route, the write the answer waits for, answer), the valid
+requests of every route to mutate, and the oracle every answer is held to.
+
+Used by tests/test_fuzz_routes.py (hypothesis, in CI) and tests/fuzz_atheris.py (the long
+coverage-guided run). The oracle: no exception escapes the host; every answer decodes; its
+response code is one PROTOCOL.md documents for its message and never 96 (the host's own
+fault: the store here does not fail); a failure answer echoes what PROTOCOL.md 3 says and
+nothing else; an answer carries a MAC only when the request's verified, and then a valid one;
+nothing is approved without a valid MAC (or, for a sign-on, a valid signature).
+"""
+
+from __future__ import annotations
+
+import io
+import random
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from acqhost.domain import crypto
+from acqhost.errors import CodecError, FramingError
+from acqhost.host.answers import UNMACED_CODES, echo_fields
+from acqhost.host.core import UNKNOWN, HostCore, response_mti
+from acqhost.host.routes import network, rebind, reversal, sale, settle
+from acqhost.log import configure_logging
+from acqhost.runtime.app import build_server, close_stores
+from acqhost.runtime.ledger import Write, apply_writes
+from acqhost.wire import specs
+from acqhost.wire.framing import FrameDecoder, FrameEncoder
+from acqhost.wire.tlv import decode_tlv, encode_tlv
+from simulators.terminal import TPDU
+from tests.hostkit import ACCOUNT, BANK, HOLDER, HostSetup, make_host
+
+# The response codes PROTOCOL.md documents for the answer to each request MTI (sections 3 and
+# 5): the checks every terminal request passes (03, 58, 63, 30), 12 for a request without a
+# route, and those of the message's own business rules. 96 is documented too, but only for
+# a store that fails, which the fuzzers' does not: here it is the host's bug.
+COMMON_CODES = frozenset(("03", "12", "30", "58", "63"))
+CODES = {
+    "0800": COMMON_CODES | {"00"},
+    "0200": COMMON_CODES | {"00", "13", "14", "54", "61", "94"},
+    "0400": COMMON_CODES | {"00", "25"},
+    "0300": COMMON_CODES | {"00", "05", "14", "25", "55", "65", "75", "94"},
+    "0500": COMMON_CODES | {"00", "95"},
+}
+# What every answer to each request MTI echoes (PROTOCOL.md 5 and 3); others: UNKNOWN's.
+ECHO = {
+    "0200": echo_fields(sale.SALE_ECHO),
+    "0300": echo_fields(rebind.REBIND_ECHO),
+    "0400": echo_fields(reversal.REVERSAL_ECHO),
+    "0500": echo_fields(settle.SETTLE_ECHO),
+    "0800": echo_fields(network.NETWORK_ECHO),
+}
+# Fields a failure answer may carry besides its echo: MTI, bitmaps, 39, 48 and the MAC.
+FRAME_FIELDS = frozenset(("t", "p", "1", "39", "48", "64", "128"))
+# Routes whose requests carry no MAC (PROTOCOL.md 4.2): their answers carry none either.
+UNMACED_ROUTES = frozenset((("0800", "001"), ("0800", "301")))
+
+
+class FuzzFailure(AssertionError):
+    """The host broke the oracle's rules for one frame."""
+
+
+class Requests:
+    """Requests of TERM0001 (its session keys in :attr:`keys`, once signed on) and TERM0002
+    (registered, never signed on: :attr:`other`'s keys are no session's), and the oracle
+    every answer to them is held to. :class:`FuzzHost` adds the host itself; a test of a
+    real server uses this alone."""
+
+    def __init__(self, setup: HostSetup) -> None:
+        self.setup = setup
+        self.spec = specs.load(setup.config.spec)
+        self.terminal = setup.client("TERM0001")
+        self.codec = self.terminal.codec
+        self.other = setup.client("TERM0002")
+        self.other.keys = crypto.SessionKeys.from_kx(bytes(32), bytes(32))  # not the host's
+        # The key pairs of the sign-ons offered for fuzzing (by public key, hex): one the host
+        # approves (sent as it was, or with changes the signature does not cover) gives
+        # TERM0001 a new session, whose keys the harness then takes.
+        self.signons: dict[str, tuple[bytes, bytes]] = {}
+
+    @property
+    def keys(self) -> crypto.SessionKeys:
+        assert self.terminal.keys is not None
+        return self.terminal.keys
+
+    # -- requests ---------------------------------------------------------------------------
+
+    def valid_requests(self) -> dict[str, dict[str, str]]:
+        """A request of every route the host has, as TERM0001 would send it (unMAC'd)."""
+        t = self.terminal
+        original = t.sale_fields(100)
+        signon, kx_pk, kx_sk = t.signon_fields()
+        self.signons[kx_pk.hex()] = (kx_pk, kx_sk)
+        if len(self.signons) > 64:
+            del self.signons[next(iter(self.signons))]
+        submit = t.submit_fields(operator_id="01", password="0000", holder=HOLDER,
+                                 bank_code=BANK, account=ACCOUNT)  # fmt: skip
+        inquire = t.rebind_fields("5", {"RF": "ABCDEFGHIJKLMNOP"})
+        cancel = t.rebind_fields("3", {"RF": "ABCDEFGHIJKLMNOP"})
+        del inquire["101"], cancel["101"]
+        return {
+            "sign_on": signon,
+            "sign_off": t.network_fields("002"),
+            "echo": t.network_fields("301"),
+            "sale": original,
+            "test_sale": t.sale_fields(1, test=True),
+            "reversal": {"t": "0400", "3": "000000", "4": original["4"], "7": original["7"],
+                         "11": t.stan(), "41": t.tid, "42": t.mid, "49": "156",
+                         "90": "0200" + original["11"] + original["7"] + "0" * 22},
+            "rebind_submit": submit,
+            "rebind_inquire": inquire,
+            "rebind_cancel": cancel,
+            "settle": t.settle_fields(1, 0, 0),
+        }  # fmt: skip
+
+    def macd(self, fields: dict[str, str], keys: crypto.SessionKeys | None = None) -> bytes:
+        """``fields`` encoded with a MAC (64, or 128 with a secondary bitmap) under ``keys``
+        (TERM0001's session by default)."""
+        secondary = any(k.isdigit() and int(k) > 64 for k in fields)
+        fields = {k: v for k, v in fields.items() if k not in ("64", "128")}
+        fields["128" if secondary else "64"] = "0" * 16
+        body = self.codec.encode(fields)[:-8]
+        return body + crypto.mac((keys or self.keys).tx_mac, body)
+
+    def remac(self, message: bytes) -> bytes:
+        """``message`` with its last eight bytes replaced by TERM0001's MAC of the rest."""
+        body = message[:-8]
+        return body + crypto.mac(self.keys.tx_mac, body)
+
+    # -- the oracle -------------------------------------------------------------------------
+
+    def decoded(self, message: bytes) -> tuple[dict[str, str], bool]:
+        """(what of ``message`` decodes, whether all of it does)."""
+        try:
+            return self.codec.decode(message), True
+        except CodecError:
+            return self.codec.decode_partial(message), False
+
+    def mac_valid(self, message: bytes, req: dict[str, str], whole: bool) -> bool:
+        """Whether ``message`` carries a valid MAC of TERM0001's session (PROTOCOL.md 4.3: over
+        every byte before the MAC field; a sign-off's may be in 64 beside a secondary bitmap,
+        4.2). Of a message that does not decode whole (``req`` is what did) only a bitmap
+        naming the MAC field and a valid MAC in the last eight bytes count."""
+        key = self.keys.tx_mac
+        last_mac = len(message) > 8 and crypto.mac(key, message[:-8]) == message[-8:]
+        if not whole:
+            bitmap = req.get("1" if "1" in req else "p", "")
+            return last_mac and bitmap[-1:] in "13579BDF" and bitmap != ""
+        if last_mac and ("128" if "1" in req else "64") in req:
+            return True
+        if "1" in req and "64" in req:
+            tag = bytes.fromhex(req["64"])
+            at = message.find(tag)
+            while at >= 0:
+                if crypto.mac(key, message[:at]) == tag:
+                    return True
+                at = message.find(tag, at + 1)
+        return False
+
+    def check(
+        self,
+        message: bytes,
+        req: dict[str, str],
+        whole: bool,
+        macd_in: bool,
+        keys: crypto.SessionKeys,
+        out: bytes | None,
+    ) -> dict[str, str] | None:
+        """Hold the answer ``out`` to ``message`` (``req``: what of it decoded, ``whole``: all
+        of it; ``macd_in``: its MAC verifies under ``keys``) to the oracle's rules: the answer
+        decoded, or FuzzFailure."""
+        mti = req.get("t")
+        if out is None:
+            if mti is not None:
+                raise FuzzFailure(f"no answer to a message whose MTI {mti!r} decoded")
+            return None
+        if mti is None:
+            raise FuzzFailure("an answer to a message without an MTI")
+        try:
+            answer = self.codec.decode(out)
+        except CodecError as e:
+            raise FuzzFailure(f"the answer does not decode: {e}") from None
+        code = answer.get("39")
+        where = f"request {req!r}, answer {answer!r}"
+        if answer["t"] != response_mti(mti):
+            raise FuzzFailure(f"answer MTI {answer['t']} to {mti}: {where}")
+        if code not in CODES.get(mti, COMMON_CODES):
+            raise FuzzFailure(f"response code {code!r} is not documented for {mti}: {where}")
+        route_field = {"0800": "70", "0300": "91", "0500": ""}.get(mti, "3")
+        route = (mti, req.get(route_field, "")) if whole else None
+        has_mac = "64" in answer or "128" in answer
+        if has_mac:
+            if code in UNMACED_CODES or not macd_in:
+                raise FuzzFailure(f"a MAC on answer {code} to an unverified request: {where}")
+            if crypto.mac(keys.rx_mac, out[:-8]) != out[-8:]:
+                raise FuzzFailure(f"the answer's MAC does not verify: {where}")
+        elif (
+            macd_in
+            and code not in UNMACED_CODES
+            and route not in UNMACED_ROUTES
+            and (req.get("41"), req.get("42")) == (self.terminal.tid, self.terminal.mid)
+        ):
+            raise FuzzFailure(f"no MAC on answer {code} to a verified request: {where}")
+        if code == "00":
+            self._check_approval(message, req, route, macd_in, answer, where)
+        else:
+            echo = ECHO.get(mti, echo_fields(UNKNOWN.echo))
+            for name in echo:
+                if answer.get(name) != req.get(name):
+                    raise FuzzFailure(f"field {name} not echoed as PROTOCOL.md 3 says: {where}")
+            extra = set(answer) - FRAME_FIELDS - set(echo)
+            if extra:
+                raise FuzzFailure(f"failure answer carries {sorted(extra)}: {where}")
+        return answer
+
+    def _signed_on_by_fuzz(self, req: dict[str, str], answer: dict[str, str]) -> None:
+        """Take the keys of an approved sign-on of TERM0001's that the harness made."""
+        if req.get("70") != "001" or req.get("41") != self.terminal.tid:
+            return
+        pair = self.signons.get(decode_tlv(req["48"])["KX"].lower())
+        if pair is None:
+            raise FuzzFailure(f"a sign-on the harness did not make was approved: {req!r}")
+        self.terminal.take_signon(req, *pair, answer)
+
+    def _check_approval(
+        self,
+        message: bytes,
+        req: dict[str, str],
+        route: tuple[str, str] | None,
+        macd_in: bool,
+        answer: dict[str, str],
+        where: str,
+    ) -> None:
+        if route == ("0800", "301"):
+            return  # an echo test carries no MAC
+        if route == ("0800", "001"):
+            if not self._signature_valid(req):
+                raise FuzzFailure(f"sign-on approved without a valid signature: {where}")
+            return
+        if not macd_in:
+            raise FuzzFailure(f"approved without a valid MAC: {where}")
+        if route == ("0200", "000000") and not {"37", "38", "48"} <= set(answer):
+            raise FuzzFailure(f"approved sale without 37, 38 and 48: {where}")
+
+    def _signature_valid(self, req: dict[str, str]) -> bool:
+        tid = req.get("41", "")
+        client = {self.terminal.tid: self.terminal, self.other.tid: self.other}.get(tid)
+        if client is None:
+            return False
+        tlv = decode_tlv(req["48"])
+        transcript = crypto.signon_request_transcript(
+            tid, req["11"], req["7"], bytes.fromhex(tlv["KX"])
+        )
+        public = crypto.verify_key_of(client.seed)
+        return crypto.verify(public, transcript, bytes.fromhex(tlv["SG"]))
+
+
+class FuzzHost(Requests):
+    """A host core on a SQLite store in ``folder`` (TERM0001 signed on, TERM0002 not), run
+    without an event loop: each write an answer waits for is applied at once, as the ledger
+    would."""
+
+    def __init__(self, folder: Path, *, quiet: bool = True) -> None:
+        if quiet:  # the per-message lines would dominate a long run
+            configure_logging("warning", io.StringIO())
+        super().__init__(make_host(folder))
+        self.server = build_server(self.setup.config)
+        self.core: HostCore = self.server.core
+        self.sign_on()
+
+    def close(self) -> None:
+        close_stores(self.server)
+
+    def exchange(self, message: bytes) -> bytes | None:
+        """The host's answer to one message (None: not decodable far enough for an answer)."""
+        core = self.core
+        ctx = core.decide(message)
+        if ctx is None:
+            return None
+        effect = ctx.effect
+        if effect is not None:
+            write = Write(effect.sale if effect.call is None else None, effect.call)
+            if effect.pre is not None:
+                try:
+                    effect.pre()
+                except Exception as e:  # as the ledger hands a failed ``pre`` over
+                    write.error = e
+            apply_writes(self.server.ledger.store, [write], 1)
+            core.complete(ctx, write.result, write.error)
+        out = core.answer(ctx)
+        core.flush_log()
+        return out
+
+    def sign_on(self) -> None:
+        """Sign TERM0001 on afresh (after a fuzzed sign-off dropped its keys)."""
+        fields, kx_pk, kx_sk = self.terminal.signon_fields()
+        raw = self.exchange(self.codec.encode(fields))
+        assert raw is not None
+        self.terminal.take_signon(fields, kx_pk, kx_sk, self.codec.decode(raw))
+        assert self.terminal.keys is not None
+
+    def run(self, message: bytes) -> bytes | None:
+        """The host's answer to ``message``, held to the oracle (FuzzFailure if it breaks a
+        rule). A validly MAC'd sign-off ends TERM0001's session: it signs on again."""
+        req, whole = self.decoded(message)
+        macd_in = self.mac_valid(message, req, whole)
+        keys = self.keys
+        out = self.exchange(message)
+        try:
+            answer = self.check(message, req, whole, macd_in, keys, out)
+            if answer is not None and answer["39"] == "00" and answer["t"] == "0810":
+                self._signed_on_by_fuzz(req, answer)
+        finally:
+            if self.core.state.store.get_session(self.terminal.tid) is None:
+                self.sign_on()
+        return out
+
+
+# -- mutations, drawn from a Random (hypothesis's st.randoms(), or a seeded one) ------------
+
+# Field 48 elements worth drawing: every tag PROTOCOL.md names and one it does not.
+TAGS = ("KX", "SG", "TS", "SA", "SV", "BK", "BR", "AC", "NM", "OP", "PW", "RF", "ST", "EF", "RS",
+        "BN", "CT", "AM", "ZZ")  # fmt: skip
+_ODD_TEXT = ("", " ", "0", "1", "-1", "00000A", "9" * 19, "张三", "\x00", "ABCDEFGHIJKLMNOP",
+             "6222020200112233446", "102100099996", "0000")  # fmt: skip
+
+
+def random_text(rnd: random.Random, size: int, *, ascii_only: bool = True) -> str:
+    """``size`` characters: digits mostly, then letters, spaces and (UTF-8 fields) others."""
+    pools = "0123456789" * 4 + "ABCDEFXYZ az-+=" + ("" if ascii_only else "张é\u0660")
+    return "".join(rnd.choice(pools) for _ in range(size))
+
+
+def random_tlv(rnd: random.Random) -> str:
+    """A field 48 of random elements, sometimes broken (bad length, bad tag, cut short)."""
+    elements = {
+        rnd.choice(TAGS): rnd.choice(_ODD_TEXT)
+        if rnd.random() < 0.5
+        else random_text(rnd, rnd.randrange(0, 140), ascii_only=False)
+        for _ in range(rnd.randrange(0, 6))
+    }
+    text = encode_tlv(elements)
+    kind = rnd.randrange(6)
+    if kind == 0 and text:
+        cut = rnd.randrange(len(text))
+        return text[:cut]
+    if kind == 1:
+        return text + rnd.choice(("Z", "AB", "ab001x", "AB01", "AB999x", "KX-01x"))
+    return text
+
+
+def field_value(rnd: random.Random, spec: dict[str, Any], name: str) -> str:
+    """A value the codec can carry in field ``name``: right length, content anything."""
+    fs = spec[name]
+    if name == "48":
+        return random_tlv(rnd)
+    size = fs["max_len"] if fs["len_type"] == 0 else rnd.randrange(0, fs["max_len"] + 1)
+    if fs["data_enc"] == "b":
+        return "".join(rnd.choice("0123456789ABCDEF") for _ in range(size * 2))
+    return random_text(rnd, size, ascii_only=fs["data_enc"] != "utf-8")
+
+
+def mutate_fields(
+    rnd: random.Random, fields: dict[str, str], spec: dict[str, Any], tids: tuple[str, ...]
+) -> dict[str, str]:
+    """``fields`` with one to four changes: a field dropped, added or given another value
+    (its length and content random), field 48 replaced by random elements, another terminal
+    or merchant, another MTI, processing code or network code."""
+    out = dict(fields)
+    numbers = [k for k in spec if k.isdigit() and k not in ("1", "64", "65", "128")]
+    for _ in range(rnd.randrange(1, 5)):
+        kind = rnd.randrange(8)
+        if kind == 0 and len(out) > 1:
+            out.pop(rnd.choice([k for k in out if k != "t"]), None)
+        elif kind in (1, 2):
+            name = rnd.choice(numbers)
+            out[name] = field_value(rnd, spec, name)
+        elif kind == 3:
+            out["48"] = random_tlv(rnd)
+        elif kind == 4:
+            out["41"] = rnd.choice((*tids, "NOBODY01", "TERM000", "        "))
+            if rnd.random() < 0.3:
+                out["42"] = rnd.choice(("MERCHANT0000001", "MERCHANT0000002", "X" * 15))
+        elif kind == 5:
+            out["t"] = rnd.choice(("0200", "0210", "0300", "0400", "0420", "0500", "0800",
+                                   "0820", "0100", "9999", "02A0", "0 00"))  # fmt: skip
+        elif kind == 6:
+            name = rnd.choice(("3", "70", "91", "101", "90"))
+            out[name] = field_value(rnd, spec, name)
+        else:
+            name = rnd.choice([k for k in out if k != "t"] or ["3"])
+            out[name] = rnd.choice(_ODD_TEXT)
+    return out
+
+
+def mutate_bytes(rnd: random.Random, data: bytes) -> bytes:
+    """``data`` after a few edits: flips, set bytes, cuts, insertions, repeats."""
+    out = bytearray(data)
+    for _ in range(rnd.randrange(1, 4)):
+        kind = rnd.randrange(6)
+        at = rnd.randrange(max(len(out), 1))
+        if kind == 0 and out:
+            out[at] ^= 1 << rnd.randrange(8)
+        elif kind == 1 and out:
+            out[at] = rnd.choice((0x00, 0x20, 0x2B, 0x2D, 0x30, 0x39, 0x41, 0x80, 0xFF))
+        elif kind == 2 and out:
+            del out[at : at + rnd.randrange(1, 5)]
+        elif kind == 3:
+            out[at:at] = rnd.randbytes(rnd.randrange(1, 5))
+        elif kind == 4:
+            del out[at:]
+        elif out:
+            out[at:at] = out[at : at + rnd.randrange(1, 9)]
+    return bytes(out)
+
+
+MAC_MODES = ("valid", "valid", "valid", "none", "wrong", "other terminal", "remac after damage")
+
+
+def fuzzed_request(host: Requests, rnd: random.Random, route: str) -> bytes:
+    """A request of ``route`` made wrong: its fields mutated (encoded with a valid, wrong,
+    missing or foreign MAC), or its MAC'd bytes mutated (and MAC'd again, sometimes)."""
+    spec = host.spec
+    fields = host.valid_requests()[route]
+    tids = (host.terminal.tid, host.other.tid)
+    mode = rnd.choice(MAC_MODES)
+    if mode == "remac after damage" or rnd.random() < 0.3:
+        damaged = mutate_bytes(rnd, host.macd(fields)) or b"0"  # no frame is empty
+        return host.remac(damaged) if mode == "remac after damage" else damaged
+    if rnd.random() < 0.8:
+        fields = mutate_fields(rnd, fields, spec, tids)
+    encode: Callable[[dict[str, str]], bytes]
+    if mode == "valid":
+        encode = host.macd
+    elif mode == "other terminal":
+        encode = lambda f: host.macd(f, host.other.keys)  # noqa: E731
+    elif mode == "wrong":
+        encode = lambda f: host.macd(f)[:-8] + rnd.randbytes(8)  # noqa: E731
+    else:
+        encode = host.codec.encode
+    try:
+        return encode(fields)
+    except CodecError:  # an MTI or value the codec refuses to write: send the original
+        return encode(host.valid_requests()[route])
+
+
+def framed(framing: str, message: bytes) -> bytes:
+    """``message`` as a terminal using ``framing`` sends it."""
+    return FrameEncoder(framing).encode(message, TPDU if framing == "len2-tpdu" else b"")
+
+
+def through_framing(
+    host: FuzzHost,
+    framing: str,
+    data: bytes,
+    transform: Callable[[bytes], bytes] | None = None,
+) -> list[tuple[bytes, bytes | None]]:
+    """Every whole frame in ``data`` (read as ``framing``; each message passed through
+    ``transform`` when longer than a MAC) with the host's answer, as a connection answers the
+    frames before a framing error (FramingError: the connection's end)."""
+    decoder = FrameDecoder(framing, max_size=host.setup.config.max_frame)
+    try:
+        frames = decoder.feed(data)
+    except FramingError:
+        return []
+    out = []
+    for frame in frames:
+        message = frame.message
+        if transform is not None and len(message) > 8:
+            message = transform(message)
+        out.append((message, host.run(message)))
+    return out
