@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from acqhost.domain import crypto
-from acqhost.errors import CodecError, FramingError
+from acqhost.errors import CodecError, FramingError, TLVError
 from acqhost.host.answers import UNMACED_CODES, echo_fields
 from acqhost.host.core import UNKNOWN, HostCore, response_mti
 from acqhost.host.routes import network, rebind, reversal, sale, settle
@@ -128,6 +128,24 @@ class Requests:
         """``message`` with its last eight bytes replaced by TERM0001's MAC of the rest."""
         body = message[:-8]
         return body + crypto.mac(self.keys.tx_mac, body)
+
+    def seal_password(self, message: bytes) -> bytes:
+        """``message`` with its 48 PW, when it decodes and names operator 01, replaced by that
+        text sealed under TERM0001's session as PROTOCOL.md 4.3 says (fuzzed bytes cannot
+        forge a SecretBox: without this the checks behind it would stay out of reach). Other
+        operators are left alone: each costs an argon2id check with the real limits."""
+        try:
+            fields = self.codec.decode(message)
+            elements = decode_tlv(fields.get("48", ""))
+        except (CodecError, TLVError):
+            return message
+        if "PW" not in elements or elements.get("OP") != "01":
+            return message
+        elements["PW"] = crypto.encrypt_password(self.keys.tx_enc, elements["PW"])
+        try:
+            return self.codec.encode({**fields, "48": encode_tlv(elements)})
+        except (CodecError, TLVError):
+            return message
 
     # -- the oracle -------------------------------------------------------------------------
 
@@ -371,7 +389,7 @@ def mutate_fields(
     out = dict(fields)
     numbers = [k for k in spec if k.isdigit() and k not in ("1", "64", "65", "128")]
     for _ in range(rnd.randrange(1, 5)):
-        kind = rnd.randrange(8)
+        kind = rnd.randrange(10)
         if kind == 0 and len(out) > 1:
             out.pop(rnd.choice([k for k in out if k != "t"]), None)
         elif kind in (1, 2):
@@ -389,6 +407,19 @@ def mutate_fields(
         elif kind == 6:
             name = rnd.choice(("3", "70", "91", "101", "90"))
             out[name] = field_value(rnd, spec, name)
+        elif kind in (8, 9):  # one element of field 48 changed, the others (a sealed PW) kept
+            try:
+                elements = decode_tlv(out.get("48", ""))
+            except TLVError:
+                elements = {}
+            tag = rnd.choice(TAGS)
+            if rnd.random() < 0.2:
+                elements.pop(tag, None)
+            elif rnd.random() < 0.6:
+                elements[tag] = rnd.choice(_ODD_TEXT)
+            else:
+                elements[tag] = random_text(rnd, rnd.randrange(0, 40), ascii_only=False)
+            out["48"] = encode_tlv(elements)
         else:
             name = rnd.choice([k for k in out if k != "t"] or ["3"])
             out[name] = rnd.choice(_ODD_TEXT)
