@@ -266,6 +266,9 @@ async def test_a_real_server_answers_fuzzed_connections_and_keeps_serving_others
 ) -> None:
     async with running(setup):
         requests = Requests(setup)
+        # Fuzzed sign-ons and sign-offs change the session while other connections' requests
+        # are in flight, MAC'd under the keys they were sent with.
+        requests.session_known = False
         await requests.terminal.connect()
         assert (await requests.terminal.sign_on()).rc == "00"
         await requests.terminal.close()
