@@ -1,5 +1,6 @@
-"""Coverage-guided fuzzing of the host with atheris (libFuzzer): bytes through the framing, the
-codec and the host core, on a real SQLite store with a signed-on terminal.
+"""Coverage-guided fuzzing of the host with atheris (libFuzzer): bytes through a connection's
+core (framing), the dispatcher, the codec and the host core, on a real SQLite store with a
+signed-on terminal.
 
 Run (the `fuzz` extra installs atheris; ``make fuzz`` does both, a million inputs):
 
@@ -83,7 +84,7 @@ def main() -> None:
         if framing is None:
             host.run(transform(rest) if transform and len(rest) > 8 else rest)
         else:
-            fuzzkit.through_framing(host, framing, rest, transform)
+            host.connection(framing, rest, transform)
 
     atheris.Setup(sys.argv, one_input)
     try:

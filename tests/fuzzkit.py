@@ -12,6 +12,7 @@ nothing is approved without a valid MAC (or, for a sign-on, a valid signature).
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import random
 from collections.abc import Callable
@@ -25,9 +26,11 @@ from acqhost.host.core import UNKNOWN, HostCore, response_mti
 from acqhost.host.routes import network, rebind, reversal, sale, settle
 from acqhost.log import configure_logging
 from acqhost.runtime.app import build_server, close_stores
-from acqhost.runtime.ledger import Write, apply_writes
+from acqhost.runtime.connection import ConnectionCore
+from acqhost.runtime.dispatch import Dispatcher
+from acqhost.runtime.ledger import Ledger, Write, apply_writes
 from acqhost.wire import specs
-from acqhost.wire.framing import FrameDecoder, FrameEncoder
+from acqhost.wire.framing import FrameDecoder, FrameEncoder, reply_tpdu
 from acqhost.wire.tlv import decode_tlv, encode_tlv
 from simulators.terminal import TPDU
 from tests.hostkit import ACCOUNT, BANK, HOLDER, HostSetup, make_host
@@ -280,10 +283,26 @@ class Requests:
         return crypto.verify(public, transcript, bytes.fromhex(tlv["SG"]))
 
 
+class WriteAtOnce(Ledger):
+    """A ledger without its writer task: each write is applied as it is queued (its ``pre``
+    first), and its ``on_done`` called at once. For driving the host without an event loop."""
+
+    def enqueue(self, w: Write) -> None:
+        if w.pre is not None:
+            try:
+                w.pre()
+            except Exception as e:  # handed over as the ledger does: the call is skipped
+                w.error = e
+            w.pre = None
+        apply_writes(self.store, [w], 1)
+        if w.on_done is not None:
+            w.on_done(w)
+
+
 class FuzzHost(Requests):
-    """A host core on a SQLite store in ``folder`` (TERM0001 signed on, TERM0002 not), run
-    without an event loop: each write an answer waits for is applied at once, as the ledger
-    would."""
+    """A host on a SQLite store in ``folder`` (TERM0001 signed on, TERM0002 not), run without
+    an event loop through the server's own pieces: connection core, dispatcher, host core, and
+    a ledger that writes at once."""
 
     def __init__(self, folder: Path, *, quiet: bool = True) -> None:
         if quiet:  # the per-message lines would dominate a long run
@@ -291,6 +310,7 @@ class FuzzHost(Requests):
         super().__init__(make_host(folder))
         self.server = build_server(self.setup.config)
         self.core: HostCore = self.server.core
+        self.dispatcher = Dispatcher(self.core, WriteAtOnce(self.server.ledger.store))
         self.sign_on()
 
     def close(self) -> None:
@@ -298,22 +318,10 @@ class FuzzHost(Requests):
 
     def exchange(self, message: bytes) -> bytes | None:
         """The host's answer to one message (None: not decodable far enough for an answer)."""
-        core = self.core
-        ctx = core.decide(message)
-        if ctx is None:
-            return None
-        effect = ctx.effect
-        if effect is not None:
-            write = Write(effect.sale if effect.call is None else None, effect.call)
-            if effect.pre is not None:
-                try:
-                    effect.pre()
-                except Exception as e:  # as the ledger hands a failed ``pre`` over
-                    write.error = e
-            apply_writes(self.server.ledger.store, [write], 1)
-            core.complete(ctx, write.result, write.error)
-        out = core.answer(ctx)
-        core.flush_log()
+        answers: list[bytes | None] = []
+        self.dispatcher.start(message, answers.append)
+        self.core.flush_log()
+        (out,) = answers
         return out
 
     def sign_on(self) -> None:
@@ -326,11 +334,16 @@ class FuzzHost(Requests):
 
     def run(self, message: bytes) -> bytes | None:
         """The host's answer to ``message``, held to the oracle (FuzzFailure if it breaks a
-        rule). A validly MAC'd sign-off ends TERM0001's session: it signs on again."""
+        rule)."""
+        return self._checked(message, self.exchange)
+
+    def _checked(self, message: bytes, answer_of: Callable[[bytes], bytes | None]) -> bytes | None:
+        """``answer_of(message)``, held to the oracle. An approved sign-on the harness made
+        gives TERM0001 new keys; a validly MAC'd sign-off ends its session: it signs on again."""
         req, whole = self.decoded(message)
         macd_in = self.mac_valid(message, req, whole)
         keys = self.keys
-        out = self.exchange(message)
+        out = answer_of(message)
         try:
             answer = self.check(message, req, whole, macd_in, keys, out)
             if answer is not None and answer["39"] == "00" and answer["t"] == "0810":
@@ -339,6 +352,53 @@ class FuzzHost(Requests):
             if self.core.state.store.get_session(self.terminal.tid) is None:
                 self.sign_on()
         return out
+
+    def connection(
+        self, framing: str, data: bytes, transform: Callable[[bytes], bytes] | None = None
+    ) -> list[tuple[bytes, bytes | None]]:
+        """``data`` arriving on one connection whose framing is ``framing`` (each whole frame's
+        message passed through ``transform`` when longer than a MAC): every request with its
+        answer, each held to the oracle. A connection answers each frame whose MTI decodes,
+        in order, each TPDU swapped, the frames before a framing error too; the error stops
+        it (FuzzFailure otherwise)."""
+        config = dataclasses.replace(self.setup.config, framing=framing)
+        encoder = FrameEncoder(framing, config.max_frame)
+        conn = ConnectionCore(config, encoder, self.dispatcher.start, self.core.flush_log,
+                              lambda: None, peer="127.0.0.1:1", now=0.0)  # fmt: skip
+        decoder = FrameDecoder(framing, config.max_frame)
+        try:
+            frames = decoder.feed(data)
+        except FramingError:
+            frames = []
+        refused = decoder.error is not None
+        used = 0
+        exchanged = []
+        for frame in frames:
+            used += len(encoder.encode(frame.message, frame.tpdu))
+            message = frame.message
+            if transform is not None and len(message) > 8:
+                message = transform(message)
+                try:
+                    encoder.encode(message, frame.tpdu)
+                except FramingError:  # grown past max_frame (a sealed PW is longer)
+                    message = frame.message
+
+            def answer_of(message: bytes, tpdu: bytes = frame.tpdu) -> bytes | None:
+                conn.received(encoder.encode(message, tpdu), 0.0)
+                answers = FrameDecoder(framing, config.max_frame).feed(conn.output())
+                if len(answers) > 1:
+                    raise FuzzFailure(f"{len(answers)} answers to one frame")
+                if answers and tpdu and answers[0].tpdu != reply_tpdu(tpdu):
+                    raise FuzzFailure(f"TPDU {answers[0].tpdu!r} in reply to {tpdu!r}")
+                return answers[0].message if answers else None
+
+            exchanged.append((message, self._checked(message, answer_of)))
+        conn.received(data[used:], 0.0)
+        if conn.output() or conn.answers:
+            raise FuzzFailure("an answer to bytes that hold no whole frame")
+        if conn.stopped != refused:
+            raise FuzzFailure(f"framing error {refused}, connection stopped {conn.stopped}")
+        return exchanged
 
 
 # -- mutations, drawn from a Random (hypothesis's st.randoms(), or a seeded one) ------------
@@ -485,26 +545,3 @@ def fuzzed_request(host: Requests, rnd: random.Random, route: str) -> bytes:
 def framed(framing: str, message: bytes) -> bytes:
     """``message`` as a terminal using ``framing`` sends it."""
     return FrameEncoder(framing).encode(message, TPDU if framing == "len2-tpdu" else b"")
-
-
-def through_framing(
-    host: FuzzHost,
-    framing: str,
-    data: bytes,
-    transform: Callable[[bytes], bytes] | None = None,
-) -> list[tuple[bytes, bytes | None]]:
-    """Every whole frame in ``data`` (read as ``framing``; each message passed through
-    ``transform`` when longer than a MAC) with the host's answer, as a connection answers the
-    frames before a framing error (FramingError: the connection's end)."""
-    decoder = FrameDecoder(framing, max_size=host.setup.config.max_frame)
-    try:
-        frames = decoder.feed(data)
-    except FramingError:
-        return []
-    out = []
-    for frame in frames:
-        message = frame.message
-        if transform is not None and len(message) > 8:
-            message = transform(message)
-        out.append((message, host.run(message)))
-    return out

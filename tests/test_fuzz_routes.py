@@ -3,8 +3,9 @@
 Requests of every route (sign-on, sign-off, echo, sale, test sale, reversal, rebind submit,
 inquire and cancel, batch close) are made wrong (fields dropped, added or given random values
 and lengths, random field 48 elements, another terminal or MTI; a valid, wrong, missing or
-foreign MAC) or their MAC'd bytes mutated (and MAC'd again), then run through the host core on
-a real SQLite store, and through every framing. Each answer is held to tests/fuzzkit.py's
+foreign MAC) or their MAC'd bytes mutated (and MAC'd again), then run through the server's own
+pieces without an event loop (connection core in every framing, dispatcher, host core, a
+real SQLite store). Each answer is held to tests/fuzzkit.py's
 oracle: no exception escapes, every answer decodes, its code is one PROTOCOL.md documents
 for the message, failure answers echo what PROTOCOL.md 3 says, nothing is approved without a
 valid MAC. A bounded subset goes to a real server on loopback, from several connections at
@@ -43,7 +44,6 @@ from tests.fuzzkit import (
     fuzzed_request,
     mutate_bytes,
     random_tlv,
-    through_framing,
 )
 from tests.hostkit import HostSetup, make_host, running
 
@@ -130,7 +130,7 @@ def test_pipelined_frames_in_every_framing_get_documented_answers_in_order(
     stream = b"".join(framed(framing, m) for m in messages)
     if damage:  # the framing itself damaged: the frames before the damage are still answered
         stream = mutate_bytes(rnd, stream)
-    answered = through_framing(host, framing, stream)
+    answered = host.connection(framing, stream)
     if not damage:
         assert [m for m, _ in answered] == messages
 
@@ -140,7 +140,7 @@ def test_pipelined_frames_in_every_framing_get_documented_answers_in_order(
 def test_arbitrary_bytes_in_every_framing_get_documented_answers(
     host: FuzzHost, framing: str, data: bytes, remac: bool
 ) -> None:
-    through_framing(host, framing, data, host.remac if remac else None)
+    host.connection(framing, data, host.remac if remac else None)
 
 
 # -- codec and field 48 ---------------------------------------------------------------------
