@@ -64,6 +64,8 @@ def main() -> None:
     atheris.instrument_all()
     corpus = [Path(a) for a in sys.argv[1:] if not a.startswith("-")]
     for directory in corpus[:1]:
+        if directory.is_file():  # an input to run again (a crash), not a corpus
+            break
         directory.mkdir(parents=True, exist_ok=True)
         if not any(directory.iterdir()):
             for n, seed in enumerate(seeds(host)):

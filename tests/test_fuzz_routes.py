@@ -35,16 +35,8 @@ from acqhost.wire.framing import FRAMINGS
 from acqhost.wire.tlv import decode_tlv, encode_tlv
 from simulators.terminal import TerminalClient
 from tests.codec_strategies import damaged, messages
-from tests.fuzzkit import (
-    TAGS,
-    FuzzFailure,
-    FuzzHost,
-    Requests,
-    framed,
-    fuzzed_request,
-    mutate_bytes,
-    random_tlv,
-)
+from tests.fuzzkit import FuzzFailure, FuzzHost, Requests, framed
+from tests.fuzzmutations import TAGS, fuzzed_request, mutate_bytes, random_tlv
 from tests.hostkit import HostSetup, make_host, running
 
 CI = settings(
