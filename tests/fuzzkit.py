@@ -282,6 +282,13 @@ class Requests:
         return crypto.verify(public, transcript, bytes.fromhex(tlv["SG"]))
 
 
+class _Discard(io.StringIO):
+    """A log sink that keeps nothing."""
+
+    def write(self, text: str) -> int:
+        return len(text)
+
+
 class WriteAtOnce(Ledger):
     """A ledger without its writer task: each write is applied as it is queued (its ``pre``
     first), and its ``on_done`` called at once. For driving the host without an event loop."""
@@ -304,8 +311,8 @@ class FuzzHost(Requests):
     a ledger that writes at once."""
 
     def __init__(self, folder: Path, *, quiet: bool = True) -> None:
-        if quiet:  # the per-message lines would dominate a long run
-            configure_logging("warning", io.StringIO())
+        if quiet:  # the per-message lines would dominate a long run, and fill a buffer
+            configure_logging("warning", _Discard())
         super().__init__(make_host(folder))
         self.server = build_server(self.setup.config)
         self.core: HostCore = self.server.core
