@@ -209,6 +209,33 @@ def test_fuzzed_requests_leave_no_card_number_in_the_logs(
             assert digits[:12] not in logged, (name, logged)
 
 
+def test_only_messages_whose_mac_verified_earn_a_specialised_codec_function(
+    tmp_path: Path,
+) -> None:
+    """The codec keeps max_layouts specialised functions per direction. A peer sending frames
+    of as many layouts, each twice, used to take every place (found by fuzzing: the host's
+    memory grew with the layouts sent), leaving the terminals' own layouts on the exact path,
+    about seven times slower to decode, for good."""
+    host = FuzzHost(tmp_path, quiet=False)
+    try:
+        codec = host.core.codec
+        sale = host.terminal.sale_fields(100)
+        optional = ("3", "4", "7", "11", "12", "13", "14", "22", "25", "49")
+        for n in range(codec.max_layouts + 10):
+            present = [name for bit, name in enumerate(optional) if n >> bit & 1]
+            fields = {name: sale[name] for name in ("t", "2", "41", "42", *present)}
+            frame = host.codec.encode(fields)  # no MAC: anyone can send it
+            for _ in range(2):
+                host.run(frame)
+        assert codec._dec_cache == {} and codec._enc_cache == {}
+        for _ in range(2):
+            answer = host.run(host.macd(host.terminal.sale_fields(100)))
+            assert answer is not None and host.codec.decode(answer)["39"] == "00"
+        assert len(codec._dec_cache) == len(codec._enc_cache) == 1
+    finally:
+        host.close()
+
+
 def test_after_the_barrage_a_terminal_signs_on_and_sells(host: FuzzHost) -> None:
     host.sign_on()
     answer = host.run(host.macd(host.terminal.sale_fields(100, stan="999999")))
