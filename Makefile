@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo lint typecheck imports pytest bench clean native
+.PHONY: test demo lint typecheck imports pytest bench fuzz clean native
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -50,6 +50,16 @@ bench-page: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/codec.py
 
+# The long coverage-guided run (atheris, the `fuzz` extra): FUZZ_RUNS inputs through the
+# framing, the codec and the host core; the corpus grows in .fuzz-corpus, a crash is written to
+# fuzz-crash-<sha1> and stops the run.
+FUZZ_RUNS ?= 1000000
+fuzz: $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[fuzz]'
+	mkdir -p .fuzz-corpus
+	$(BIN)/python tests/fuzz_atheris.py -runs=$(FUZZ_RUNS) -max_len=4104 -print_final_stats=1 \
+		-artifact_prefix=fuzz- .fuzz-corpus
+
 clean:
-	rm -rf $(VENV) .demo .pytest_cache .mypy_cache .ruff_cache .hypothesis build
+	rm -rf $(VENV) .demo .pytest_cache .mypy_cache .ruff_cache .hypothesis .fuzz-corpus build
 	find acqhost -name '*.so' -delete

@@ -209,16 +209,22 @@ class TerminalClient:
         """Sign on: the session keys are taken once the host's answer verifies."""
         fields, kx_pk, kx_sk = self.signon_fields(field7=field7)
         ex = await self.request(fields, mac=False)
-        if ex.rc != "00":
-            return ex
-        reply = ex.tlv
+        if ex.rc == "00":
+            self.take_signon(fields, kx_pk, kx_sk, ex.response)
+        return ex
+
+    def take_signon(
+        self, fields: dict[str, str], kx_pk: bytes, kx_sk: bytes, response: dict[str, str]
+    ) -> None:
+        """Take the session keys of the approved answer ``response`` to the sign-on ``fields``
+        (made with the key pair ``kx_pk``, ``kx_sk``) once the host's signature verifies."""
+        reply = decode_tlv(response["48"])
         kx_host = bytes.fromhex(reply["KX"])
         signed = crypto.signon_response_transcript(self.tid, fields["11"], kx_host, kx_pk)
         if not crypto.verify(self.host_public_key, signed, bytes.fromhex(reply["SG"])):
             raise TerminalError("host signature on the sign-on response does not verify")
         rx, tx = crypto.terminal_session(kx_pk, kx_sk, kx_host)
         self.keys = crypto.SessionKeys.from_kx(rx, tx)
-        return ex
 
     def network_fields(self, code: str) -> dict[str, str]:
         """An 0800 with network management code ``code`` (field 70)."""

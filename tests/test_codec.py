@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import pickle
+import tracemalloc
 from typing import Any
 
 import iso8583
@@ -400,3 +401,28 @@ def test_a_spec_without_a_secondary_bitmap_still_gets_fast_decoders() -> None:
     with_secondary = b"0200\x80" + bytes(7) + bytes(8)
     with pytest.raises(CodecError, match="field 1"):  # pyiso8583: KeyError('1')
         codec.decode(with_secondary)
+
+
+def test_a_peer_that_fills_the_layout_cache_costs_little_memory() -> None:
+    """Any peer can make the codec specialise max_layouts layouts (each message twice, each
+    with other fields). Each layout's function used to build its own length-prefix tables,
+    about 110 KB a layout (56 MB for 512 in the acq87 spec); the tables are shared now."""
+    codec = compile_spec(specs.load("acq87"))
+    values = {**SALE, "37": "000000000001", "38": "123456", "39": "00", "44": "x"}
+    optional = ("3", "4", "7", "11", "12", "13", "14", "22", "25", "37", "38", "39", "41", "42",
+                "49")  # fmt: skip
+    frames = []
+    for n in range(codec.max_layouts):  # each n a different subset of the optional fields
+        present = [name for bit, name in enumerate(optional) if (n + 7) >> bit & 1]
+        fields = {name: values[name] for name in ("t", "2", "32", "44", "48", *present)}
+        frames.append(codec.encode(fields))
+    tracemalloc.start()
+    try:
+        for frame in frames:
+            codec.decode(frame)
+            codec.decode(frame)
+        used, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(codec._dec_cache) == codec.max_layouts
+    assert used < 8_000_000, f"{used / 1e6:.1f} MB for {codec.max_layouts} layouts"

@@ -26,28 +26,17 @@ from acqhost.host.answers import (
 )
 from acqhost.host.context import Context
 from acqhost.host.core import UNKNOWN, HostCore, response_mti
-from acqhost.host.routes import network, rebind, reversal, sale, settle
 from acqhost.runtime.dispatch import Dispatcher
 from acqhost.wire import specs
 from acqhost.wire.codec import compile_spec
 from acqhost.wire.tlv import decode_tlv
+from tests.fuzzkit import ECHO, FRAME_FIELDS
 from tests.hostkit import HostSetup, make_host, running, signed_on
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import pipeline as bench
 
 CODEC = compile_spec(specs.load("acq87"))
-
-# What every answer to each request MTI echoes (PROTOCOL.md 5 and 3).
-ECHO = {
-    "0200": echo_fields(sale.SALE_ECHO),
-    "0300": echo_fields(rebind.REBIND_ECHO),
-    "0400": echo_fields(reversal.REVERSAL_ECHO),
-    "0500": echo_fields(settle.SETTLE_ECHO),
-    "0800": echo_fields(network.NETWORK_ECHO),
-}
-# Fields an answer may carry besides its echo: MTI, bitmaps, 39, 48 elements and the MAC.
-FRAME_FIELDS = frozenset(("t", "p", "1", "39", "48", "64", "128"))
 
 
 def check_failure_answer(request: dict[str, str], answer: dict[str, str], code: str) -> None:

@@ -164,6 +164,9 @@ class HostCore:
         self.codec = codec
         self.state = state
         state.encode = codec.encode
+        # Only messages whose MAC verified earn a specialised codec function (a place among
+        # max_layouts): layouts any peer can send would take them all (Codec.learning).
+        codec.learning = False
         self.routes = build_routes()
         # What the failure answers to each MTI echo (PROTOCOL.md 3): its routes' echo fields.
         self.failure_echo = {key[0]: echo_fields(r.echo) for key, r in self.routes.items()}
@@ -264,6 +267,8 @@ class HostCore:
             self._decline(ctx, Decline("96", "SYSTEM_MALFUNCTION"))
             return ctx
         ctx.resp["39"] = "00"
+        if ctx.mac_response:
+            self.codec.learn_decoding(frame)
         return ctx
 
     def _format_error(
@@ -317,5 +322,6 @@ class HostCore:
         assert ctx.keys is not None
         # The MAC is the last field: 64, or 128 when the response needs a secondary bitmap.
         resp["64" if _PRIMARY_KEYS.issuperset(resp) else "128"] = "0000000000000000"
+        self.codec.learn_encoding(resp)
         body = self.codec.encode(resp)[:-8]
         return body + crypto.mac(ctx.keys.tx_mac, body)

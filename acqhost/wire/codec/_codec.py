@@ -14,9 +14,12 @@ from acqhost.wire.codec._fields import (
     FieldEncoder,
     FieldSpec,
     Source,
+    coerce_bytes,
     compile_field_decoder,
     compile_field_encoder,
     field_spec,
+    no_layout_yet,
+    unusable_field,
 )
 from acqhost.wire.codec._special import (
     SpecialDecoder,
@@ -113,7 +116,7 @@ class Codec:
             except (ValueError, AttributeError, TypeError) as e:
                 # Unusable, but only a message that carries this field finds out (as with
                 # pyiso8583); such layouts fail on the exact path and are never specialised.
-                self._dec[int(key)], self._enc[int(key)] = _unusable(key, str(e))
+                self._dec[int(key)], self._enc[int(key)] = unusable_field(key, str(e))
                 continue
             self._specs[int(key)] = fs
             self._dec[int(key)] = compile_field_decoder(fs)
@@ -122,8 +125,13 @@ class Codec:
         self._dec_seen: dict[bytes, int] = {}
         self._enc_cache: dict[tuple[Any, ...], SpecialEncoder] = {}
         self._enc_seen: dict[tuple[Any, ...], int] = {}
-        self._enc_last: list[SpecialEncoder] = [_no_layout_yet]
+        self._enc_last: list[SpecialEncoder] = [no_layout_yet]
         self._bitmap_start = self._fixed_bitmap_start()
+        # Whether decode and encode count layouts toward specialised functions by themselves;
+        # a host sets it False and calls learn_* for the messages it trusts (else any peer
+        # could take every place, leaving the terminals' messages on the exact path).
+        self.learning = True
+        self._layout_key = self._build_layout_key()
         self.decode: Callable[[bytes | bytearray], dict[str, str]] = self._build_dispatch()
         """Decode one message; the same dict ``iso8583.decode(data, spec)[0]`` gives."""
         self.encode: Callable[[dict[str, str]], bytes] = self._build_encode_dispatch()
@@ -147,7 +155,7 @@ class Codec:
     def _build_dispatch(self) -> Callable[[bytes | bytearray], dict[str, str]]:
         src = Source()
         general = src.name("general", self._decode_general)
-        coerce = src.name("coerce", _coerce_bytes)
+        coerce = src.name("coerce", coerce_bytes)
         cache = src.name("cache", self._dec_cache)
         src.line("def decode(s):")
         src.indent()
@@ -170,6 +178,35 @@ class Codec:
         dispatch = src.build("decode", "<acqhost.wire.codec decode dispatch>")
         dispatch.__doc__ = "Decode one message (bytes) to a dict of field key -> str."
         return dispatch
+
+    def _build_layout_key(self) -> Callable[[bytes], bytes | None]:
+        """A message's key in the decoder cache, as the dispatch computes it (None: none)."""
+        b0 = self._bitmap_start
+        if b0 is None:
+            return lambda s: None
+        src = Source()
+        src.line("def key(s):")
+        src.line("    try:")
+        src.line(f"        return {self._key_expr(src, b0)}")
+        src.line("    except IndexError:")
+        src.line("        return None")
+        return src.build("key", "<acqhost.wire.codec layout key>")
+
+    def learn_decoding(self, data: bytes) -> None:
+        """Count the layout of ``data`` (trusted) toward a specialised decoder."""
+        if len(self._dec_cache) >= self.max_layouts:
+            return
+        key = self._layout_key(data)
+        if key is not None and key not in self._dec_cache:
+            with contextlib.suppress(CodecError):
+                self._decode_general(bytes(data), learn=True)
+
+    def learn_encoding(self, fields: dict[str, str]) -> None:
+        """Count the layout of ``fields`` (trusted) toward a specialised encoder."""
+        key = tuple(fields)
+        if key not in self._enc_cache and len(self._enc_cache) < self.max_layouts:
+            with contextlib.suppress(CodecError):
+                self._encode_general(fields, key, learn=True)
 
     def _key_expr(self, src: Source, b0: int) -> str:
         """Code for the raw bytes of every bitmap present, read from ``s`` at ``b0``."""
@@ -221,9 +258,12 @@ class Codec:
                 fields.add(base + bit)
         return i + size
 
-    def _decode_general(self, s: bytes, d: dict[str, str] | None = None) -> dict[str, str]:
+    def _decode_general(
+        self, s: bytes, d: dict[str, str] | None = None, *, learn: bool = False
+    ) -> dict[str, str]:
         """The reference path: pyiso8583's algorithm, compiled per field. Into ``d`` when
-        given, which then keeps what decoded before an error."""
+        given, which then keeps what decoded before an error. The layout counts toward a
+        specialised decoder while :attr:`learning`, or when ``learn``."""
         if d is None:
             d = {}
         field, i = "h", 0
@@ -257,7 +297,7 @@ class Codec:
             raise
         except Exception as e:  # the reference raises more than DecodeError; so do not we
             raise _unexpected(e, field, i, True) from e
-        if self._bitmap_start is not None:
+        if self._bitmap_start is not None and (learn or self.learning):
             self._maybe_specialize_decoder(s, start, bitmap_end, d, order)
         return d
 
@@ -300,7 +340,7 @@ class Codec:
         answer to a message that does not decode whole."""
         d: dict[str, str] = {}
         with contextlib.suppress(CodecError):
-            self._decode_general(_coerce_bytes(data), d)
+            self._decode_general(coerce_bytes(data), d)
         return d
 
     def peek_mti(self, data: bytes) -> str | None:
@@ -368,8 +408,11 @@ class Codec:
             raise CodecError("Failed to encode field, invalid data", key, pos,
                              decoding=False) from None  # fmt: skip
 
-    def _encode_general(self, doc: dict[Any, Any], key: tuple[Any, ...]) -> bytes:
-        """The reference path: pyiso8583's algorithm, without touching the caller's dict.
+    def _encode_general(
+        self, doc: dict[Any, Any], key: tuple[Any, ...], *, learn: bool = False
+    ) -> bytes:
+        """The reference path: pyiso8583's algorithm, without touching the caller's dict. The
+        layout counts toward a specialised encoder while :attr:`learning`, or when ``learn``.
 
         It reads a shallow copy of the same type: looking a field up in a dict subclass may
         change it (a defaultdict adds the key), as it changes the dict pyiso8583 is given.
@@ -429,7 +472,8 @@ class Codec:
             raise
         except Exception as e:  # the reference raises more than EncodeError; so do not we
             raise _unexpected(e, field, len(out), False) from e
-        self._maybe_specialize_encoder(key, keys, bitmap, order)
+        if learn or self.learning:
+            self._maybe_specialize_encoder(key, keys, bitmap, order)
         return bytes(out)
 
     def _maybe_specialize_encoder(
@@ -457,29 +501,6 @@ class Codec:
             fields=[(self._specs[n], self._enc[n]) for n in order],
             keys=key,
         )
-
-
-def _unusable(key: str, why: str) -> tuple[FieldDecoder, FieldEncoder]:
-    """Decoder and encoder of a field whose spec entry cannot be used: they refuse."""
-    message = f"Field spec is unusable ({why})"
-
-    def dec(s: bytes, i: int) -> tuple[str, int]:
-        raise CodecError(message, key, i)
-
-    def enc(v: Any, pos: int) -> bytes:
-        raise CodecError(message, key, pos, decoding=False)
-
-    return dec, enc
-
-
-def _no_layout_yet(fields: dict[Any, Any]) -> bytes:
-    raise LookupError("no specialised encoder yet")
-
-
-def _coerce_bytes(s: object) -> bytes:
-    if isinstance(s, bytes | bytearray):
-        return bytes(s)
-    raise TypeError(f"Encoded ISO8583 data must be bytes or bytearray, not {s.__class__.__name__}")
 
 
 def compile_spec(

@@ -20,9 +20,12 @@ __all__ = (
     "FieldEncoder",
     "FieldSpec",
     "Source",
+    "coerce_bytes",
     "compile_field_decoder",
     "compile_field_encoder",
     "field_spec",
+    "no_layout_yet",
+    "unusable_field",
 )
 
 FieldDecoder = Callable[[bytes, int], tuple[str, int]]
@@ -298,3 +301,28 @@ def compile_field_encoder(fs: FieldSpec) -> FieldEncoder:
         src.line(f"    raise {bad}({fit!r}, {k}, pos)")
     src.line("return lb + data")
     return src.build("enc", f"<acqhost.wire.codec field {fs.key} encoder>")
+
+
+def unusable_field(key: str, why: str) -> tuple[FieldDecoder, FieldEncoder]:
+    """Decoder and encoder of a field whose spec entry cannot be used: they refuse."""
+    message = f"Field spec is unusable ({why})"
+
+    def dec(s: bytes, i: int) -> tuple[str, int]:
+        raise CodecError(message, key, i)
+
+    def enc(v: Any, pos: int) -> bytes:
+        raise CodecError(message, key, pos, decoding=False)
+
+    return dec, enc
+
+
+def no_layout_yet(fields: dict[Any, Any]) -> bytes:
+    """The codec's last specialised encoder before it has one: refuses everything."""
+    raise LookupError("no specialised encoder yet")
+
+
+def coerce_bytes(s: object) -> bytes:
+    """``s`` as bytes when it is bytes or a bytearray; TypeError as pyiso8583 gives it."""
+    if isinstance(s, bytes | bytearray):
+        return bytes(s)
+    raise TypeError(f"Encoded ISO8583 data must be bytes or bytearray, not {s.__class__.__name__}")

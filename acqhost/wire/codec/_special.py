@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import binascii
 import codecs
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -47,6 +48,10 @@ def ascii_like(name: str) -> bool:
     return canonical_codec(name) in ("ascii", "utf-8", "iso8859-1", "cp1252")
 
 
+# The tables below are made once per field shape and shared by every layout's function (which
+# only read them): built anew per layout, they cost about 100 KB of memory for each layout a
+# peer makes the codec specialise.
+@functools.cache
 def _digit_table(width: int, max_len: int) -> dict[str, int]:
     """Zero-padded decimal text -> value, for 0..max_len (capped) that fit in ``width``."""
     top = min(max_len, 10**width - 1, _TABLE_CAP - 1)
@@ -242,6 +247,7 @@ def build_decoder(
     return src.build("decode", "<acqhost.wire.codec specialised decoder>")
 
 
+@functools.cache
 def _length_table(fs: FieldSpec, as_text: bool) -> tuple[Any, ...] | None:
     """Encoded length prefixes for 0..max_len, stopping where pyiso8583 would refuse one."""
     lt, out = fs.len_type, list[Any]()
