@@ -25,9 +25,10 @@ __all__ = ("MODULES", "build", "clean", "compiled", "main")
 
 # The modules a sale runs through on the event loop's thread, by the phase profile
 # (benchmarks/profile_sale.py): the host core and its sale route, the connection driver and
-# core, the ledger's loop side, the message log line, cards and field 48. (Not the MACs:
-# thin calls into hashlib and libsodium, whose callers count on any input being refused with
-# False or CryptoError, never the TypeError a compiled signature raises.)
+# core, the message log line, cards and field 48. Not the MACs: thin calls into hashlib and
+# libsodium, whose callers count on any input being refused with False or CryptoError, never
+# the TypeError a compiled signature raises. Not the ledger: Python classes (a test's ledger
+# that writes at once) cannot subclass a compiled class, and its loop side is small.
 MODULES = (
     "acqhost.host.core",
     "acqhost.host.stages",
@@ -38,7 +39,6 @@ MODULES = (
     "acqhost.runtime.dispatch",
     "acqhost.runtime.connection",
     "acqhost.runtime.asyncio_driver",
-    "acqhost.runtime.ledger",
     "acqhost.log.line",
     "acqhost.domain.cards",
     "acqhost.wire.tlv",
