@@ -69,7 +69,8 @@ def compiled() -> dict[str, bool]:
     return out
 
 
-def _sources(root: Path) -> list[str]:
+def _sources() -> list[str]:
+    """The modules' files, relative to the source tree the build runs in."""
     return [str(Path(*name.split("."))) + ".py" for name in MODULES]
 
 
@@ -88,7 +89,7 @@ def build(root: Path = ROOT) -> None:
     first). Raises RuntimeError with the compiler's output when it fails."""
     clean(root)
     done = subprocess.run(
-        [sys.executable, "-c", _SETUP.format(group=GROUP), *_sources(root)],
+        [sys.executable, "-c", _SETUP.format(group=GROUP), *_sources()],
         cwd=root, capture_output=True, text=True, check=False,
     )  # fmt: skip
     if done.returncode != 0:

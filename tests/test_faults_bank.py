@@ -71,7 +71,7 @@ async def test_batches_closed_while_the_bank_is_down_reach_it_once_in_order_when
         async with bank_system(setup, port) as bank:
             await until(all_delivered(setup.config.db), 10, "every 0520 delivered")
     # Answered as usual while the bank was down: nothing waited for it.
-    assert max(closing) < 1.0, closing
+    assert max(closing) < 3.0, closing  # (well under any wait for the bank link)
     records = assert_delivered_once_in_order(setup.config.db, tmp_path / "bank.jsonl")
     assert (bank.bank.counters.accepted, bank.bank.counters.duplicates) == (8, 0)
     for tid in tids:

@@ -27,6 +27,9 @@ def test_the_budget_allows_its_rate_in_bursts_as_large_and_refills_with_time() -
     assert budget.take(100.125)  # 1.25
     assert not budget.take(100.125)
     assert [budget.take(200.0) for _ in range(12)].count(True) == 10  # full again, no more
+    # A wall clock set back an hour takes nothing away: 0.25 s later, 2.5 tokens more.
+    assert not budget.take(200.0 - 3600)
+    assert budget.take(200.0 - 3600 + 0.25)
 
 
 def counting(store: Any, method: str) -> list[int]:
@@ -119,5 +122,13 @@ def test_a_terminal_registered_after_start_is_found(tmp_path: Path) -> None:
         found = state.terminal(bench.TID)
         assert found is not None and found.tid == bench.TID
         assert bench.TID in state.registered
+        # The store's notification of a change (PostgreSQL's LISTEN) names a terminal: known
+        # from then on, whatever the budget has left.
+        state.registered.discard(bench.TID)
+        state.invalidate("terminal", bench.TID)
+        assert bench.TID in state.registered
+        state.registered.clear()
+        state.invalidate("*", "")
+        assert state.registered == {bench.TID}
     finally:
         bench.close(dispatcher)

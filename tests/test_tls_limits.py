@@ -106,15 +106,15 @@ async def test_at_max_connections_a_handshake_in_progress_is_evicted_for_a_termi
 async def test_a_shutdown_does_not_wait_for_a_handshake_in_progress(
     tmp_path: Path, pki: Pki
 ) -> None:
-    setup = limited_tls_host(tmp_path, pki, read_timeout=10.0, first_frame_timeout=8.0)
+    setup = limited_tls_host(tmp_path, pki, read_timeout=20.0, first_frame_timeout=16.0)
     async with running(setup) as server:
         silent = await raw_tcp(setup)
         await open_count(server, 1)
         started = time.monotonic()
         server.shutdown()
-        assert await closed_by_host(silent, within=3) < 3  # not first_frame_timeout's 8 s
+        assert await closed_by_host(silent, within=6) < 6  # not first_frame_timeout's 16 s
         await open_count(server, 0)
-    assert time.monotonic() - started < 3
+    assert time.monotonic() - started < 6
     assert server.connections.handshakes_failed == {}  # a shutdown, not a failed handshake
     await silent.aclose()
 

@@ -194,8 +194,7 @@ class HostCore:
         assert effect is not None
         if error is not None:
             event = "store unavailable" if isinstance(error, StoreUnavailable) else "write failed"
-            self.log.error(event, route=ctx.route, tid=ctx.req.get("41"), error=repr(error))
-            self._decline(ctx, Decline("96", "SYSTEM_MALFUNCTION"))
+            self._malfunction(ctx, event, error)
             return
         if effect.then is not None:
             try:
@@ -256,11 +255,11 @@ class HostCore:
                 stage(state, ctx)
         except Decline as d:
             self._decline(ctx, d)
+            if ctx.mac_response:  # declined after its MAC verified (61, 94, ...)
+                self.codec.learn_decoding(frame)
             return ctx
         except StoreUnavailable as e:  # an outage, not a bug: one line, no traceback
-            self.log.error("store unavailable", route=route.name, tid=req.get("41"),
-                           error=repr(e))  # fmt: skip
-            self._decline(ctx, Decline("96", "SYSTEM_MALFUNCTION"))
+            self._malfunction(ctx, "store unavailable", e)
             return ctx
         except Exception:  # our bug, not the peer's: logged, answered 96
             self.log.exception("stage failed", route=route.name, tid=req.get("41"))
@@ -293,6 +292,11 @@ class HostCore:
             ctx.req = req
         self._decline(ctx, Decline("30", f"FORMAT_{what}"))
         return ctx
+
+    def _malfunction(self, ctx: Context, event: str, error: BaseException) -> None:
+        """96 for a write or a store that failed (not the peer's doing), logged in one line."""
+        self.log.error(event, route=ctx.route, tid=ctx.req.get("41"), error=repr(error))
+        self._decline(ctx, Decline("96", "SYSTEM_MALFUNCTION"))
 
     def _decline(self, ctx: Context, d: Decline) -> None:
         """Make ``ctx``'s answer the failure answer for ``d`` (PROTOCOL.md 3)."""

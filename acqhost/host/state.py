@@ -45,11 +45,12 @@ class ReadBudget:
     def __init__(self, rate: float) -> None:
         self._rate = rate
         self._tokens = rate
-        self._last = -1.0
+        self._last: float | None = None
 
     def take(self, now: float) -> bool:
-        if self._last >= 0.0:
-            self._tokens = min(self._rate, self._tokens + (now - self._last) * self._rate)
+        last = self._last
+        if last is not None and now > last:  # a clock set back adds nothing
+            self._tokens = min(self._rate, self._tokens + (now - last) * self._rate)
         self._last = now
         if self._tokens >= 1.0:
             self._tokens -= 1.0
@@ -175,18 +176,23 @@ class HostState:
         """Forget what is cached of terminal ``tid`` because it changed in the store: ``kind``
         "terminal", "session" or "account" drops that entry, any other kind every entry of the
         terminal, and "*" (notifications may have been missed) every cache."""
+        # The store's own word (a notification from a write): a terminal it names is
+        # registered, or is looked up without the peers' read budget and found not to be.
         if kind == "*":
+            self.registered = {t.tid for t in self.store.list_terminals()}
             self.terminals.clear()
             self.sessions.clear()
             self.accounts.clear()
             self.batches.clear()
         elif kind == "terminal":
+            self.registered.add(tid)
             self.terminals.pop(tid, None)
         elif kind == "session":
             self.sessions.pop(tid, None)
         elif kind == "account":
             self.accounts.pop(tid, None)
         else:
+            self.registered.add(tid)
             self.terminals.pop(tid, None)
             self.sessions.pop(tid, None)
             self.accounts.pop(tid, None)

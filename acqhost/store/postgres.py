@@ -55,6 +55,19 @@ def _unavailable(error: psycopg.OperationalError) -> StoreUnavailable:
     return StoreUnavailable("PostgreSQL unavailable: " + " ".join(str(error).split()))
 
 
+@contextmanager
+def _outage(conn: psycopg.Connection[tuple[Any, ...]]) -> Iterator[None]:
+    """A connection that died inside the block (the server stopped, restarted, or cut it: the
+    transaction is lost whole) raises StoreUnavailable; other operational errors (a deadlock,
+    a serialisation failure: the connection lives) pass as they are."""
+    try:
+        yield
+    except psycopg.OperationalError as error:
+        if conn.broken:
+            raise _unavailable(error) from error
+        raise
+
+
 class PostgresTx(SQLTx):
     """``SQLTx`` on a PostgreSQL transaction: the sales of a call go in one statement, their
     columns as arrays, whatever their number (a round trip costs more than the rows)."""
@@ -172,30 +185,20 @@ class PostgresStore(SQLStore):
         """One transaction (rolled back on any error); a constraint violation becomes
         ValueError (the caller's input), as with SQLite."""
         conn = self._connection()
-        try:
-            with conn.transaction(), conn.cursor() as cur:
-                yield cur
-        except psycopg.errors.IntegrityError as error:
-            raise ValueError(f"rejected by the store: {error}") from error
-        except psycopg.OperationalError as error:
-            # The connection died (the server stopped, restarted, or cut it): the transaction
-            # is lost whole. Not a deadlock or a serialisation failure (the connection lives).
-            if conn.broken:
-                raise _unavailable(error) from error
-            raise
+        with _outage(conn):
+            try:
+                with conn.transaction(), conn.cursor() as cur:
+                    yield cur
+            except psycopg.errors.IntegrityError as error:
+                raise ValueError(f"rejected by the store: {error}") from error
 
     def _alone(self, sql: str, params: tuple[Any, ...]) -> _Cursor:
         """Run one statement in a transaction of its own (the store's reads); the cursor
         keeps its rows after the commit."""
         conn = self._connection()
         cur = conn.cursor()
-        try:
-            with conn.transaction():
-                cur.execute(sql, params)
-        except psycopg.OperationalError as error:
-            if conn.broken:
-                raise _unavailable(error) from error
-            raise
+        with _outage(conn), conn.transaction():
+            cur.execute(sql, params)
         return cur
 
     @contextmanager
