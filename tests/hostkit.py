@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import pytest
 
 from acqhost.cli import main as cli
 from acqhost.config import Config, load_config
@@ -23,6 +24,18 @@ from simulators.terminal import TerminalClient
 ACCOUNT = "6222020200112233446"  # Luhn-valid settlement account
 HOLDER = "张三"
 BANK = "102100099996"
+
+
+# Fixtures of the modules that run every test on both backends against a host of their own:
+# they import these two (registered under the names the tests ask for).
+@pytest.fixture(name="anyio_backend", params=["asyncio", "trio"])
+def both_backends(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture(name="setup")
+def host_setup(tmp_path: Path) -> HostSetup:
+    return make_host(tmp_path)
 
 
 @dataclass

@@ -20,19 +20,21 @@ from acqhost.domain import cards, crypto
 from acqhost.log import configure_logging
 from acqhost.wire.tlv import decode_tlv, encode_tlv
 from simulators.terminal import TEST_PAN, Exchange, TerminalClient, TerminalError
-from tests.hostkit import ACCOUNT, BANK, HostSetup, make_host, running, signed_on
+from tests import hostkit
+from tests.hostkit import (
+    ACCOUNT,
+    BANK,
+    HostSetup,
+    make_host,
+    running,
+    signed_on,
+)
 
 pytestmark = pytest.mark.anyio
 
-
-@pytest.fixture(params=["asyncio", "trio"])
-def anyio_backend(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
-
-
-@pytest.fixture
-def setup(tmp_path: Path) -> HostSetup:
-    return make_host(tmp_path)
+# Every test on both backends, each against a host of its own.
+anyio_backend = hostkit.both_backends
+setup = hostkit.host_setup
 
 
 async def answers_until_closed(client: TerminalClient, seconds: float = 5) -> list[dict[str, str]]:

@@ -27,21 +27,16 @@ from acqhost.log import configure_logging
 from acqhost.wire.framing import FrameDecoder
 from simulators.processes import free_port
 from simulators.terminal import TerminalClient, TerminalError
+from tests import hostkit
 from tests.hostkit import HostSetup, make_host, running, signed_on
 from tests.test_crash import start_host
 from tests.test_host_e2e import answers_until_closed
 
 pytestmark = pytest.mark.anyio
 
-
-@pytest.fixture(params=["asyncio", "trio"])
-def anyio_backend(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
-
-
-@pytest.fixture
-def setup(tmp_path: Path) -> HostSetup:
-    return make_host(tmp_path)
+# Every test on both backends, each against a host of its own.
+anyio_backend = hostkit.both_backends
+setup = hostkit.host_setup
 
 
 def frames_of(client: TerminalClient, requests: list[dict[str, str]]) -> bytes:

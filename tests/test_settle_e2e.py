@@ -25,6 +25,7 @@ from acqhost.store import open_store
 from acqhost.wire.tlv import decode_tlv, encode_tlv
 from simulators.terminal import Exchange
 from simulators.terminal import main as terminal_main
+from tests import hostkit
 from tests.hostkit import (
     ACCOUNT,
     BANK,
@@ -38,17 +39,11 @@ from tests.hostkit import (
 
 pytestmark = pytest.mark.anyio
 
+# Every test on both backends, each against a host of its own.
+anyio_backend = hostkit.both_backends
+setup = hostkit.host_setup
+
 NEW_ACCOUNT = "6217000100200030007"
-
-
-@pytest.fixture(params=["asyncio", "trio"])
-def anyio_backend(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
-
-
-@pytest.fixture
-def setup(tmp_path: Path) -> HostSetup:
-    return make_host(tmp_path)
 
 
 def expect(ex: Exchange, rc: str, **elements: str) -> None:

@@ -29,20 +29,21 @@ from acqhost.store.migrations import postgres as pg_migrations
 from acqhost.store.migrations import sqlite as sqlite_migrations
 from acqhost.wire.tlv import decode_tlv
 from simulators.terminal import TerminalClient
-from tests.hostkit import HostSetup, make_host, make_postgres_host, running, signed_on
+from tests import hostkit
+from tests.hostkit import (
+    HostSetup,
+    make_host,
+    make_postgres_host,
+    running,
+    signed_on,
+)
 from tests.storekit import CREATED, TID, with_terminal
 
 pytestmark = pytest.mark.anyio
 
-
-@pytest.fixture(params=["asyncio", "trio"])
-def anyio_backend(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
-
-
-@pytest.fixture
-def setup(tmp_path: Path) -> HostSetup:
-    return make_host(tmp_path)
+# Every test on both backends, each against a host of its own.
+anyio_backend = hostkit.both_backends
+setup = hostkit.host_setup
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
