@@ -31,7 +31,6 @@ import io
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -40,21 +39,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from simulators.processes import free_port, wait_listening
+from simulators.processes import free_port, stop, wait_listening
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
-
-
-def stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
-    """Send ``sig`` (when it still runs), wait up to 20 s, then kill."""
-    if proc.poll() is None:
-        proc.send_signal(sig)
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 def load(port: int, keys: list[Path], args: argparse.Namespace, *extra: str) -> dict[str, Any]:

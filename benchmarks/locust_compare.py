@@ -43,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from simulators.load.register import register_terminals  # noqa: E402
-from simulators.processes import free_port, wait_listening  # noqa: E402
+from simulators.processes import free_port, stop, wait_listening  # noqa: E402
 
 PY = sys.executable
 TICK = os.sysconf("SC_CLK_TCK")
@@ -202,12 +202,7 @@ def main() -> int:
                     print(f"round {r + 1} {name}: {results[name][-1][0]:,.0f} sales/s",
                           file=sys.stderr)  # fmt: skip
         finally:
-            host.terminate()
-            try:
-                host.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                host.kill()
-                host.wait()
+            stop(host, seconds=10)
     print(
         f"host: SQLite, 1 worker; {args.terminals} terminals, one sale in flight each; "
         f"{args.duration:g} s a run; median of {args.rounds} rounds; {os.cpu_count()} cores"

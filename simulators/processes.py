@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import signal
 import socket
 import subprocess
 import time
 
-__all__ = ("free_port", "wait_listening")
+__all__ = ("free_port", "stop", "wait_listening")
 
 
 def free_port() -> int:
@@ -32,3 +33,14 @@ def wait_listening(port: int, proc: subprocess.Popen[bytes], seconds: float = 15
         except OSError:
             time.sleep(0.05)
     raise RuntimeError(f"{proc.args!r} did not listen on port {port} within {seconds:g} s")
+
+
+def stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, seconds: float = 20) -> None:
+    """Send ``sig`` (when it still runs), wait up to ``seconds``, then kill."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+    try:
+        proc.wait(timeout=seconds)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

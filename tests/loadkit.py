@@ -19,7 +19,7 @@ from acqhost.cli import main as acqhost
 from acqhost.store import StoredSale, open_store
 from simulators.load.cli import main as load_main
 from simulators.load.register import register_terminals
-from simulators.processes import free_port, wait_listening
+from simulators.processes import free_port, stop, wait_listening
 
 REPO = Path(__file__).parent.parent
 SAMPLE = REPO / "simulators" / "traffic" / "sample.jsonl"
@@ -75,12 +75,7 @@ def serving(folder: Path, terminals: int = 2, *, capture: bool = False) -> Itera
         wait_listening(port, host.proc)
         yield host
     finally:
-        host.proc.terminate()
-        try:
-            host.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            host.proc.kill()
-            host.proc.wait(5)
+        stop(host.proc, seconds=10)
 
 
 def run_load(argv: Sequence[str]) -> tuple[int, dict[str, Any]]:

@@ -18,7 +18,7 @@ import pytest
 
 from acqhost.cli import main as acqhost
 from simulators.load.register import register_terminals
-from simulators.processes import free_port, wait_listening
+from simulators.processes import free_port, stop, wait_listening
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("locust") is None, reason="locust not installed (acqhost[locust])"
@@ -47,12 +47,7 @@ def host(tmp_path: Path) -> Iterator[tuple[int, Path]]:
         wait_listening(port, proc)
         yield port, keys
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc, seconds=10)
         log.close()
 
 
