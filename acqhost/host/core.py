@@ -255,9 +255,6 @@ class HostCore:
                 stage(state, ctx)
         except Decline as d:
             self._decline(ctx, d)
-            if ctx.mac_response:  # declined after its MAC verified (61, 94, ...)
-                self.codec.learn_decoding(frame)
-            return ctx
         except StoreUnavailable as e:  # an outage, not a bug: one line, no traceback
             self._malfunction(ctx, "store unavailable", e)
             return ctx
@@ -265,8 +262,9 @@ class HostCore:
             self.log.exception("stage failed", route=route.name, tid=req.get("41"))
             self._decline(ctx, Decline("96", "SYSTEM_MALFUNCTION"))
             return ctx
-        ctx.resp["39"] = "00"
-        if ctx.mac_response:
+        else:
+            ctx.resp["39"] = "00"
+        if ctx.mac_response:  # approved, or declined after its MAC verified (61, 94, ...)
             self.codec.learn_decoding(frame)
         return ctx
 
